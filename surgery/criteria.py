@@ -1,0 +1,113 @@
+"""Channel-importance criteria, a registry by name.
+
+A criterion scores the free units of one group (higher = keep). ``l1``/``l2`` are structured
+Ln-norms: for every member tensor ``t`` of the group (the producer's output rows, the consumers'
+input columns, norm scales, layer-scale entries, ...) each unit gets ``‖t[u]‖_p`` over all of its
+slices; member scores are divided by their mean over the group's units, so a large 3x3 conv and a
+BatchNorm weigh the same, and averaged over members:
+
+    score(u) = mean_t ( ‖t[u]‖_p / mean_v ‖t[v]‖_p )
+
+``bn_scale`` uses only the norm layers' scales |γ| (network slimming); ``random`` is the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .graph import ChannelGraph
+from .groups import Group, Slot
+from .rules import module_rule
+from .rules.norm import _FeatureRule
+
+Scorer = Callable[[Group], np.ndarray]
+CriterionFactory = Callable[[nn.Module, ChannelGraph, int], Scorer]
+
+_CRITERIA: dict[str, CriterionFactory] = {}
+
+
+def register_criterion(name: str, factory: CriterionFactory, *, replace: bool = False) -> None:
+    """Register ``factory(model, graph, seed) -> score(group) -> np.ndarray`` under ``name``."""
+    if name in _CRITERIA and not replace:
+        raise ValueError(f"criterion {name!r} is already registered; pass replace=True")
+    _CRITERIA[name] = factory
+
+
+def criteria() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def get_criterion(name: str) -> CriterionFactory:
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise ConfigError(f"unknown criterion {name!r}; expected one of {criteria()}") from None
+
+
+def slot_tensor(model: nn.Module, slot: Slot) -> torch.Tensor | None:
+    """The weights of every position of a slot as rows of a 2-D tensor."""
+    if slot.kind == "module":
+        m = model.get_submodule(slot.path)
+        rule = module_rule(m)
+        return None if rule is None else rule.importance(m, slot.axis)
+    t = model.get_parameter(slot.path) if _is_param(model, slot.path) else \
+        model.get_buffer(slot.path)
+    return t.detach().movedim(int(slot.axis), 0).reshape(slot.size, -1)
+
+
+def _is_param(model: nn.Module, path: str) -> bool:
+    owner, _, name = path.rpartition(".")
+    return name in model.get_submodule(owner)._parameters
+
+
+def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:
+    def factory(model: nn.Module, graph: ChannelGraph, seed: int = 0) -> Scorer:
+        cache: dict[str, np.ndarray | None] = {}
+
+        def per_position(key: str) -> np.ndarray | None:
+            if key not in cache:
+                slot = graph.slots[key]
+                if only_norms and not (slot.kind == "module" and isinstance(
+                        module_rule(model.get_submodule(slot.path)), _FeatureRule)):
+                    cache[key] = None
+                else:
+                    t = slot_tensor(model, slot)
+                    cache[key] = None if t is None else \
+                        t.abs().double().pow(p).sum(1).cpu().numpy()
+            return cache[key]
+
+        def score(group: Group) -> np.ndarray:
+            total = np.zeros(len(group.units))
+            members = 0
+            for key in group.slots:
+                v = per_position(key)
+                if v is None:
+                    continue
+                roots = graph.slot_roots(key)
+                idx = np.searchsorted(group.units, roots).clip(0, len(group.units) - 1)
+                mine = group.units[idx] == roots
+                s = np.bincount(idx[mine], weights=v[mine], minlength=len(group.units)) ** (1 / p)
+                if s.mean() > 0:
+                    total += s / s.mean()
+                    members += 1
+            return total / max(members, 1)
+
+        return score
+
+    return factory
+
+
+def _random(model: nn.Module, graph: ChannelGraph, seed: int = 0) -> Scorer:
+    rng = np.random.default_rng(seed)
+    return lambda group: rng.random(len(group.units))
+
+
+register_criterion("l1", magnitude(1.0))
+register_criterion("l2", magnitude(2.0))
+register_criterion("bn_scale", magnitude(1.0, only_norms=True))
+register_criterion("random", _random)

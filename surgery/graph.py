@@ -1,0 +1,406 @@
+"""trace(model, example_inputs): the channel-dependency graph of a model.
+
+torch.fx traces the forward (layers with a rule are leaves), an fx Interpreter runs it once on the
+example inputs to learn every shape, and the per-op rules propagate channel atoms along the graph.
+When the forward differs between train and eval mode (auxiliary heads, drop paths) both graphs are
+analysed, so the pruned model still trains. Tracing is analysis only: the model is not modified and
+its train/eval flags are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import ExampleInputError, TraceError, UnsupportedLayerError
+from .groups import Group, Slot, TVal, UnionFind, build_groups
+from .rules import function_rule, leaf_rule, module_rule
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+class Dyn(int):
+    """An int computed in forward (e.g. from ``x.size(1)``): it follows the pruned width."""
+
+
+def as_tuple(example_inputs: Inputs) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def matches(path: str, patterns: Iterable[str]) -> bool:
+    """``path`` is named by a pattern: the same name, a parent's name, or ``re:`` + a regex."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], path):
+                return True
+        elif path == p or path.startswith(p + "."):
+            return True
+    return False
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of the architecture: module names and classes, parameter and buffer shapes."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        h.update(f"{name}|{type(m).__module__}.{type(m).__qualname__};".encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}|{tuple(t.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """``file:line: code`` of the user's source that made ``node``, when fx recorded it."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        m = re.match(r'File "(.+)", line (\d+)', lines[i])
+        if m:
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{m.group(1)}:{m.group(2)}: {code}"
+    return ""
+
+
+class _Tracer(torch.fx.Tracer):
+    def __init__(self, opaque: Sequence[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if matches(qualname, self.opaque) and leaf_rule(m) is None:
+            return True
+        return leaf_rule(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def _skeleton(v: Any) -> Any:
+    """Shapes only: tensors become untracked TVals, containers keep their structure."""
+    if isinstance(v, torch.Tensor):
+        return TVal(tuple(v.shape))
+    if isinstance(v, torch.Size):
+        return tuple(int(s) for s in v)
+    if isinstance(v, tuple | list):
+        return type(v)(_skeleton(x) for x in v) if not hasattr(v, "_fields") else \
+            tuple(_skeleton(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _skeleton(x) for k, x in v.items()}
+    return v
+
+
+def _dyn(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | tuple | list):
+        return v
+    if isinstance(v, int):
+        return Dyn(v)
+    return type(v)(_dyn(x) for x in v)
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the traced graph once and keeps the shape skeleton of every node's value."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.meta: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            where = source_line(n)
+            raise ExampleInputError(
+                f"the model fails on the example inputs at node '{n.name}' ({n.op} {n.target})"
+                f"{' at ' + where if where else ''}: {e}. Check the shape, dtype and device of "
+                "example_inputs (they must be what the model's forward expects).") from e
+        self.meta[n] = _skeleton(result)
+        return result
+
+
+def _walk(v: Any) -> Iterable[TVal]:
+    if isinstance(v, TVal):
+        yield v
+    elif isinstance(v, tuple | list):
+        for x in v:
+            yield from _walk(x)
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _walk(x)
+
+
+@dataclass
+class ChannelGraph:
+    """Coupled channel groups of a model. ``print(graph)`` lists them; ``explain`` says why."""
+
+    model_class: str
+    fingerprint: str
+    slots: dict[str, Slot]
+    roots: np.ndarray
+    groups: list[Group]
+    pinned: dict[int, list[str]]
+    cross: set[int] = field(default_factory=set)
+    train_graph: bool = False
+
+    def slot_roots(self, key: str) -> np.ndarray:
+        return self.roots[self.slots[key].atoms]
+
+    def explain(self, layer: str) -> str:
+        """Why the channels of ``layer`` (a module or parameter name) can or cannot be pruned."""
+        keys = [k for k, s in self.slots.items() if s.path == layer]
+        if not keys:
+            known = sorted({s.path for s in self.slots.values()})
+            raise KeyError(f"no layer named {layer!r} has prunable axes; known: "
+                           f"{', '.join(known[:12])}{' …' if len(known) > 12 else ''}")
+        lines = []
+        for key in keys:
+            roots = np.unique(self.slot_roots(key))
+            fixed = [r for r in roots.tolist() if r in self.pinned]
+            lines.append(f"{key}: {self.slots[key].size} channels in {len(roots)} units, "
+                         f"{len(fixed)} pinned")
+            reasons: list[str] = []
+            for r in fixed:
+                reasons += [w for w in self.pinned[r] if w not in reasons]
+            lines += [f"  pinned: {w}" for w in reasons[:5]]
+            groups = [g for g in self.groups if key in g.slots]
+            lines += [f"  in {g!r}" for g in groups[:3]]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        rows = [f"ChannelGraph of {self.model_class}: {len(self.groups)} groups, "
+                f"{sum(g.prunable for g in self.groups)} prunable"]
+        rows += [f"  {g!r}" for g in self.groups]
+        return "\n".join(rows)
+
+
+class _Context:
+    """What rules see while channels propagate through one model (maybe over two graphs)."""
+
+    def __init__(self, opaque: Sequence[str]) -> None:
+        self.uf = UnionFind()
+        self.slots: dict[str, Slot] = {}
+        self.pins: list[tuple[np.ndarray, str]] = []
+        self.cross: list[np.ndarray] = []
+        self.opaque_names = opaque
+        self.node: torch.fx.Node | None = None
+        self.model: nn.Module | None = None
+
+    # -- messages
+    def where(self) -> str:
+        if self.node is None:
+            return ""
+        line = source_line(self.node)
+        return f"(node '{self.node.name}'{', ' + line if line else ''})"
+
+    # -- atoms
+    def pin(self, atoms: np.ndarray, reason: str) -> None:
+        self.pins.append((atoms, reason))
+
+    def pinned_atoms(self, n: int, reason: str) -> np.ndarray:
+        atoms = self.uf.new(n)
+        self.pin(atoms, reason)
+        return atoms
+
+    def opaque(self, inputs: Iterable[Any], out: Any, why: str = "") -> Any:
+        """Pin the channels of every tensor input; the output carries none."""
+        target = getattr(self.node.target, "__name__", self.node.target) if self.node else "?"
+        reason = f"{why or 'no rule for op'} `{target}` {self.where()}".strip()
+        for v in _walk(list(inputs)):
+            if v.tracked:
+                self.pin(v.atoms, reason)
+        return out
+
+    def channels_in(self, x: Any, dim: int, n: int) -> np.ndarray:
+        """The atoms along ``dim`` of a layer's input (pinned ones if it carries none there)."""
+        if isinstance(x, TVal) and x.tdims == (dim,) and x.atoms.shape == (n,):
+            return x.atoms
+        if isinstance(x, TVal) and x.tracked:
+            self.opaque([x], None, f"channels arrive on dims {x.tdims}, not dim {dim}, at")
+        return self.pinned_atoms(n, f"fed by a tensor with fixed channels (input or constant) "
+                                    f"{self.where()}")
+
+    def is_computed(self, v: Any) -> bool:
+        if isinstance(v, tuple | list):
+            return any(self.is_computed(x) for x in v)
+        return isinstance(v, Dyn)
+
+    # -- slots
+    def slot(self, path: str, axis: str, atoms: np.ndarray, kind: str = "module",
+             cross_channel: bool = False) -> np.ndarray:
+        key = f"{path}:{axis}"
+        if cross_channel:
+            self.cross.append(atoms)
+        existing = self.slots.get(key)
+        if existing is None:
+            self.slots[key] = Slot(path, axis, atoms, kind)
+            return atoms
+        self.uf.union_arrays(existing.atoms, atoms)
+        return existing.atoms
+
+    def out_atoms(self, path: str, axis: str, n: int) -> np.ndarray:
+        existing = self.slots.get(f"{path}:{axis}")
+        return existing.atoms if existing is not None else self.slot(path, axis, self.uf.new(n))
+
+    def record_cross_channel(self, atoms: np.ndarray) -> np.ndarray:
+        self.cross.append(atoms)
+        return atoms
+
+    def bind_param(self, p: TVal, dim: int, atoms: np.ndarray,
+                   cross_channel: bool = False) -> np.ndarray | None:
+        """A parameter used directly in forward (layer scale) becomes a slot along ``dim``."""
+        assert p.param is not None and self.model is not None
+        owner_path, _, name = p.param.rpartition(".")
+        owner = self.model.get_submodule(owner_path)
+        rule = module_rule(owner)
+        if rule is not None and name in rule.param_axes and rule.param_axes[name][1] == dim:
+            return self.slot(owner_path, rule.param_axes[name][0], atoms,
+                             cross_channel=cross_channel)
+        if rule is not None and rule.axes:
+            return None  # a ruled layer's own weight used elsewhere: leave it alone
+        return self.slot(p.param, str(dim), atoms, kind="param", cross_channel=cross_channel)
+
+    # -- one graph
+    def run(self, model: nn.Module, graph: torch.fx.Graph, meta: dict[torch.fx.Node, Any]) -> None:
+        self.model = model
+        env: dict[torch.fx.Node, Any] = {}
+        for node in graph.nodes:
+            self.node = node
+            out = meta.get(node)
+
+            def load(a: Any) -> Any:
+                return env[a] if isinstance(a, torch.fx.Node) else a
+
+            args = torch.fx.node.map_aggregate(node.args, load)
+            kwargs = torch.fx.node.map_aggregate(node.kwargs, load)
+            if node.op == "placeholder":
+                env[node] = out
+            elif node.op == "get_attr":
+                env[node] = TVal(out.shape, param=node.target) if isinstance(out, TVal) else out
+            elif node.op == "call_module":
+                env[node] = self._module(model, node, list(args), out)
+            elif node.op in ("call_function", "call_method"):
+                env[node] = self._function(node, args, kwargs, out)
+            elif node.op == "output":
+                for v in _walk(args):
+                    if v.tracked:
+                        self.pin(v.atoms, "model output")
+        self.node = None
+
+    def _module(self, model: nn.Module, node: torch.fx.Node, args: list[Any], out: Any) -> Any:
+        path = str(node.target)
+        module = model.get_submodule(path)
+        rule = leaf_rule(module)
+        if rule is None:
+            has_params = any(True for _ in module.parameters())
+            if has_params and not matches(path, self.opaque_names):
+                raise UnsupportedLayerError(
+                    f"layer '{path}' ({type(module).__name__}) has parameters but no surgery "
+                    f"rule knows how its channels pass: register one with "
+                    f"surgery.register_module_rule(...) for {type(module).__name__}, or pass "
+                    f"ignore=['{path}'] to keep it (and the channels around it) as it is.")
+            return self.opaque(args, _dyn(out), f"opaque layer '{path}' ({type(module).__name__})")
+        return rule.propagate(self, path, module, args, out)
+
+    def _function(self, node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
+        rule = function_rule(node.target)
+        if rule is not None:
+            return rule.propagate(self, args, kwargs, out)
+        if not any(True for _ in _walk(out)):
+            return _dyn(out)  # sizes, dims, dtypes: follow the pruned model at run time
+        params = [v for v in _walk([args, kwargs]) if v.param is not None]
+        tracked = any(v.tracked for v in _walk([args, kwargs]))
+        for p in params:
+            owner = p.param.rpartition(".")[0]
+            if tracked and not matches(owner, self.opaque_names):
+                cls = type(self.model.get_submodule(owner)).__name__ if self.model else "?"
+                raise UnsupportedLayerError(
+                    f"layer '{owner}' ({cls}) computes with its parameter '{p.param}' through "
+                    f"`{getattr(node.target, '__name__', node.target)}` {self.where()}, which no "
+                    f"surgery rule knows: register a module rule for {cls} "
+                    f"(surgery.register_module_rule), or pass ignore=['{owner}'] to keep it.")
+        return self.opaque([args, kwargs], out)
+
+
+def _fx_trace(model: nn.Module, opaque: Sequence[str]) -> torch.fx.Graph:
+    tracer = _Tracer(opaque)
+    try:
+        return tracer.trace(model)
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if "/torch/" not in f.filename and "/surgery/" not in f.filename]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+        inside = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
+        hint = (f"pass ignore=['{inside}'] to keep that module as an opaque block"
+                if inside else "make the forward's control flow independent of tensor values")
+        raise TraceError(f"torch.fx cannot trace {type(model).__name__}.forward{where} "
+                         f"(inside module '{inside or '<root>'}'): {e}. Fix: {hint}.") from e
+
+
+def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in graph.nodes]
+
+
+def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tuple) -> None:
+    gm = torch.fx.GraphModule(model, graph)
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    ctx.run(model, graph, rec.meta)
+
+
+def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = ()) -> ChannelGraph:
+    """Trace ``model`` into its coupled channel groups.
+
+    Args:
+        model: the network; it is not modified (its train/eval flags are restored).
+        example_inputs: a tensor or tuple of tensors the forward accepts.
+        ignore: layer names (or ``re:`` regexes) to keep as they are. A layer with a rule keeps its
+            output channels; any other module becomes an opaque block whose channels stay.
+
+    Example:
+        >>> graph = surgery.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> print(graph.explain("fc"))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module but received {type(model).__name__}")
+    inputs = as_tuple(example_inputs)
+    ignore = tuple(ignore)
+    modes = {m: m.training for m in model.modules()}
+    ctx = _Context(ignore)
+    train_graph = False
+    try:
+        model.eval()
+        eval_graph = _fx_trace(model, ignore)
+        _analyse(ctx, model, eval_graph, inputs)
+        model.train()
+        graph_t = _fx_trace(model, ignore)
+        if _signature(graph_t) != _signature(eval_graph):
+            # train-only branches (aux heads): analyse on a copy, train-mode forward updates stats
+            train_graph = True
+            twin = copy.deepcopy(model).train()
+            doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim > 1
+                            and x.shape[0] == 1 else x for x in inputs)
+            _analyse(ctx, twin, graph_t, doubled)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    for slot in ctx.slots.values():
+        if slot.axis != "in" and matches(slot.path, ignore):
+            ctx.pin(slot.atoms, f"'{slot.path}' is in ignore=")
+    roots = ctx.uf.roots()
+    pinned: dict[int, list[str]] = {}
+    for atoms, reason in ctx.pins:
+        for r in np.unique(roots[atoms]).tolist():
+            reasons = pinned.setdefault(r, [])
+            if len(reasons) < 4 and reason not in reasons:
+                reasons.append(reason)
+    cross = {r for atoms in ctx.cross for r in np.unique(roots[atoms]).tolist()}
+    slots = list(ctx.slots.values())
+    return ChannelGraph(type(model).__name__, fingerprint(model), {s.key: s for s in slots}, roots,
+                        build_groups(slots, roots, pinned), pinned, cross, train_graph)

@@ -1,0 +1,145 @@
+"""Coupled channel groups.
+
+Every channel that a layer produces is an *atom*. Ops that tie channels together (a residual add,
+a depthwise conv, a GroupNorm group, a channel-shuffle view) union atoms; the union-find classes
+are the *units* that are removed or kept as a whole. Units that touch exactly the same layer axes
+(slots) form a *group*: the set of channels a ratio is applied to, like Torch-Pruning's groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class UnionFind:
+    """Union-find over integer atoms, grown on demand."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union two atom arrays of the same shape position by position."""
+        if a.shape != b.shape:
+            raise ValueError(f"cannot couple channel arrays of shapes {a.shape} and {b.shape}")
+        for x, y in zip(a.ravel().tolist(), b.ravel().tolist(), strict=True):
+            if x != y:
+                self.union(x, y)
+
+    def union_all(self, a: np.ndarray) -> None:
+        """Union every atom of ``a`` into one class."""
+        flat = a.ravel().tolist()
+        for x in flat[1:]:
+            self.union(flat[0], x)
+
+    def roots(self) -> np.ndarray:
+        """The class root of every atom, as an array indexed by atom."""
+        return np.fromiter((self.find(a) for a in range(len(self.parent))), np.int64,
+                           len(self.parent))
+
+
+@dataclass
+class TVal:
+    """What the tracer knows of one tensor: its shape and which dims carry channel atoms.
+
+    ``atoms`` has shape ``tuple(shape[d] for d in tdims)``; an empty ``tdims`` means the tensor
+    carries no prunable channels (a constant, the network input, or the output of an op we pinned).
+    ``param`` is the qualified name of a parameter/buffer when the tensor is one (fx ``get_attr``).
+    """
+
+    shape: tuple[int, ...]
+    tdims: tuple[int, ...] = ()
+    atoms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    param: str | None = None
+
+    @property
+    def tracked(self) -> bool:
+        return bool(self.tdims)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class Slot:
+    """One prunable axis of one layer (``path`` a module, or a raw parameter, ``axis`` its name)."""
+
+    path: str
+    axis: str
+    atoms: np.ndarray  # 1-D: the atom of every position along the axis
+    kind: str  # "module" (shrunk by a rule) or "param" (a tensor sliced along dim int(axis))
+    cross_channel: bool = False  # normalises across channels: zeroing is not equivalent
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}:{self.axis}"
+
+    @property
+    def size(self) -> int:
+        return int(self.atoms.shape[0])
+
+
+@dataclass
+class Group:
+    """Units (channel classes) that touch the same slots and are pruned at one ratio."""
+
+    index: int
+    slots: tuple[str, ...]  # slot keys
+    units: np.ndarray  # roots of the free units
+    pinned: np.ndarray  # roots of units that must stay
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.units) > 1
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else "fixed"
+        members = ", ".join(self.slots[:6]) + (" …" if len(self.slots) > 6 else "")
+        return (f"Group({self.index}: {len(self.units)} free + {len(self.pinned)} pinned units, "
+                f"{state}, [{members}])")
+
+
+def build_groups(slots: list[Slot], roots: np.ndarray, pinned: dict[int, list[str]]) -> list[Group]:
+    """Group unit roots by the exact set of slots they appear in."""
+    footprint: dict[int, list[int]] = {}
+    for s_idx, slot in enumerate(slots):
+        for r in np.unique(roots[slot.atoms]).tolist():
+            footprint.setdefault(r, []).append(s_idx)
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for r, idxs in footprint.items():
+        by_key.setdefault(tuple(idxs), []).append(r)
+    groups: list[Group] = []
+    for key, members in by_key.items():
+        free = np.array(sorted(r for r in members if r not in pinned), np.int64)
+        fixed = np.array(sorted(r for r in members if r in pinned), np.int64)
+        reasons: list[str] = []
+        for r in fixed.tolist():
+            for why in pinned[r]:
+                if why not in reasons:
+                    reasons.append(why)
+        groups.append(Group(len(groups), tuple(slots[i].key for i in key), free, fixed,
+                            tuple(reasons)))
+    return groups

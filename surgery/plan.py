@@ -1,0 +1,191 @@
+"""The plan: which channels every layer keeps. Plain data, JSON round-trip, re-appliable.
+
+A plan names layers by qualified name and lists, per axis, the original size and the sorted
+indices that survive. It records the fingerprint of the architecture it was made for, so applying
+it to another architecture is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .criteria import get_criterion
+from .errors import ConfigError, PlanError
+from .graph import ChannelGraph, Inputs, trace
+
+FORMAT = "surgery-plan"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    size: int
+    keep: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    kind: str  # "module": shrunk by its rule; "param": a tensor sliced along int(axis)
+    cls: str
+    axes: dict[str, AxisPlan]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Kept channel indices per layer and axis, for one architecture."""
+
+    model_class: str
+    fingerprint: str
+    layers: dict[str, LayerPlan]
+    exact: bool = True  # equivalence with the zeroed original is defined (no cross-channel norm)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "model_class": self.model_class,
+            "fingerprint": self.fingerprint, "exact": self.exact, "settings": self.settings,
+            "layers": {path: {"kind": lp.kind, "class": lp.cls,
+                              "axes": {a: {"size": ap.size, "keep": list(ap.keep)}
+                                       for a, ap in lp.axes.items()}}
+                       for path, lp in self.layers.items()},
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "plan") -> Plan:
+        try:
+            if d.get("format") != FORMAT or d.get("version") != VERSION:
+                raise PlanError(f"{source} is not a {FORMAT} v{VERSION} document "
+                                f"(format={d.get('format')!r}, version={d.get('version')!r})")
+            layers = {}
+            for path, lp in d["layers"].items():
+                axes = {}
+                for a, ap in lp["axes"].items():
+                    keep = tuple(int(i) for i in ap["keep"])
+                    size = int(ap["size"])
+                    if (not keep or list(keep) != sorted(set(keep)) or keep[0] < 0
+                            or keep[-1] >= size):
+                        raise PlanError(f"{source}: layer '{path}' axis '{a}' keeps {len(keep)} "
+                                        f"indices that are not sorted, unique and in [0, {size})")
+                    axes[str(a)] = AxisPlan(size, keep)
+                layers[str(path)] = LayerPlan(str(lp["kind"]), str(lp["class"]), axes)
+            return cls(str(d["model_class"]), str(d["fingerprint"]), layers, bool(d["exact"]),
+                       dict(d.get("settings", {})))
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"{source} is malformed ({type(e).__name__}: {e}); re-create it with "
+                            "surgery.plan(...).save(path)") from e
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{source} is not valid JSON: {e}") from e
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically: a crash leaves the old file or the new one, never half of one."""
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {p}: {e.strerror}") from e
+        return cls.from_json(text, source=str(p))
+
+    def removed(self) -> int:
+        """Number of channel positions removed over every layer and axis."""
+        return sum(ap.size - len(ap.keep) for lp in self.layers.values() for ap in lp.axes.values())
+
+    def __repr__(self) -> str:
+        return (f"Plan({self.model_class}, {len(self.layers)} layers shrunk, "
+                f"{self.removed()} positions removed, exact={self.exact})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to: int) -> int:
+    n_keep = n_free - math.floor(ratio * n_free + 1e-9)
+    if round_to > 1:
+        step = round_to // math.gcd(round_to, per_unit)
+        total = math.ceil((n_keep + n_fixed) / step) * step
+        n_keep = min(n_free, max(total - n_fixed, n_keep))
+    return max(n_keep, 1 if n_fixed == 0 else 0)
+
+
+def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criterion: str = "l2",
+              round_to: int = 1, ignore: Sequence[str] = (), seed: int = 0,
+              graph: ChannelGraph | None = None) -> Plan:
+    """Decide which channels every layer keeps: remove ``ratio`` of each group's free units.
+
+    Args:
+        ratio: fraction of prunable channels removed from every coupled group, in [0, 1).
+        criterion: a registered criterion name (``l1``, ``l2``, ``bn_scale``, ``random``).
+        round_to: keep channel counts multiples of this (helps vectorised kernels).
+        ignore: layer names or ``re:`` regexes to keep as they are (see :func:`surgery.trace`).
+        graph: a graph from :func:`surgery.trace` of the same model, to skip tracing again.
+
+    Example:
+        >>> p = surgery.plan(model, torch.randn(1, 3, 224, 224), ratio=0.5)
+        >>> p.save("plan.json")
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ConfigError(f"ratio must be a number in [0, 1) but received {ratio!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive int but received {round_to!r}")
+    scorer_factory = get_criterion(criterion)
+    if graph is None:
+        graph = trace(model, example_inputs, ignore=ignore)
+    score = scorer_factory(model, graph, seed)
+    removed: list[np.ndarray] = []
+    for g in graph.groups:
+        if not g.prunable or ratio == 0:
+            continue
+        first = graph.slot_roots(g.slots[0])
+        per_unit = max(1, int(np.isin(first, g.units).sum()) // len(g.units))
+        n_keep = _keep_count(len(g.units), len(g.pinned), per_unit, float(ratio), round_to)
+        if n_keep >= len(g.units):
+            continue
+        order = np.argsort(score(g), kind="stable")
+        removed.append(g.units[order[:len(g.units) - n_keep]])
+    gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
+    layers: dict[str, LayerPlan] = {}
+    for key, slot in graph.slots.items():
+        keep = np.flatnonzero(~np.isin(graph.roots[slot.atoms], gone))
+        if len(keep) == slot.size:
+            continue
+        cls = type(model.get_submodule(slot.path)).__name__ if slot.kind == "module" else "Tensor"
+        lp = layers.setdefault(slot.path, LayerPlan(slot.kind, cls, {}))
+        lp.axes[slot.axis] = AxisPlan(slot.size, tuple(keep.tolist()))
+    exact = not (set(gone.tolist()) & graph.cross)
+    settings = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
+                "ignore": list(ignore), "seed": seed}
+    return Plan(graph.model_class, graph.fingerprint, layers, exact, settings)

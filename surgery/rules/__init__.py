@@ -1,0 +1,168 @@
+"""Per-op knowledge, in one place per op: how channels pass through it, how it is scored, shrunk.
+
+Two registries: module rules keyed by ``nn.Module`` class (looked up along the MRO) and function
+rules keyed by the fx call target (``torch.cat``, ``operator.add``) or method name (``"view"``).
+The tracer, the criteria, the surgeon and the verifier all read these tables and nothing else.
+Adding support for a layer is one ``register_module_rule`` call.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..groups import TVal
+
+__all__ = [
+    "FunctionRule",
+    "ModuleRule",
+    "clone_module",
+    "function_rule",
+    "leaf_rule",
+    "module_rule",
+    "register_function_rule",
+    "register_module_rule",
+]
+
+
+class ModuleRule:
+    """How one family of leaf modules passes, couples, scores and loses channels.
+
+    Subclasses set ``types`` and ``axes`` and implement the methods they need. ``keep`` maps an
+    axis to the sorted indices that survive (an axis that is absent keeps everything).
+    """
+
+    types: tuple[type[nn.Module], ...] = ()
+    axes: tuple[str, ...] = ()
+    cross_channel: bool = False
+    #: parameter name -> (axis, dim), for owners that are traced through rather than called as leaf
+    param_axes: dict[str, tuple[str, int]] = {}
+
+    def propagate(self, ctx: Any, path: str, module: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
+        raise NotImplementedError
+
+    def shrink(self, module: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        raise NotImplementedError
+
+    def importance(self, module: nn.Module, axis: str) -> torch.Tensor | None:
+        """Weights of every position along ``axis`` as rows of a 2-D tensor (None: no weights)."""
+        return None
+
+    def zero_removed(self, module: nn.Module, axis: str, idx: torch.Tensor) -> None:
+        """Zero the weights that read the removed input positions (the equivalence reference)."""
+
+
+class FunctionRule:
+    """How a function / tensor method passes channels. ``propagate`` returns the output value."""
+
+    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+        self.fn = fn
+        self.name = name
+
+    def propagate(self, ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        return self.fn(ctx, args, kwargs, out)
+
+    def __repr__(self) -> str:
+        return f"FunctionRule({self.name})"
+
+
+_MODULE_RULES: dict[type, ModuleRule] = {}
+_FUNCTION_RULES: dict[Any, FunctionRule] = {}
+
+
+def register_module_rule(rule: ModuleRule, *, replace: bool = False) -> ModuleRule:
+    """Register ``rule`` for every class in ``rule.types``; raises on duplicates unless replace."""
+    for t in rule.types:
+        if t in _MODULE_RULES and not replace:
+            raise ValueError(f"a module rule for {t.__qualname__} is already registered "
+                             f"({type(_MODULE_RULES[t]).__name__}); pass replace=True to override")
+        _MODULE_RULES[t] = rule
+    return rule
+
+
+def register_function_rule(targets: Iterable[Any], fn: Callable[..., Any], *, name: str = "",
+                           replace: bool = False) -> FunctionRule:
+    """Register ``fn(ctx, args, kwargs, out)`` for fx call targets (callables or method names)."""
+    rule = FunctionRule(fn, name or getattr(fn, "__name__", "rule"))
+    for t in dict.fromkeys(targets):  # aliases (F.relu_ is torch.relu_) collapse
+        if t in _FUNCTION_RULES and not replace:
+            raise ValueError(f"a function rule for {t!r} is already registered")
+        _FUNCTION_RULES[t] = rule
+    return rule
+
+
+def module_rule(module: nn.Module | type) -> ModuleRule | None:
+    """The rule for a module (or class), found along its MRO."""
+    cls = module if isinstance(module, type) else type(module)
+    for base in cls.__mro__:
+        rule = _MODULE_RULES.get(base)
+        if rule is not None:
+            return rule
+    return None
+
+
+def leaf_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule to use when ``module`` is called as a leaf, or None to trace into it.
+
+    A subclass that overrides ``forward`` (e.g. torchvision's channels-first ``LayerNorm2d``) is
+    traced into instead: its forward may move the channels somewhere the base rule does not expect.
+    """
+    cls = type(module)
+    for base in cls.__mro__:
+        rule = _MODULE_RULES.get(base)
+        if rule is not None:
+            return rule if cls.forward is base.forward else None
+    return None
+
+
+def function_rule(target: Any) -> FunctionRule | None:
+    try:
+        return _FUNCTION_RULES.get(target)
+    except TypeError:  # unhashable target
+        return None
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """A shallow copy with its own parameter/buffer/hook tables: same class, attributes, mode.
+
+    Keeping the object (rather than calling the constructor again) preserves every constructor
+    argument, user attribute, hook, dtype, device and train/eval flag of the original.
+    """
+    new = copy.copy(module)
+    for key, value in vars(module).items():
+        if isinstance(value, dict | set | list):
+            new.__dict__[key] = copy.copy(value)
+    return new
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Replace a parameter or buffer, keeping requires_grad of a parameter."""
+    if value is None:
+        return
+    old = module._parameters.get(name) if name in module._parameters else None
+    if name in module._parameters and old is not None:
+        module._parameters[name] = nn.Parameter(value.detach().clone(),
+                                                requires_grad=old.requires_grad)
+    elif name in module._buffers:
+        module._buffers[name] = value.detach().clone()
+    else:
+        raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+
+
+def passthrough(ctx: Any, x: Any, out: Any) -> Any:
+    """Output keeps the input's channel atoms when its channel dims are unchanged; else pin."""
+    if not isinstance(x, TVal) or not isinstance(out, TVal):
+        return ctx.opaque([x], out)
+    if not x.tracked:
+        return out
+    if out.ndim == x.ndim and all(out.shape[d] == x.shape[d] for d in x.tdims):
+        return TVal(out.shape, x.tdims, x.atoms)
+    return ctx.opaque([x], out, "changes the channel dims")
+
+
+from . import conv, functions, linear, norm, pointwise  # noqa: E402,F401  (populate registries)

@@ -1,0 +1,111 @@
+"""Convolutions: Conv1d/2d/3d and ConvTranspose1d/2d/3d.
+
+Math. A conv with ``g`` groups has weight ``W[out, in/g, *k]`` (transposed: ``W[in, out/g, *k]``).
+Removing output channel ``o`` drops row ``W[o]`` and ``bias[o]``; removing input channel ``i`` drops
+column ``W[:, i]`` (groups = 1). For ``g > 1`` (depthwise included) the group structure is kept by
+coupling every input and output channel of a group into one unit: whole groups are removed, so
+``groups`` shrinks and the per-group width (``in/g``, ``out/g``) is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..groups import TVal
+from . import ModuleRule, clone_module, register_module_rule, set_tensor
+
+
+def couple_groups(ctx: Any, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
+    """Union all input and output channels of each group into one unit."""
+    if groups == 1:
+        return
+    ipg, opg = len(a_in) // groups, len(a_out) // groups
+    for g in range(groups):
+        ctx.uf.union_all(np.concatenate([a_in[g * ipg:(g + 1) * ipg], a_out[g * opg:(g + 1) * opg]]))
+
+
+def _kept_groups(name: str, m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
+    ipg, opg = m.in_channels // m.groups, m.out_channels // m.groups
+    g_in, g_out = torch.unique(kin // ipg), torch.unique(kout // opg)
+    if (not torch.equal(g_in, g_out) or len(kin) != len(g_in) * ipg
+            or len(kout) != len(g_out) * opg):
+        raise PlanError(f"{type(m).__name__} with groups={m.groups}: the plan keeps partial "
+                        f"groups (in {len(kin)}/{m.in_channels}, out {len(kout)}/{m.out_channels}); "
+                        "grouped convs lose whole groups only. Re-make the plan with surgery.plan.")
+    return len(g_in)
+
+
+class _ConvBase(ModuleRule):
+    axes = ("in", "out")
+    transposed = False
+
+    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        cdim = x.ndim - len(m.kernel_size) - 1
+        a_in = ctx.slot(path, "in", ctx.channels_in(x, cdim, m.in_channels))
+        a_out = ctx.out_atoms(path, "out", m.out_channels)
+        couple_groups(ctx, a_in, a_out, m.groups)
+        return TVal(out.shape, (cdim,), a_out)
+
+    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        kin = keep.get("in", torch.arange(m.in_channels))
+        kout = keep.get("out", torch.arange(m.out_channels))
+        w = m.weight.detach()
+        groups = m.groups
+        if groups > 1:
+            groups = _kept_groups("", m, kin, kout)
+            w = w[kin] if self.transposed else w[kout]
+        elif self.transposed:
+            w = w[kin][:, kout]
+        else:
+            w = w[kout][:, kin]
+        new = clone_module(m)
+        set_tensor(new, "weight", w)
+        if m.bias is not None:
+            set_tensor(new, "bias", m.bias.detach()[kout])
+        new.in_channels, new.out_channels, new.groups = len(kin), len(kout), groups
+        return new
+
+    def _grouped(self, m: nn.Module) -> torch.Tensor:
+        """Weight as [g, out/g, in/g, K] whatever the layout."""
+        w = m.weight.detach()
+        g = m.groups
+        if self.transposed:  # [in, out/g, *k] -> [g, in/g, out/g, K] -> [g, out/g, in/g, K]
+            return w.reshape(g, m.in_channels // g, m.out_channels // g, -1).transpose(1, 2)
+        return w.reshape(g, m.out_channels // g, m.in_channels // g, -1)
+
+    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
+        w = self._grouped(m)  # [g, opg, ipg, K]
+        if axis == "out":
+            return w.reshape(m.out_channels, -1)
+        return w.transpose(1, 2).reshape(m.in_channels, -1)
+
+    def zero_removed(self, m: nn.Module, axis: str, idx: torch.Tensor) -> None:
+        if axis != "in" or len(idx) == 0:
+            return
+        with torch.no_grad():
+            if self.transposed:
+                m.weight[idx] = 0
+            else:
+                ipg = m.in_channels // m.groups
+                opg = m.out_channels // m.groups
+                w = m.weight.view(m.groups, opg, ipg, -1)
+                w[idx // ipg, :, idx % ipg] = 0
+
+
+class ConvRule(_ConvBase):
+    types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ConvTransposeRule(_ConvBase):
+    types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    transposed = True
+
+
+register_module_rule(ConvRule())
+register_module_rule(ConvTransposeRule())

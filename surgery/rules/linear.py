@@ -1,0 +1,51 @@
+"""Linear layers.
+
+Math. ``y = x W^T + b`` with ``W[out, in]`` over the last dim of ``x``. Removing output feature
+``o`` drops ``W[o]`` and ``b[o]``; removing input feature ``i`` drops column ``W[:, i]``. After a
+``flatten`` each channel owns ``H*W`` consecutive input features, which the tracer maps to the
+channel's unit, so a channel removed upstream removes all of its columns here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..groups import TVal
+from . import ModuleRule, clone_module, register_module_rule, set_tensor
+
+
+class LinearRule(ModuleRule):
+    types = (nn.Linear,)
+    axes = ("in", "out")
+
+    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        last = x.ndim - 1
+        ctx.slot(path, "in", ctx.channels_in(x, last, m.in_features))
+        a_out = ctx.out_atoms(path, "out", m.out_features)
+        return TVal(out.shape, (last,), a_out)
+
+    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        kin = keep.get("in", torch.arange(m.in_features))
+        kout = keep.get("out", torch.arange(m.out_features))
+        new = clone_module(m)
+        set_tensor(new, "weight", m.weight.detach()[kout][:, kin])
+        if m.bias is not None:
+            set_tensor(new, "bias", m.bias.detach()[kout])
+        new.in_features, new.out_features = len(kin), len(kout)
+        return new
+
+    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
+        w = m.weight.detach()
+        return w if axis == "out" else w.t()
+
+    def zero_removed(self, m: nn.Module, axis: str, idx: torch.Tensor) -> None:
+        if axis == "in" and len(idx):
+            with torch.no_grad():
+                m.weight[:, idx] = 0
+
+
+register_module_rule(LinearRule())

@@ -1,0 +1,123 @@
+"""Normalisation layers: BatchNorm, InstanceNorm, GroupNorm, LayerNorm.
+
+Math. Per-channel norms (BatchNorm*, InstanceNorm*) keep ``weight/bias/running_mean/running_var``
+at the surviving channels; nothing else changes, so removal is exact. GroupNorm normalises within
+groups of ``C/G`` channels: the channels of a group form one unit and whole groups are removed
+(``num_groups`` shrinks, group width kept), which is also exact. LayerNorm over the channel dim
+mixes channels (mean and variance over all of them): removal is allowed but not exact, and the
+verifier knows it from ``cross_channel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..groups import TVal
+from . import ModuleRule, clone_module, passthrough, register_module_rule, set_tensor
+
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+
+
+class _FeatureRule(ModuleRule):
+    """Norms with one channel axis ``features`` and per-channel tensors."""
+
+    axes = ("features",)
+    size_attr = "num_features"
+
+    def channel_dim(self, m: nn.Module, x: TVal) -> int:
+        return 1
+
+    def couple(self, ctx: Any, m: nn.Module, atoms: Any) -> None:
+        pass
+
+    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        cdim = self.channel_dim(m, x)
+        atoms = ctx.channels_in(x, cdim, getattr(m, self.size_attr))
+        atoms = ctx.slot(path, "features", atoms, cross_channel=self.cross_channel)
+        self.couple(ctx, m, atoms)
+        return TVal(out.shape, (cdim,), atoms)
+
+    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        k = keep["features"]
+        new = clone_module(m)
+        for name in _PER_CHANNEL:
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor):
+                set_tensor(new, name, t.detach()[k])
+        setattr(new, self.size_attr, len(k))
+        return new
+
+    def importance(self, m: nn.Module, axis: str) -> torch.Tensor | None:
+        w = getattr(m, "weight", None)
+        return None if w is None else w.detach().reshape(-1, 1)
+
+
+class BatchNormRule(_FeatureRule):
+    types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class InstanceNormRule(_FeatureRule):
+    types = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    _spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+
+    def channel_dim(self, m: nn.Module, x: TVal) -> int:
+        spatial = next(v for k, v in self._spatial.items() if isinstance(m, k))
+        return x.ndim - spatial - 1
+
+
+class GroupNormRule(_FeatureRule):
+    types = (nn.GroupNorm,)
+    size_attr = "num_channels"
+
+    def couple(self, ctx: Any, m: nn.Module, atoms: Any) -> None:
+        width = m.num_channels // m.num_groups
+        for g in range(m.num_groups):
+            ctx.uf.union_all(atoms[g * width:(g + 1) * width])
+
+    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        k = keep["features"]
+        width = m.num_channels // m.num_groups
+        kept_groups = torch.unique(k // width)
+        if len(k) != len(kept_groups) * width:
+            raise PlanError(f"GroupNorm({m.num_groups}, {m.num_channels}): the plan keeps partial "
+                            "groups; GroupNorm loses whole groups only. Re-make the plan.")
+        new = super().shrink(m, keep)
+        new.num_groups = len(kept_groups)
+        return new
+
+
+class LayerNormRule(_FeatureRule):
+    types = (nn.LayerNorm,)
+    cross_channel = True
+    param_axes = {"weight": ("features", 0), "bias": ("features", 0)}
+
+    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        n = len(m.normalized_shape)
+        if x.tracked and max(x.tdims) < x.ndim - n:
+            return passthrough(ctx, x, out)  # channels are not among the normalised dims
+        if n != 1:
+            return ctx.opaque([x], out, f"LayerNorm over {tuple(m.normalized_shape)} "
+                                        "mixes channels with other dims")
+        atoms = ctx.channels_in(x, x.ndim - 1, m.normalized_shape[0])
+        atoms = ctx.slot(path, "features", atoms, cross_channel=True)
+        return TVal(out.shape, (x.ndim - 1,), atoms)
+
+    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        k = keep["features"]
+        new = clone_module(m)
+        for name in ("weight", "bias"):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor):
+                set_tensor(new, name, t.detach()[k])
+        new.normalized_shape = (len(k),)
+        return new
+
+
+for _rule in (BatchNormRule(), InstanceNormRule(), GroupNormRule(), LayerNormRule()):
+    register_module_rule(_rule)

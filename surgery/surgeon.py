@@ -1,0 +1,100 @@
+"""The surgeon: applies a plan by rebuilding smaller leaf modules and swapping them in.
+
+Precondition: the plan was made for this architecture (fingerprint) and every layer, axis and
+size it names exists. All new modules and tensors are built before anything is swapped, so a
+failure leaves the target untouched; ``apply`` works on a deep copy and never touches the input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import PlanError, SurgeryError
+from .graph import fingerprint
+from .plan import Plan
+from .rules import module_rule, set_tensor
+
+
+def _tensor(model: nn.Module, path: str) -> torch.Tensor:
+    owner, _, name = path.rpartition(".")
+    t = getattr(model.get_submodule(owner), name, None)
+    if not isinstance(t, torch.Tensor):
+        raise AttributeError(name)
+    return t
+
+
+def _validate(model: nn.Module, plan: Plan) -> None:
+    fp = fingerprint(model)
+    if fp != plan.fingerprint:
+        raise PlanError(f"the plan was made for another architecture ({plan.model_class}, "
+                        f"fingerprint {plan.fingerprint}) but the model is "
+                        f"{type(model).__name__} with fingerprint {fp}; make a plan for this "
+                        "model with surgery.plan(model, example_inputs, ratio=...)")
+    for path, lp in plan.layers.items():
+        try:
+            target = model.get_submodule(path) if lp.kind == "module" else _tensor(model, path)
+        except AttributeError:
+            raise PlanError(f"the plan names layer '{path}' which this model does not have")from None
+        for axis, ap in lp.axes.items():
+            if lp.kind == "module":
+                rule = module_rule(target)
+                if rule is None or axis not in rule.axes:
+                    raise PlanError(f"layer '{path}' ({type(target).__name__}) has no prunable "
+                                    f"axis '{axis}'")
+            elif target.shape[int(axis)] != ap.size:
+                raise PlanError(f"tensor '{path}' has {target.shape[int(axis)]} entries on dim "
+                                f"{axis}, the plan expects {ap.size}")
+
+
+def _build(model: nn.Module, plan: Plan) -> tuple[dict[int, nn.Module], list[tuple[str, torch.Tensor]]]:
+    modules: dict[int, nn.Module] = {}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for path, lp in plan.layers.items():
+        try:
+            if lp.kind == "module":
+                old = model.get_submodule(path)
+                keep = {a: torch.tensor(ap.keep, dtype=torch.long) for a, ap in lp.axes.items()}
+                modules[id(old)] = module_rule(old).shrink(old, keep)
+            else:
+                t = _tensor(model, path)
+                for axis, ap in lp.axes.items():
+                    t = t.detach().index_select(int(axis), torch.tensor(ap.keep, device=t.device))
+                tensors.append((path, t))
+        except SurgeryError:
+            raise
+        except Exception as e:
+            raise PlanError(f"cannot shrink layer '{path}' ({lp.cls}): {e}") from e
+    return modules, tensors
+
+
+def _swap(model: nn.Module, modules: dict[int, nn.Module],
+          tensors: list[tuple[str, torch.Tensor]]) -> None:
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in modules:
+                parent._modules[name] = modules[id(child)]
+    for path, t in tensors:
+        owner, _, name = path.rpartition(".")
+        set_tensor(model.get_submodule(owner), name, t)
+
+
+def apply(model: nn.Module, plan: Plan) -> nn.Module:
+    """A new, physically smaller model; ``model`` itself is left bit-for-bit unchanged.
+
+    Example:
+        >>> small = surgery.apply(model, surgery.Plan.load("plan.json"))
+    """
+    _validate(model, plan)
+    target = copy.deepcopy(model)
+    _swap(target, *_build(target, plan))
+    return target
+
+
+def apply_(model: nn.Module, plan: Plan) -> nn.Module:
+    """In place: swap the smaller layers into ``model`` itself (atomic: all built first)."""
+    _validate(model, plan)
+    _swap(model, *_build(model, plan))
+    return model

@@ -1,0 +1,181 @@
+"""Small hand-written models, one per coupling pattern the tracer must follow."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cbr(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Chain(nn.Module):
+    """conv -> bn -> relu -> conv -> pool -> flatten -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.b = cbr(16, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b(self.a(x)), 1), 1))
+
+
+class Residual(nn.Module):
+    """add / sub / mul with broadcasting couple the channels of both operands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.b1 = cbr(16, 16)
+        self.b2 = cbr(16, 16)
+        self.gate = nn.Conv2d(16, 16, 1)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.b1(x)
+        x = self.b2(x) - x
+        g = torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+        return self.head(x * g)
+
+
+class Concat(nn.Module):
+    """cat along channels (index offsets) and chunk back into equal pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 12)
+        self.b = cbr(3, 20)
+        self.mix = cbr(32, 16)
+        self.left = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(torch.cat([self.a(x), self.b(x)], dim=1))
+        l, r = y.chunk(2, dim=1)
+        return self.out(torch.cat([self.left(l), r], 1))
+
+
+class Grouped(nn.Module):
+    """depthwise, depthwise with multiplier, grouped conv and GroupNorm keep whole groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(3, 24, 1)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.dwm = nn.Conv2d(24, 48, 3, padding=1, groups=24)
+        self.gn = nn.GroupNorm(6, 48)
+        self.gc = nn.Conv2d(48, 32, 3, padding=1, groups=4)
+        self.prelu = nn.PReLU(32)
+        self.head = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.prelu(self.gc(self.gn(self.dwm(self.dw(self.pw(x)))))))
+
+
+class Shuffle(nn.Module):
+    """channel shuffle written as view -> transpose -> view, and as nn.ChannelShuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.shuffle = nn.ChannelShuffle(4)
+        self.head = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(self.shuffle(self.b(x)))
+
+
+class FlattenLinear(nn.Module):
+    """flatten(C, H, W) -> Linear: each channel owns H*W input features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_max_pool2d(self.a(x), 4)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+class LayerScale(nn.Module):
+    """a Parameter used directly in forward, a channels-last LayerNorm and Linear (ConvNeXt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 16)
+        self.scale = nn.Parameter(torch.full((16, 1, 1), 0.5))
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.down(F.gelu(self.up(y))).permute(0, 3, 1, 2)
+        return self.head(x + self.scale * y)
+
+
+class Conv1d3dTranspose(nn.Module):
+    """Conv1d, Conv3d, ConvTranspose2d, BatchNorm1d/3d, InstanceNorm2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm3d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.inorm = nn.InstanceNorm2d(16, affine=True)
+        self.up = nn.ConvTranspose2d(16, 12, 2, stride=2)
+        self.c1 = nn.Conv1d(12, 10, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(10)
+        self.head = nn.Conv1d(10, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn3(self.c3(x))).mean(2)
+        x = self.up(F.relu(self.inorm(self.c2(x))))
+        x = x.flatten(2)
+        return self.head(F.relu(self.bn1(self.c1(x))))
+
+
+class TrainOnlyAux(nn.Module):
+    """an auxiliary head reached only in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.b = cbr(16, 16)
+        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                 nn.Linear(32, 3))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.a(x)
+        aux = self.aux(x) if self.training else None
+        out = self.fc(self.b(x).mean((2, 3)))
+        return (out, aux) if self.training else out
+
+
+PATTERNS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
+    "chain": (Chain, (2, 3, 16, 16)),
+    "residual": (Residual, (2, 3, 16, 16)),
+    "concat": (Concat, (2, 3, 16, 16)),
+    "grouped": (Grouped, (2, 3, 16, 16)),
+    "shuffle": (Shuffle, (2, 3, 16, 16)),
+    "flatten_linear": (FlattenLinear, (2, 3, 16, 16)),
+    "layer_scale": (LayerScale, (2, 3, 16, 16)),
+    "conv1d3d_transpose": (Conv1d3dTranspose, (2, 2, 4, 8, 8)),
+    "train_only_aux": (TrainOnlyAux, (2, 3, 16, 16)),
+}

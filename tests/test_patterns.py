@@ -1,0 +1,156 @@
+"""Every coupling pattern prunes exactly, on small hand-written models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_unchanged, randomize_norms, snapshot
+from patterns import PATTERNS, Concat, Grouped, LayerScale, Shuffle, TrainOnlyAux
+
+import surgery
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random"])
+def test_pattern_prunes_exactly(name: str, criterion: str) -> None:
+    cls, shape = PATTERNS[name]
+    model = randomize_norms(cls())
+    x = torch.randn(shape)
+    before = snapshot(model)
+    modes = {n: m.training for n, m in model.named_modules()}
+    plan = surgery.plan(model, x, ratio=0.5, criterion=criterion)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed
+    assert_unchanged(model, before)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert type(small) is type(model)
+    assert surgery.count_params(small) < surgery.count_params(model)
+    assert surgery.count_macs(small, x) < surgery.count_macs(model, x)
+    with torch.no_grad():
+        assert small.eval()(x).shape == model.eval()(x).shape
+    # the pruned model still trains: one SGD step in train mode
+    small.train()
+    out = small(x)
+    loss = sum(o.float().pow(2).mean() for o in (out if isinstance(out, tuple) else (out,)))
+    loss.backward()
+    assert all(p.grad is not None for p in small.parameters() if p.requires_grad)
+
+
+def test_exact_means_zeroed_reference_equals_pruned() -> None:
+    """Independent of verify(): build the reference by hand for a chain."""
+    model = randomize_norms(PATTERNS["chain"][0]()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    plan = surgery.plan(model, x, ratio=0.5)
+    small = surgery.apply(model, plan).eval()
+    ref = copy.deepcopy(model)
+    keep_a = torch.tensor(plan.layers["a.0"].axes["out"].keep)
+    removed = torch.ones(16, dtype=torch.bool)
+    removed[keep_a] = False
+    with torch.no_grad():
+        ref.b[0].weight[:, removed] = 0
+        keep_b = torch.tensor(plan.layers["b.0"].axes["out"].keep)
+        dropped_b = torch.ones(32, dtype=torch.bool)
+        dropped_b[keep_b] = False
+        ref.fc.weight[:, dropped_b] = 0
+        torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert small.a[0].out_channels == 8 and small.b[0].in_channels == 8
+    assert small.fc.in_features == 16
+
+
+def test_residual_operands_are_coupled() -> None:
+    from patterns import Residual
+
+    model = Residual()
+    graph = surgery.trace(model, torch.randn(1, 3, 16, 16))
+    group = next(g for g in graph.groups if "stem.0:out" in g.slots)
+    assert {"b1.0:out", "b2.0:out", "gate:in", "gate:out", "head:in"} <= set(group.slots)
+    assert len(group.units) == 16
+
+
+def test_concat_offsets_and_chunk() -> None:
+    model = Concat()
+    x = torch.randn(1, 3, 16, 16)
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small.mix[0].in_channels == small.a[0].out_channels + small.b[0].out_channels
+    assert small.a[0].out_channels == 6 and small.b[0].out_channels == 10
+    # chunk(2) stays even: both halves keep as many channels
+    assert small.left.in_channels * 2 == small.mix[0].out_channels
+
+
+def test_groups_are_kept_whole() -> None:
+    model = Grouped()
+    small = surgery.prune(model, torch.randn(1, 3, 16, 16), ratio=0.5)
+    assert small.dw.groups == small.dw.in_channels == small.dw.out_channels == 12
+    assert small.dwm.groups == 12 and small.dwm.out_channels == 24
+    assert small.gn.num_groups == 3 and small.gn.num_channels == 24
+    assert small.gc.in_channels // small.gc.groups == 48 // 4 * 1  # group width kept
+    assert small.gc.out_channels // small.gc.groups == 8
+    assert small.prelu.num_parameters == small.gc.out_channels
+
+
+def test_channel_shuffle_pairs_and_exact() -> None:
+    model = randomize_norms(Shuffle())
+    x = torch.randn(2, 3, 16, 16)
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small.a[0].out_channels == 8
+    assert small.b.out_channels % 4 == 0  # nn.ChannelShuffle(4) still divides
+
+
+def test_layer_scale_and_layernorm_are_shrunk_but_not_exact() -> None:
+    model = LayerScale()
+    x = torch.randn(1, 3, 16, 16)
+    plan = surgery.plan(model, x, ratio=0.5)
+    assert not plan.exact  # a removed channel passed a LayerNorm over channels
+    small = surgery.apply(model, plan)
+    assert small.scale.shape == (8, 1, 1) and small.scale.requires_grad
+    assert small.norm.normalized_shape == (8,) and small.norm.weight.shape == (8,)
+    assert small.up.in_features == 8 and small.down.out_features == 8
+    assert surgery.verify(model, small, plan, x).output_shapes == ((1, 3, 16, 16),)
+
+
+def test_train_only_branch_is_coupled() -> None:
+    model = TrainOnlyAux()
+    x = torch.randn(2, 3, 16, 16)
+    graph = surgery.trace(model, x)
+    assert graph.train_graph
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small.aux[0].in_channels == small.a[0].out_channels == 8
+    small.train()
+    out, aux = small(x)
+    assert out.shape == (2, 3) and aux.shape == (2, 3)
+
+
+def test_pinned_io_and_explain() -> None:
+    model = PATTERNS["chain"][0]()
+    graph = surgery.trace(model, torch.randn(1, 3, 16, 16))
+    text = graph.explain("fc")
+    assert "fc:out" in text and "model output" in text
+    assert "fixed channels" in graph.explain("a.0")  # the network input's 3 channels
+    assert "prunable" in str(graph)
+
+
+def test_ignore_keeps_layer_outputs() -> None:
+    model = PATTERNS["chain"][0]()
+    x = torch.randn(1, 3, 16, 16)
+    small = surgery.prune(model, x, ratio=0.5, ignore=["a"])
+    assert small.a[0].out_channels == 16 and small.b[0].out_channels == 16
+    small = surgery.prune(model, x, ratio=0.5, ignore=["re:b\\..*"])
+    assert small.a[0].out_channels == 8 and small.b[0].out_channels == 32
+
+
+def test_round_to() -> None:
+    model = PATTERNS["chain"][0]()
+    x = torch.randn(1, 3, 16, 16)
+    small = surgery.prune(model, x, ratio=0.7, round_to=8)
+    assert small.a[0].out_channels == 8 and small.b[0].out_channels == 16
+
+
+def test_in_place_variant_and_shared_module() -> None:
+    model = PATTERNS["chain"][0]()
+    x = torch.randn(1, 3, 16, 16)
+    plan = surgery.plan(model, x, ratio=0.5)
+    out = surgery.apply_(model, plan)
+    assert out is model and model.a[0].out_channels == 8
