@@ -77,8 +77,8 @@ def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:
                     cache[key] = None
                 else:
                     t = slot_tensor(model, slot)
-                    cache[key] = None if t is None else \
-                        t.abs().double().pow(p).sum(1).cpu().numpy()
+                    cache[key] = None if t is None else torch.linalg.vector_norm(
+                        t.float(), p, dim=1).double().pow(p).cpu().numpy()
             return cache[key]
 
         def score(group: Group) -> np.ndarray:

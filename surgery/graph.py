@@ -64,7 +64,7 @@ def source_line(node: torch.fx.Node) -> str:
     lines = [ln.strip() for ln in trace.strip().splitlines()]
     for i in range(len(lines) - 1, -1, -1):
         m = re.match(r'File "(.+)", line (\d+)', lines[i])
-        if m:
+        if m and "/torch/" not in m.group(1):
             code = lines[i + 1] if i + 1 < len(lines) else ""
             return f"{m.group(1)}:{m.group(2)}: {code}"
     return ""
@@ -386,7 +386,13 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
             twin = copy.deepcopy(model).train()
             doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim > 1
                             and x.shape[0] == 1 else x for x in inputs)
-            _analyse(ctx, twin, graph_t, doubled)
+            try:
+                _analyse(ctx, twin, graph_t, doubled)
+            except ExampleInputError as e:
+                raise ExampleInputError(
+                    f"{type(model).__name__} has layers used only in training mode (e.g. an "
+                    f"auxiliary head) and its training-mode forward fails on the example inputs "
+                    f"(batch of 2): {e}. Use larger example inputs.") from e
     finally:
         for m, mode in modes.items():
             m.training = mode

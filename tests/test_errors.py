@@ -1,0 +1,170 @@
+"""Bad input gets a clear error that names the problem, and the model is left untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_unchanged, snapshot
+from patterns import Chain, Residual
+from torch import nn
+
+import surgery
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.5", None, True])
+def test_bad_ratio(ratio: object) -> None:
+    model = Chain()
+    before = snapshot(model)
+    with pytest.raises(surgery.ConfigError, match="ratio must be a number in \\[0, 1\\)"):
+        surgery.prune(model, torch.randn(1, 3, 16, 16), ratio=ratio)  # type: ignore[arg-type]
+    assert_unchanged(model, before)
+
+
+def test_unknown_criterion() -> None:
+    with pytest.raises(surgery.ConfigError, match="unknown criterion 'l7'.*l1"):
+        surgery.plan(Chain(), torch.randn(1, 3, 16, 16), ratio=0.5, criterion="l7")
+
+
+def test_wrong_input_shape() -> None:
+    model = Chain()
+    model.train()
+    before = snapshot(model)
+    with pytest.raises(surgery.ExampleInputError, match="node 'a_0'.*example_inputs"):
+        surgery.prune(model, torch.randn(1, 4, 16, 16), ratio=0.5)
+    assert_unchanged(model, before)
+    assert model.training and all(m.training for m in model.modules())
+
+
+class Weird(nn.Module):
+    """A layer with channels that no rule knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, padding=1)
+
+
+class HasWeird(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.weird = Weird()
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.weird(self.a(x)))
+
+
+def test_unknown_layer_with_channels_is_named_with_the_fix() -> None:
+    model = HasWeird()
+    before = snapshot(model)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(surgery.UnsupportedLayerError,
+                       match="'weird' \\(Weird\\).*register_module_rule.*ignore=\\['weird'\\]"):
+        surgery.prune(model, x, ratio=0.5)
+    assert_unchanged(model, before)
+    # the fix the message suggests works: the block is kept, channels around it stay
+    small = surgery.prune(model, x, ratio=0.5, ignore=["weird"])
+    assert small.a.out_channels == 8 and small.weird.weight.shape == (8, 8, 3, 3)
+
+
+def test_torch_leaf_without_rule_is_named() -> None:
+    class WithBilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.bil = nn.Bilinear(6, 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.bil(y, y)
+
+    with pytest.raises(surgery.UnsupportedLayerError, match="'bil' \\(Bilinear\\)"):
+        surgery.trace(WithBilinear(), torch.randn(2, 4))
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if y.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            y = y * 2
+        return self.b(y)
+
+
+def test_untraceable_forward_names_the_line() -> None:
+    model = DataDependent()
+    before = snapshot(model)
+    with pytest.raises(surgery.TraceError, match="test_errors.py:\\d+.*if y.sum\\(\\) > 0"):
+        surgery.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert_unchanged(model, before)
+
+
+class HardCoded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3)
+        self.b = nn.Conv2d(16, 32, 3)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.b(self.a(x)), 1)
+        return self.fc(x.view(-1, 32))
+
+
+def test_hard_coded_view_is_reported_with_line_and_kept() -> None:
+    model = HardCoded()
+    x = torch.randn(1, 3, 8, 8)
+    graph = surgery.trace(model, x)
+    why = graph.explain("b")
+    assert "hard-coded size (32,)" in why and "x.view(-1, 32)" in why
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small.b.out_channels == 32 and small.a.out_channels == 8
+
+
+def test_hard_coded_size_missed_by_tracing_fails_verification_not_the_model() -> None:
+    class Sneaky(HardCoded):
+        width = 32
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.adaptive_avg_pool2d(self.b(self.a(x)), 1)
+            return self.fc(x.flatten(1)[:, : self.width])
+
+    model = Sneaky()
+    x = torch.randn(1, 3, 8, 8)
+    # slicing the channel dim is opaque to the tracer: it pins the channels instead
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small.b.out_channels == 32
+
+
+def test_plan_for_another_architecture_is_refused() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    plan = surgery.plan(Chain(), x, ratio=0.5)
+    model = Residual()
+    before = snapshot(model)
+    with pytest.raises(surgery.PlanError, match="another architecture \\(Chain"):
+        surgery.apply(model, plan)
+    assert_unchanged(model, before)
+
+
+def test_malformed_plan_json() -> None:
+    with pytest.raises(surgery.PlanError, match="not valid JSON"):
+        surgery.Plan.from_json("{nope")
+    with pytest.raises(surgery.PlanError, match="not a surgery-plan"):
+        surgery.Plan.from_json('{"format": "other"}')
+    good = surgery.plan(Chain(), torch.randn(1, 3, 16, 16), ratio=0.5).to_dict()
+    good["layers"]["a.0"]["axes"]["out"]["keep"] = [5, 3]
+    with pytest.raises(surgery.PlanError, match="'a.0' axis 'out'.*sorted"):
+        surgery.Plan.from_dict(good)
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(TypeError, match="expected an nn.Module but received str"):
+        surgery.trace("resnet", torch.randn(1))  # type: ignore[arg-type]

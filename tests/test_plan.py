@@ -1,0 +1,64 @@
+"""The plan is data: JSON round trip, re-applied to a fresh instance gives the same model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torchvision
+from conftest import randomize_norms
+
+import surgery
+
+
+def test_json_round_trip_and_reapply_to_fresh_instance(tmp_path) -> None:
+    torch.manual_seed(3)
+    model = randomize_norms(torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 32, 32)
+    plan = surgery.plan(model, x, ratio=0.5)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "surgery-plan" and doc["layers"]["conv1"]["axes"]["out"]["size"] == 64
+    loaded = surgery.Plan.load(path)
+    assert loaded == plan
+    # a fresh instance with the same weights gives the same pruned model
+    torch.manual_seed(3)
+    fresh = randomize_norms(torchvision.models.resnet18(weights=None))
+    a, b = surgery.apply(model, plan), surgery.apply(fresh, loaded)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind
+
+
+def test_plan_is_deterministic_and_inspectable() -> None:
+    model = torchvision.models.resnet18(weights=None)
+    x = torch.randn(1, 3, 32, 32)
+    p1 = surgery.plan(model, x, ratio=0.5)
+    p2 = surgery.plan(model, x, ratio=0.5)
+    assert p1.to_json() == p2.to_json()
+    conv1 = p1.layers["conv1"].axes["out"]
+    assert len(conv1.keep) == 32 and conv1.size == 64
+    # conv1, bn1 and layer1's residual convs share one group: same kept channels
+    assert p1.layers["bn1"].axes["features"].keep == conv1.keep
+    assert p1.layers["layer1.0.conv2"].axes["out"].keep == conv1.keep
+    assert "fc" in p1.layers and "out" not in p1.layers["fc"].axes  # output pinned
+
+
+def test_zero_ratio_removes_nothing() -> None:
+    model = torchvision.models.resnet18(weights=None)
+    plan = surgery.plan(model, torch.randn(1, 3, 32, 32), ratio=0.0)
+    assert plan.layers == {} and plan.removed() == 0
+
+
+def test_l2_keeps_the_largest_channels() -> None:
+    from patterns import Chain
+
+    model = Chain()
+    with torch.no_grad():
+        model.a[0].weight.mul_(0.01)
+        model.a[0].weight[[1, 4, 9]] *= 1000  # make three channels dominate
+        model.a[1].weight[[1, 4, 9]] = 5.0
+    plan = surgery.plan(model, torch.randn(1, 3, 16, 16), ratio=0.5)
+    assert {1, 4, 9} <= set(plan.layers["a.0"].axes["out"].keep)

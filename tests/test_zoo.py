@@ -1,0 +1,51 @@
+"""Every torchvision conv net prunes at ratio 0.5 with L2: same outputs (exact), fewer params/MACs.
+
+The default suite runs a subset that spans every coupling pattern; ``./run slow`` runs the zoo.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unchanged, randomize_norms, snapshot
+from zoo import DEFAULT, build, conv_nets
+
+import surgery
+
+ALL = conv_nets()
+PARAMS = [pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in ALL]
+
+
+def _structure(out: object) -> object:
+    if isinstance(out, torch.Tensor):
+        return ("tensor", out.shape[1:])
+    if isinstance(out, tuple | list):
+        return (type(out).__name__, [_structure(o) for o in out])
+    return type(out).__name__
+
+
+def test_default_subset_is_in_the_zoo() -> None:
+    assert set(DEFAULT) <= set(ALL) and len(DEFAULT) >= 15
+    assert not any(n.startswith(("vit_", "swin_")) for n in ALL)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_zoo_prunes_exactly(name: str) -> None:
+    torch.manual_seed(0)
+    model, x = build(name)
+    randomize_norms(model)
+    before = snapshot(model)
+    plan = surgery.plan(model, x, ratio=0.5, criterion="l2")
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed, report.message
+    assert report.exact_checked == (not name.startswith("convnext"))  # LayerNorm over channels
+    assert_unchanged(model, before)
+    assert surgery.count_params(small) < 0.6 * surgery.count_params(model)
+    assert surgery.count_macs(small, x) < 0.6 * surgery.count_macs(model, x)
+    # training still works, with the same output structure as the original (aux heads included)
+    xb = torch.cat([x, x])
+    model.train()
+    small.train()
+    with torch.no_grad():
+        assert _structure(small(xb)) == _structure(model(xb))
