@@ -9,6 +9,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import prune
+from .bench import BenchReport, Measurement, bench
 from .criteria import criteria, register_criterion
 from .errors import (
     ConfigError,
@@ -19,6 +20,7 @@ from .errors import (
     UnsupportedLayerError,
     VerificationError,
 )
+from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
 from .graph import ChannelGraph, fingerprint, trace
 from .plan import Plan
 from .plan import make_plan as plan
@@ -33,7 +35,8 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "ChannelGraph", "ConfigError", "ExampleInputError", "ModuleRule", "Plan", "PlanError",
+    "BenchReport", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
+    "RuntimeMissingError", "bench", "export_onnx", "ExampleInputError", "ModuleRule", "Plan", "PlanError",
     "SurgeryError", "TraceError", "UnsupportedLayerError", "VerificationError", "VerifyReport",
     "__version__", "apply", "apply_", "count_macs", "count_params", "criteria", "fingerprint",
     "plan", "prune", "register_criterion", "register_function_rule", "register_module_rule",

@@ -1,0 +1,253 @@
+"""Latency that tells the truth: alternating runs, explicit threads, medians, efficiency.
+
+Models under test run in turns (A B A B …) so machine drift does not bias their ratio. Every call is
+timed separately; the report keeps median, p90, p99 and throughput per model, runtime and batch,
+plus params and MACs. For every model measured against a baseline:
+
+    speedup    = baseline median / model median
+    mac_ratio  = baseline MACs / model MACs          (the ideal speedup)
+    efficiency = speedup / mac_ratio                  (1.0 = as fast as the arithmetic saved)
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .export import RuntimeMissingError, export_onnx, ort_session
+from .stats import count_macs, count_params
+
+RUNTIMES = ("torch", "cuda", "ort", "ort-cuda")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    model: str
+    runtime: str
+    batch: int
+    threads: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float  # samples per second at the median
+    samples: int
+    params: int
+    macs: int  # per sample
+    onnx_bytes: int | None = None
+    speedup: float | None = None
+    mac_ratio: float | None = None
+    efficiency: float | None = None
+
+
+@dataclass
+class BenchReport:
+    """Measurements plus the environment they were taken in. Data first; text on request."""
+
+    env: dict[str, Any]
+    rows: list[Measurement] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"env": self.env, "rows": [asdict(r) for r in self.rows]}, indent=1)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(Measurement.__dataclass_fields__))
+        w.writeheader()
+        for r in self.rows:
+            w.writerow(asdict(r))
+        return buf.getvalue()
+
+    def to_markdown(self) -> str:
+        head = ("| model | runtime | batch | median ms | p90 ms | p99 ms | samples/s | params | "
+                "MACs | speedup | MAC ratio | efficiency |")
+        lines = [head, "|" + "---|" * 12]
+        for r in self.rows:
+            opt = [f"{v:.2f}" if v is not None else "" for v in (r.speedup, r.mac_ratio,
+                                                                 r.efficiency)]
+            lines.append(f"| {r.model} | {r.runtime} | {r.batch} | {r.median_ms:.2f} | "
+                         f"{r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.throughput:.1f} | "
+                         f"{r.params / 1e6:.2f}M | {r.macs / 1e6:.0f}M | " + " | ".join(opt) + " |")
+        env = ", ".join(f"{k}={v}" for k, v in self.env.items())
+        return "\n".join(lines) + f"\n\nMedians of alternating runs. Environment: {env}\n"
+
+
+def environment(threads: int, runtimes: Sequence[str]) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+                           "runtimes": ",".join(runtimes)}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _check_runtimes(runtimes: Sequence[str]) -> None:
+    for rt in runtimes:
+        if rt not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {rt!r}; expected some of {RUNTIMES}")
+        if rt in ("cuda",) and not torch.cuda.is_available():
+            raise RuntimeMissingError("runtime 'cuda' was requested but no CUDA GPU is visible "
+                                      "to PyTorch on this machine; drop it from runtimes")
+        if rt.startswith("ort"):
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise RuntimeMissingError("runtime 'ort' needs onnxruntime: pip install "
+                                          "onnxruntime") from e
+            if rt == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeMissingError("runtime 'ort-cuda' needs onnxruntime-gpu with CUDA; "
+                                          f"available providers: {ort.get_available_providers()}")
+
+
+def _runner(model: nn.Module, runtime: str, x: torch.Tensor, onnx_path: str | None,
+            threads: int) -> Callable[[], None]:
+    if runtime == "torch":
+        def run() -> None:
+            with torch.inference_mode():
+                model(x)
+        return run
+    if runtime == "cuda":
+        gm, gx = copy.deepcopy(model).to("cuda"), x.to("cuda")
+
+        def run_cuda() -> None:
+            with torch.inference_mode():
+                gm(gx)
+        return run_cuda
+    provider = "CUDAExecutionProvider" if runtime == "ort-cuda" else "CPUExecutionProvider"
+    session = ort_session(onnx_path, threads, provider)  # type: ignore[arg-type]
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _time_call(fn: Callable[[], None], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return float(start.elapsed_time(end))
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def bench(models: Mapping[str, nn.Module], input_shape: Sequence[int] = (3, 224, 224), *,
+          runtimes: Sequence[str] = ("torch", "ort"), batches: Sequence[int] = (1,),
+          threads: int | None = None, baseline: str | None = None, warmup: int = 3,
+          rounds: int = 20, min_round_ms: float = 30.0, workdir: str | None = None,
+          onnx_files: Mapping[str, str] | None = None,
+          progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Time ``models`` (name -> module, inputs of ``(batch, *input_shape)``) on each runtime.
+
+    Args:
+        baseline: the name every other model is compared with (default: the first).
+        threads: CPU threads for PyTorch and ONNX Runtime (default: all cores).
+        rounds: turns of A B A B …; each turn runs each model for at least ``min_round_ms``.
+        onnx_files: already exported (and parity-checked) ONNX files by model name; the others
+            are exported to a temporary folder.
+
+    Example:
+        >>> report = surgery.bench({"resnet18": model, "pruned": small}, batches=[1, 8])
+        >>> print(report.to_markdown())
+    """
+    if not models:
+        raise ConfigError("bench needs at least one model")
+    _check_runtimes(runtimes)
+    threads = threads or os.cpu_count() or 1
+    baseline = baseline or next(iter(models))
+    if baseline not in models:
+        raise ConfigError(f"baseline {baseline!r} is not among the models {list(models)}")
+    report = BenchReport(environment(threads, runtimes))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tmpdir = tempfile.TemporaryDirectory(dir=workdir)
+    try:
+        sample = torch.randn(1, *input_shape)
+        stats = {n: (count_params(m), count_macs(m, sample)) for n, m in models.items()}
+        onnx_paths: dict[str, str] = dict(onnx_files or {})
+        onnx_bytes = {n: os.path.getsize(p) for n, p in onnx_paths.items()}
+        if any(rt.startswith("ort") for rt in runtimes):
+            for name, m in models.items():
+                if name in onnx_paths:
+                    continue
+                if progress:
+                    progress(f"exporting {name} to ONNX")
+                p = os.path.join(tmpdir.name, f"{len(onnx_paths)}.onnx")
+                onnx_bytes[name] = export_onnx(m, sample, p).file_bytes
+                onnx_paths[name] = p
+        for rt in runtimes:
+            for b in batches:
+                if progress:
+                    progress(f"timing {len(models)} models on {rt}, batch {b}")
+                times = _alternate(models, rt, b, input_shape, onnx_paths, threads, warmup,
+                                   rounds, min_round_ms)
+                base = float(np.median(times[baseline]))
+                for name, t in times.items():
+                    med = float(np.median(t))
+                    params, macs = stats[name]
+                    rel = name != baseline
+                    speedup = base / med if rel else None
+                    mac_ratio = stats[baseline][1] / macs if rel and macs else None
+                    report.rows.append(Measurement(
+                        name, rt, b, threads, med, float(np.percentile(t, 90)),
+                        float(np.percentile(t, 99)), b * 1e3 / med, len(t), params, macs,
+                        onnx_bytes.get(name) if rt.startswith("ort") else None, speedup,
+                        mac_ratio, speedup / mac_ratio if speedup and mac_ratio else None))
+    finally:
+        torch.set_num_threads(old_threads)
+        tmpdir.cleanup()
+    return report
+
+
+def _alternate(models: Mapping[str, nn.Module], rt: str, batch: int, shape: Sequence[int],
+               onnx_paths: Mapping[str, str], threads: int, warmup: int, rounds: int,
+               min_round_ms: float) -> dict[str, list[float]]:
+    x = torch.randn(batch, *shape)
+    modes = {m: m.training for model in models.values() for m in model.modules()}
+    try:
+        runners = {}
+        for name, m in models.items():
+            m.eval()
+            runners[name] = _runner(m, rt, x, onnx_paths.get(name), threads)
+        cuda = rt == "cuda"
+        reps: dict[str, int] = {}
+        for name, fn in runners.items():
+            first = [_time_call(fn, cuda) for _ in range(warmup)][-1]
+            reps[name] = max(1, int(min_round_ms / max(first, 1e-3)))
+        times: dict[str, list[float]] = {n: [] for n in runners}
+        for _ in range(rounds):
+            for name, fn in runners.items():
+                times[name] += [_time_call(fn, cuda) for _ in range(reps[name])]
+        return times
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

@@ -1,0 +1,176 @@
+"""ONNX export with a parity check, written atomically.
+
+The file is produced by the exporter that ships with torch (``torch.onnx.export``, dynamo), checked
+with ``onnx.checker``, run in ONNX Runtime and compared with PyTorch; only then is it renamed to
+``path``. An interrupted or failed export never leaves a half-written file at ``path``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+from .graph import Inputs, as_tuple
+from .stats import count_params
+
+
+class ExportError(SurgeryError, RuntimeError):
+    """The model could not be exported to ONNX, or the file does not match PyTorch."""
+
+
+class RuntimeMissingError(SurgeryError, RuntimeError):
+    """A requested runtime (onnxruntime, CUDA) is not available on this machine."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was written and how closely ONNX Runtime matches PyTorch."""
+
+    path: str
+    file_bytes: int
+    onnx_weights: int  # elements in the graph's initializers
+    torch_params: int
+    max_rel_error: float
+    opset: int
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None,
+                provider: str = "CPUExecutionProvider") -> Any:
+    """An ONNX Runtime session with explicit threads and no spinning worker threads.
+
+    Spinning threads of several live sessions steal cores from each other, so they are off.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeMissingError("onnxruntime is not installed; pip install onnxruntime "
+                                  "(or use ./run, which installs it)") from e
+    if provider not in ort.get_available_providers():
+        raise RuntimeMissingError(f"ONNX Runtime provider {provider} is not available here "
+                                  f"(available: {ort.get_available_providers()})")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in _leaves(o)]
+    return []
+
+
+def _check_target(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise ExportError(f"cannot write {path}: folder {path.parent} does not exist; create it")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: folder {path.parent} is not writable")
+
+
+def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *,
+                dynamic_batch: bool = True, rtol: float = 1e-4, opset: int | None = None
+                ) -> ExportReport:
+    """Export ``model`` (in eval mode, on a copy) to ONNX at ``path`` and check it.
+
+    Raises:
+        ExportError: the folder is missing or read-only, an op cannot be exported (named), the
+            checker rejects the graph, or ONNX Runtime's outputs differ by more than ``rtol``
+            (max |ort - torch| / max |torch|). Nothing is left at ``path`` then.
+
+    Example:
+        >>> surgery.export_onnx(small, torch.randn(1, 3, 224, 224), "small.onnx").max_rel_error
+    """
+    import onnx
+
+    target = Path(path)
+    _check_target(target)
+    inputs = as_tuple(example_inputs)
+    model = copy.deepcopy(model).eval()
+    names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in inputs) \
+        if dynamic_batch else None
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with warnings.catch_warnings(), _quiet_exporter():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, inputs, str(tmp), dynamo=True, external_data=False,
+                                  dynamic_shapes=dyn, input_names=names, opset_version=opset,
+                                  verbose=False)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: "
+                              f"{_first_line(e)}. The op named there has no ONNX translation; "
+                              "rewrite it with standard ops or register a custom translation."
+                              ) from e
+        proto = onnx.load(str(tmp))
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"onnx.checker rejects the exported graph: {_first_line(e)}") from e
+        session = ort_session(tmp)
+        with torch.no_grad():
+            want = [t.numpy() for t in _leaves(model(*inputs))]
+        feed = {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
+        got = session.run(None, feed)
+        err = 0.0
+        for a, b in zip(got, want, strict=False):
+            scale = float(np.abs(b).max()) if b.size else 0.0
+            diff = float(np.abs(a - b).max()) if b.size else 0.0
+            err = max(err, diff / scale if scale > 0 else diff)
+        if len(got) != len(want) or not err <= rtol:
+            raise ExportError(f"ONNX Runtime output differs from PyTorch: max relative error "
+                              f"{err:.3g} > {rtol:g} ({len(got)} vs {len(want)} outputs)")
+        weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
+        used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                          0)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(str(target), target.stat().st_size, weights, count_params(model), err,
+                        used_opset)
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost cause's first line: where the exporter names the op it could not convert."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class _quiet_exporter:
+    """Silence the exporter's progress chatter (it logs through the torch.onnx logger/print)."""
+
+    def __enter__(self) -> None:
+        self._level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        self._devnull = open(os.devnull, "w")  # noqa: SIM115
+        import contextlib
+
+        self._redirect = contextlib.redirect_stdout(self._devnull)
+        self._redirect.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._redirect.__exit__(*exc)
+        self._devnull.close()
+        logging.getLogger("torch.onnx").setLevel(self._level)
