@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import linecache
 import re
+import sys
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,23 +60,36 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _internal(filename: str) -> bool:
+    return any(part in filename for part in ("/torch/", "/surgery/graph.py", "/surgery/rules/"))
+
+
 def source_line(node: torch.fx.Node) -> str:
-    """``file:line: code`` of the user's source that made ``node``, when fx recorded it."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        m = re.match(r'File "(.+)", line (\d+)', lines[i])
-        if m and "/torch/" not in m.group(1):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{m.group(1)}:{m.group(2)}: {code}"
-    return ""
+    """``file:line: code`` of the user's source that made ``node``."""
+    loc = node.meta.get("surgery_loc")
+    if not loc:
+        return ""
+    return f"{loc[0]}:{loc[1]}: {linecache.getline(loc[0], loc[1]).strip()}"
 
 
 class _Tracer(torch.fx.Tracer):
+    """fx tracer: layers with a rule are leaves; every node remembers the user's source line.
+
+    The location is the innermost frame outside torch (cheaper than fx's full stack traces).
+    """
+
     def __init__(self, opaque: Sequence[str]) -> None:
         super().__init__()
         self.opaque = opaque
-        self.record_stack_traces = True
+
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        frame = sys._getframe(1)
+        while frame is not None and _internal(frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is not None:
+            node.meta["surgery_loc"] = (frame.f_code.co_filename, frame.f_lineno)
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if matches(qualname, self.opaque) and leaf_rule(m) is None:

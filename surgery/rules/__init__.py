@@ -141,15 +141,14 @@ def clone_module(module: nn.Module) -> nn.Module:
 
 
 def set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    """Replace a parameter or buffer, keeping requires_grad of a parameter."""
+    """Replace a parameter or buffer (with a tensor of its own), keeping requires_grad."""
     if value is None:
         return
     old = module._parameters.get(name) if name in module._parameters else None
     if name in module._parameters and old is not None:
-        module._parameters[name] = nn.Parameter(value.detach().clone(),
-                                                requires_grad=old.requires_grad)
+        module._parameters[name] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
     elif name in module._buffers:
-        module._buffers[name] = value.detach().clone()
+        module._buffers[name] = value.detach()
     else:
         raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
 
