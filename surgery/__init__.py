@@ -9,6 +9,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import prune
+from .artifact import ArtifactError, load, save
 from .bench import BenchReport, Measurement, bench
 from .criteria import criteria, register_criterion
 from .errors import (
@@ -35,10 +36,10 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "BenchReport", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
+    "ArtifactError", "BenchReport", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
     "RuntimeMissingError", "bench", "export_onnx", "ExampleInputError", "ModuleRule", "Plan", "PlanError",
     "SurgeryError", "TraceError", "UnsupportedLayerError", "VerificationError", "VerifyReport",
-    "__version__", "apply", "apply_", "count_macs", "count_params", "criteria", "fingerprint",
+    "__version__", "apply", "load", "save", "apply_", "count_macs", "count_params", "criteria", "fingerprint",
     "plan", "prune", "register_criterion", "register_function_rule", "register_module_rule",
     "trace", "verify",
 ]

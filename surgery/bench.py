@@ -127,14 +127,17 @@ def _check_runtimes(runtimes: Sequence[str]) -> None:
                                           f"available providers: {ort.get_available_providers()}")
 
 
-def _runner(model: nn.Module, runtime: str, x: torch.Tensor, onnx_path: str | None,
+def _runner(model: nn.Module | None, runtime: str, x: torch.Tensor, onnx_path: str | None,
             threads: int) -> Callable[[], None]:
     if runtime == "torch":
+        assert model is not None
+
         def run() -> None:
             with torch.inference_mode():
                 model(x)
         return run
     if runtime == "cuda":
+        assert model is not None
         gm, gx = copy.deepcopy(model).to("cuda"), x.to("cuda")
 
         def run_cuda() -> None:
@@ -160,13 +163,15 @@ def _time_call(fn: Callable[[], None], cuda: bool) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def bench(models: Mapping[str, nn.Module], input_shape: Sequence[int] = (3, 224, 224), *,
+def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (3, 224, 224), *,
           runtimes: Sequence[str] = ("torch", "ort"), batches: Sequence[int] = (1,),
           threads: int | None = None, baseline: str | None = None, warmup: int = 3,
           rounds: int = 20, min_round_ms: float = 30.0, workdir: str | None = None,
           onnx_files: Mapping[str, str] | None = None,
           progress: Callable[[str], None] | None = None) -> BenchReport:
     """Time ``models`` (name -> module, inputs of ``(batch, *input_shape)``) on each runtime.
+
+    A model given as None must have a file in ``onnx_files``; it runs on ONNX Runtime only.
 
     Args:
         baseline: the name every other model is compared with (default: the first).
@@ -192,8 +197,12 @@ def bench(models: Mapping[str, nn.Module], input_shape: Sequence[int] = (3, 224,
     tmpdir = tempfile.TemporaryDirectory(dir=workdir)
     try:
         sample = torch.randn(1, *input_shape)
-        stats = {n: (count_params(m), count_macs(m, sample)) for n, m in models.items()}
         onnx_paths: dict[str, str] = dict(onnx_files or {})
+        for name, m in models.items():
+            if m is None and name not in onnx_paths:
+                raise ConfigError(f"model {name!r} is None but has no file in onnx_files")
+        stats = {n: (count_params(m), count_macs(m, sample)) if m is not None else
+                 (_onnx_weights(onnx_paths[n]), 0) for n, m in models.items()}
         onnx_bytes = {n: os.path.getsize(p) for n, p in onnx_paths.items()}
         if any(rt.startswith("ort") for rt in runtimes):
             for name, m in models.items():
@@ -208,13 +217,15 @@ def bench(models: Mapping[str, nn.Module], input_shape: Sequence[int] = (3, 224,
             for b in batches:
                 if progress:
                     progress(f"timing {len(models)} models on {rt}, batch {b}")
-                times = _alternate(models, rt, b, input_shape, onnx_paths, threads, warmup,
+                runnable = {n: m for n, m in models.items()
+                            if m is not None or rt.startswith("ort")}
+                times = _alternate(runnable, rt, b, input_shape, onnx_paths, threads, warmup,
                                    rounds, min_round_ms)
-                base = float(np.median(times[baseline]))
+                base = float(np.median(times[baseline])) if baseline in times else None
                 for name, t in times.items():
                     med = float(np.median(t))
                     params, macs = stats[name]
-                    rel = name != baseline
+                    rel = name != baseline and base is not None
                     speedup = base / med if rel else None
                     mac_ratio = stats[baseline][1] / macs if rel and macs else None
                     report.rows.append(Measurement(
@@ -228,15 +239,23 @@ def bench(models: Mapping[str, nn.Module], input_shape: Sequence[int] = (3, 224,
     return report
 
 
-def _alternate(models: Mapping[str, nn.Module], rt: str, batch: int, shape: Sequence[int],
+def _onnx_weights(path: str) -> int:
+    import onnx
+
+    return sum(int(np.prod(i.dims)) for i in onnx.load(path).graph.initializer)
+
+
+def _alternate(models: Mapping[str, nn.Module | None], rt: str, batch: int, shape: Sequence[int],
                onnx_paths: Mapping[str, str], threads: int, warmup: int, rounds: int,
                min_round_ms: float) -> dict[str, list[float]]:
     x = torch.randn(batch, *shape)
-    modes = {m: m.training for model in models.values() for m in model.modules()}
+    modes = {m: m.training for model in models.values() if model is not None
+             for m in model.modules()}
     try:
         runners = {}
         for name, m in models.items():
-            m.eval()
+            if m is not None:
+                m.eval()
             runners[name] = _runner(m, rt, x, onnx_paths.get(name), threads)
         cuda = rt == "cuda"
         reps: dict[str, int] = {}

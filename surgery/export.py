@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import SurgeryError
 from .graph import Inputs, as_tuple
+from .plan import default_mode
 from .stats import count_params
 
 
@@ -143,6 +144,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
         weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
         used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                           0)
+        default_mode(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

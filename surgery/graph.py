@@ -54,7 +54,7 @@ def fingerprint(model: nn.Module) -> str:
     """A hash of the architecture: module names and classes, parameter and buffer shapes."""
     h = hashlib.sha256()
     for name, m in model.named_modules():
-        h.update(f"{name}|{type(m).__module__}.{type(m).__qualname__};".encode())
+        h.update(f"{name}|{type(m).__qualname__};".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}|{tuple(t.shape)};".encode())
     return h.hexdigest()[:16]

@@ -119,6 +119,13 @@ class Plan:
                 f"{self.removed()} positions removed, exact={self.exact})")
 
 
+def default_mode(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """Give a temp file/dir the permissions a plain open()/mkdir() would (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
@@ -126,6 +133,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,160 @@
+"""Saved pruned models: a directory of plain data, no pickle anywhere.
+
+    DIR/artifact.json        spec of the original model, tool version, fingerprints, file hashes
+    DIR/plan.json            the plan (surgery.Plan)
+    DIR/weights.safetensors  the pruned model's parameters and buffers
+    DIR/...                  anything else the caller adds (model.onnx, report.md, report.json)
+
+``load(DIR)`` rebuilds the original architecture from its spec, applies the plan and loads the
+weights, checking fingerprints and hashes at each step: it never executes code from the directory
+and never returns a half-loaded model. ``save`` writes a sibling temp directory and renames it, so
+an interrupted save leaves either the old DIR or the complete new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import PlanError, SurgeryError
+from .graph import fingerprint
+from .plan import Plan, default_mode
+from .spec import build_model
+from .surgeon import apply
+
+FORMAT = "surgery-artifact"
+VERSION = 1
+WEIGHTS = "weights.safetensors"
+PLAN = "plan.json"
+META = "artifact.json"
+
+
+class ArtifactError(SurgeryError, ValueError):
+    """A saved directory is missing, corrupted, or does not match its architecture."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_artifact(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def save(directory: str | os.PathLike[str], pruned: nn.Module, plan: Plan, *, spec: str,
+         model_args: Mapping[str, Any] | None = None, input_shape: Sequence[int] = (),
+         extra: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write a pruned model as an artifact directory, atomically.
+
+    ``extra`` maps file names to writers ``fn(path)`` (ONNX export, reports) run inside the
+    temporary directory before it is renamed into place.
+    """
+    from safetensors.torch import save_model
+
+    from . import __version__
+
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir())
+                                                    and not is_artifact(target))):
+        raise ArtifactError(f"{target} exists and is not a surgery artifact directory; choose "
+                            "another --out (surgery only replaces its own directories)")
+    parent = target.parent.resolve()
+    if not parent.is_dir():
+        parent.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    default_mode(tmp, directory=True)
+    try:
+        plan.save(tmp / PLAN)
+        save_model(pruned, str(tmp / WEIGHTS))
+        for name, writer in (extra or {}).items():
+            writer(tmp / name)
+        meta = {
+            "format": FORMAT, "version": VERSION, "surgery_version": __version__,
+            "spec": spec, "model_args": dict(model_args or {}),
+            "input_shape": list(input_shape), "original_fingerprint": plan.fingerprint,
+            "pruned_fingerprint": fingerprint(pruned),
+            "files": {PLAN: _sha256(tmp / PLAN), WEIGHTS: _sha256(tmp / WEIGHTS)},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            default_mode(f)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"{d} is not a directory saved by `surgery prune`")
+    try:
+        meta = json.loads((d / META).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{d} is not a surgery artifact: {META} is missing") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{d / META} is corrupted ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{d / META} is not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise ArtifactError(f"{d} was saved in artifact format v{meta.get('version')}; this "
+                            f"surgery reads v{VERSION}")
+    return meta
+
+
+def load(directory: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild a pruned model from an artifact directory (safe: no pickle, no code from DIR).
+
+    Example:
+        >>> small = surgery.load("out/r50")
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    d = Path(directory)
+    meta = read_meta(d)
+    for name in (PLAN, WEIGHTS):
+        if not (d / name).is_file():
+            raise ArtifactError(f"{d / name} is missing; the artifact is incomplete")
+        if _sha256(d / name) != meta["files"].get(name):
+            raise ArtifactError(f"{d / name} does not match the hash recorded in {META}: the "
+                                "file was modified or truncated; re-run `surgery prune`")
+    original = build_model(meta["spec"], meta.get("model_args"))
+    if fingerprint(original) != meta["original_fingerprint"]:
+        raise ArtifactError(f"{d} was made from a different architecture than what "
+                            f"{meta['spec']!r} builds now (fingerprint "
+                            f"{meta['original_fingerprint']} vs {fingerprint(original)})")
+    try:
+        pruned = apply(original, Plan.load(d / PLAN))
+    except PlanError as e:
+        raise ArtifactError(f"{d / PLAN}: {e}") from e
+    try:
+        missing, unexpected = load_model(pruned, str(d / WEIGHTS), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ArtifactError(f"{d / WEIGHTS} cannot be loaded into the pruned architecture: "
+                            f"{str(e).splitlines()[0]}") from e
+    if missing or unexpected:
+        raise ArtifactError(f"{d / WEIGHTS} does not fit the pruned architecture (missing "
+                            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if fingerprint(pruned) != meta["pruned_fingerprint"]:
+        raise ArtifactError(f"{d} rebuilt to a different pruned architecture than was saved")
+    return pruned

@@ -1,0 +1,314 @@
+"""The `surgery` command line: a thin shell over the library.
+
+Exit codes: 0 ok, 1 user error (one-line message; --debug for the traceback), 2 internal error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from . import artifact
+from .errors import SurgeryError
+from .spec import SpecError, build_model, parse_kwargs
+
+EXAMPLES = {
+    "inspect": "surgery inspect torchvision:resnet18\n"
+               "  surgery inspect models/my_net.py:build --model-arg width=32 --json",
+    "prune": "surgery prune torchvision:resnet50 --ratio 0.5 --out out/r50\n"
+             "  surgery prune resnet20 --ratio 0.3 --input-shape 1,3,32,32 --dry-run",
+    "export": "surgery export out/r50 --onnx r50.onnx\n"
+              "  surgery export torchvision:mobilenet_v2 --onnx mnv2.onnx",
+    "bench": "surgery bench out/r50 --runtime torch,ort --batch 1,8\n"
+             "  surgery bench torchvision:resnet18 model.onnx --runtime ort --json out.json",
+}
+
+
+def _help(cmd: str, text: str) -> str:
+    return f"{text}\n\nExamples:\n\n  {EXAMPLES[cmd]}"
+
+
+class UserError(SurgeryError, ValueError):
+    """A bad command-line argument."""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"--input-shape {text!r} is not a comma-separated list of ints") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserError(f"--input-shape {text!r} must be positive sizes")
+    return shape
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a comma-separated list of ints") from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"{what} {text!r} must be positive")
+    return values
+
+
+@contextlib.contextmanager
+def _step(ctx: click.Context, text: str) -> Iterator[None]:
+    """A spinner on stderr for anything that may take more than a moment (off when quiet)."""
+    if ctx.obj.get("quiet") or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield
+
+
+def _load(spec: str, model_args: Sequence[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A model from a spec or a saved directory, and what is recorded about it."""
+    if os.path.isdir(spec):
+        meta = artifact.read_meta(spec)
+        return artifact.load(spec), meta
+    if spec.endswith(".onnx"):
+        raise UserError(f"{spec} is an ONNX file; only `surgery bench` takes ONNX files")
+    kwargs = parse_kwargs(model_args)
+    return build_model(spec, kwargs), {"spec": spec, "model_args": kwargs}
+
+
+def _default_shape(meta: dict[str, Any], given: str | None) -> tuple[int, ...]:
+    if given:
+        return _shape(given)
+    return tuple(meta.get("input_shape") or (1, 3, 224, 224))
+
+
+def _emit(ctx: click.Context, text: str) -> None:
+    if not ctx.obj.get("quiet"):
+        click.echo(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only what was asked for (JSON, paths).")
+@click.version_option(package_name="surgery")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Make conv nets physically smaller: inspect, prune, export, bench.
+
+    MODEL is torchvision:NAME, path/to/file.py:factory (with --model-arg k=v), a directory saved
+    by `surgery prune`, or one of our reference networks in models/.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(debug=debug, quiet=quiet)
+
+
+model_arg = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+                         help="Keyword argument for the model factory (repeatable).")
+input_shape = click.option("--input-shape", default=None, metavar="N,C,H,W",
+                           help="Example input shape (default 1,3,224,224 or the saved one).")
+
+
+@cli.command(help=_help("inspect", "List the coupled channel groups of MODEL."))
+@click.argument("model")
+@model_arg
+@input_shape
+@click.option("--ignore", multiple=True, help="Layer name or re:regex to keep (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
+@click.pass_context
+def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
+            ignore: tuple[str, ...], as_json: bool) -> None:
+    from .report import group_table
+
+    net, meta = _load(model, model_args)
+    x = torch.randn(_default_shape(meta, input_shape))
+    with _step(ctx, f"tracing {model}"):
+        from .graph import trace
+
+        graph = trace(net, x, ignore=ignore)
+        rows = group_table(net, graph, x)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{graph.model_class}: {len(rows)} coupled groups")
+    for col in ("#", "channels", "units", "prunable", "params", "MACs", "members"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["group"]), str(r["channels"]), f"{r['free']}+{r['pinned']} pinned",
+                      "yes" if r["prunable"] else f"no: {r['why']}", f"{r['params']:,}",
+                      f"{r['macs']:,}", ", ".join(r["members"][:4]) +
+                      (f" (+{len(r['members']) - 4})" if len(r["members"]) > 4 else ""))
+    Console(width=160).print(table)
+
+
+@cli.command(help=_help("prune", "Prune MODEL and write plan, weights, ONNX and a report to "
+                                 "--out DIR."))
+@click.argument("model")
+@model_arg
+@input_shape
+@click.option("--ratio", type=float, required=True, help="Fraction of each group's channels "
+                                                         "to remove, in [0, 1).")
+@click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
+@click.option("--round-to", default=1, show_default=True, type=int,
+              help="Keep channel counts multiples of N.")
+@click.option("--ignore", multiple=True, help="Layer name or re:regex to keep (repeatable).")
+@click.option("--out", "out_dir", default=None, help="Output directory (replaced atomically).")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export.")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; write nothing.")
+@click.pass_context
+def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
+          ratio: float, criterion: str, round_to: int, ignore: tuple[str, ...],
+          out_dir: str | None, no_onnx: bool, dry_run: bool) -> None:
+    from .plan import make_plan
+    from .report import prune_report, to_markdown
+    from .surgeon import apply
+    from .verify import verify
+
+    if not dry_run and not out_dir:
+        raise UserError("--out DIR is required (or pass --dry-run)")
+    net, meta = _load(model, model_args)
+    if os.path.isdir(model):
+        raise UserError(f"{model} is already a pruned artifact; prune its original spec "
+                        f"{meta['spec']!r} with a larger --ratio instead")
+    shape = _default_shape(meta, input_shape)
+    x = torch.randn(shape)
+    with _step(ctx, f"tracing and planning {model}"):
+        plan = make_plan(net, x, ratio=ratio, criterion=criterion, round_to=round_to,
+                         ignore=ignore)
+    with _step(ctx, "rebuilding layers"):
+        small = apply(net, plan)
+    with _step(ctx, "verifying"):
+        check = verify(net, small, plan, x)
+    report = prune_report(net, small, plan, x, check, spec=model)
+    if dry_run:
+        _emit(ctx, to_markdown(report))
+        return
+    assert out_dir is not None
+
+    def write_onnx(path: Path) -> None:
+        from .export import export_onnx
+
+        with _step(ctx, "exporting ONNX and checking parity"):
+            report["onnx"] = export_onnx(small, x, path).__dict__
+            report["onnx"]["path"] = "model.onnx"
+
+    def write_reports(path: Path) -> None:
+        (path.parent / "report.json").write_text(json.dumps(report, indent=1))
+        path.write_text(to_markdown(report))
+
+    extra = {} if no_onnx else {"model.onnx": write_onnx}
+    extra["report.md"] = write_reports
+    target = artifact.save(out_dir, small, plan, spec=meta["spec"],
+                           model_args=meta.get("model_args"), input_shape=shape, extra=extra)
+    _emit(ctx, to_markdown(report))
+    click.echo(str(target))
+
+
+@cli.command(help=_help("export", "Export MODEL (or a saved DIR) to ONNX, with a parity check."))
+@click.argument("model")
+@model_arg
+@input_shape
+@click.option("--onnx", "onnx_path", required=True, help="Where to write the .onnx file.")
+@click.option("--static-batch", is_flag=True, help="Fix the batch size instead of dynamic.")
+@click.pass_context
+def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
+           onnx_path: str, static_batch: bool) -> None:
+    from .export import export_onnx
+
+    net, meta = _load(model, model_args)
+    x = torch.randn(_default_shape(meta, input_shape))
+    with _step(ctx, "exporting ONNX and checking parity"):
+        rep = export_onnx(net, x, onnx_path, dynamic_batch=not static_batch)
+    _emit(ctx, f"wrote {rep.path}: {rep.file_bytes / 1e6:.2f} MB, {rep.onnx_weights:,} weights, "
+               f"ONNX Runtime max relative error {rep.max_rel_error:.2e}")
+
+
+@cli.command(help=_help("bench", "Time models on PyTorch and ONNX Runtime (medians of "
+                                 "alternating runs)."))
+@click.argument("models", nargs=-1, required=True)
+@model_arg
+@input_shape
+@click.option("--runtime", default="torch,ort", show_default=True,
+              help="Comma list of torch, cuda, ort, ort-cuda.")
+@click.option("--batch", default="1", show_default=True, help="Comma list of batch sizes.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--rounds", type=int, default=20, show_default=True)
+@click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
+@click.option("--csv", "csv_path", default=None, help="Write the report as CSV here.")
+@click.option("--plot", "plot_path", default=None, help="Write a PNG plot here.")
+@click.pass_context
+def bench(ctx: click.Context, models: tuple[str, ...], model_args: tuple[str, ...],
+          input_shape: str | None, runtime: str, batch: str, threads: int | None, rounds: int,
+          json_path: str | None, csv_path: str | None, plot_path: str | None) -> None:
+    from .bench import bench as run_bench
+    from .report import plot
+
+    nets: dict[str, nn.Module | None] = {}
+    onnx_files: dict[str, str] = {}
+    shape: tuple[int, ...] | None = _shape(input_shape) if input_shape else None
+    for spec in models:
+        if spec.endswith(".onnx"):
+            if not os.path.isfile(spec):
+                raise UserError(f"ONNX file {spec} does not exist")
+            nets[spec], onnx_files[spec] = None, spec
+            continue
+        net, meta = _load(spec, model_args)
+        shape = shape or tuple(meta.get("input_shape") or (1, 3, 224, 224))
+        if os.path.isdir(spec):  # a saved artifact: compare with its original
+            with _step(ctx, f"building the original {meta['spec']}"):
+                nets[meta["spec"]] = build_model(meta["spec"], meta.get("model_args"))
+            nets[f"{spec} (pruned)"] = net
+        else:
+            nets[spec] = net
+    runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
+    with _step(ctx, "benchmarking"):
+        report = run_bench(nets, (shape or (1, 3, 224, 224))[1:], runtimes=runtimes,
+                           batches=_ints(batch, "--batch"), threads=threads, rounds=rounds,
+                           onnx_files=onnx_files)
+    if json_path:
+        Path(json_path).write_text(report.to_json())
+    if csv_path:
+        Path(csv_path).write_text(report.to_csv())
+    if plot_path:
+        plot(report, plot_path)
+    _emit(ctx, report.to_markdown())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="surgery", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return 1
+    except (SurgeryError, SpecError, FileNotFoundError, PermissionError) as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        return 1
+    except Exception as e:  # a bug in surgery, not the user's fault
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the "
+                   "traceback and please report it)", err=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Reports for people: per-group tables, prune reports (JSON + Markdown), benchmark plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .bench import BenchReport
+from .criteria import slot_tensor
+from .graph import ChannelGraph
+from .plan import Plan
+from .stats import count_macs, count_params
+from .verify import VerifyReport
+
+
+def module_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """MACs of every module (by qualified name) in one eval forward, from torch's counter."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+            model(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    root = type(model).__name__ + "."
+    return {k[len(root):]: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items()
+            if k.startswith(root)}
+
+
+def group_table(model: nn.Module, graph: ChannelGraph, x: torch.Tensor) -> list[dict[str, Any]]:
+    """One row per coupled group: size, prunability (and why not), params and MACs it touches."""
+    macs = module_macs(model, x)
+    rows = []
+    for g in graph.groups:
+        units = np.concatenate([g.units, g.pinned])
+        params = 0
+        mac = 0.0
+        seen: dict[str, float] = {}
+        for key in g.slots:
+            slot = graph.slots[key]
+            mine = np.isin(graph.slot_roots(key), units)
+            t = slot_tensor(model, slot)
+            if t is not None:
+                params += int(mine.sum()) * int(t.shape[1])
+            share = float(mine.mean())
+            seen[slot.path] = max(seen.get(slot.path, 0.0), share)
+        for path, share in seen.items():
+            mac += share * macs.get(path, 0)
+        first = graph.slot_roots(g.slots[0])
+        rows.append({
+            "group": g.index, "channels": int(np.isin(first, units).sum()),
+            "free": len(g.units), "pinned": len(g.pinned), "prunable": g.prunable,
+            "why": "; ".join(g.reasons[:2]) if g.reasons else
+                   ("only one unit" if not g.prunable else ""),
+            "params": params, "macs": int(mac), "members": list(g.slots)})
+    return rows
+
+
+def _widths(model: nn.Module) -> dict[str, list[int]]:
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and not list(m.children()):
+            out[name] = list(w.shape)
+    return out
+
+
+def prune_report(original: nn.Module, pruned: nn.Module, plan: Plan, x: torch.Tensor,
+                 check: VerifyReport, *, spec: str) -> dict[str, Any]:
+    before, after = _widths(original), _widths(pruned)
+    return {
+        "model": spec, "settings": plan.settings,
+        "params": {"before": count_params(original), "after": count_params(pruned)},
+        "macs": {"before": count_macs(original, x), "after": count_macs(pruned, x)},
+        "layers": {name: {"before": before[name], "after": after.get(name)}
+                   for name in before if before[name] != after.get(name)},
+        "verification": {"passed": check.passed, "exact": check.exact_checked,
+                         "max_rel_error": check.max_rel_error,
+                         "output_shapes": [list(s) for s in check.output_shapes]},
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    p, m, v = report["params"], report["macs"], report["verification"]
+    lines = [f"# surgery prune report: {report['model']}", "",
+             f"settings: {report['settings']}", "",
+             "| | before | after | ratio |", "|---|---|---|---|",
+             f"| params | {p['before']:,} | {p['after']:,} | {p['before'] / p['after']:.2f}x |",
+             f"| MACs | {m['before']:,} | {m['after']:,} | {m['before'] / m['after']:.2f}x |", "",
+             "verification: " + ("exact, max relative error "
+                                 f"{v['max_rel_error']:.1e}" if v["exact"] else
+                                 "output shapes only (a removed channel passed a cross-channel "
+                                 "normalisation)") + ("" if v["passed"] else " FAILED"), ""]
+    if "onnx" in report:
+        o = report["onnx"]
+        lines += [f"ONNX: {o['path']} ({o['file_bytes'] / 1e6:.2f} MB), ONNX Runtime max "
+                  f"relative error {o['max_rel_error']:.1e}", ""]
+    lines += ["| layer | weight before | weight after |", "|---|---|---|"]
+    lines += [f"| {name} | {w['before']} | {w['after']} |" for name, w in report["layers"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: BenchReport, path: str) -> None:
+    """Bar charts of median latency per model and runtime, and of MACs, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r.runtime, r.batch) for r in report.rows})
+    models = list(dict.fromkeys(r.model for r in report.rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(models), 1)
+    for i, name in enumerate(models):
+        vals = [next((r.median_ms for r in report.rows
+                      if r.model == name and (r.runtime, r.batch) == k), 0.0) for k in keys]
+        ax1.bar(np.arange(len(keys)) + i * width, vals, width, label=name)
+    ax1.set_xticks(np.arange(len(keys)) + width * (len(models) - 1) / 2,
+                   [f"{rt}\nbatch {b}" for rt, b in keys])
+    ax1.set_ylabel("median latency (ms)")
+    ax1.legend(fontsize=8)
+    macs = {r.model: r.macs for r in report.rows}
+    ax2.bar(range(len(models)), [macs[m] / 1e6 for m in models],
+            color=[f"C{i}" for i in range(len(models))])
+    ax2.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
+    ax2.set_ylabel("MACs per sample (M)")
+    fig.suptitle(f"medians of alternating runs, {report.env.get('cpu')}, "
+                 f"{report.env.get('threads')} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,162 @@
+"""The real `surgery` console script, in subprocesses: results, exit codes, messages, no debris."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import surgery
+from surgery import cli
+
+SCRIPT = shutil.which("surgery", path=str(Path(sys.executable).parent)) or "surgery"
+SHAPE = ["--input-shape", "1,3,32,32"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "r20"
+    res = run("prune", "resnet20", "--ratio", "0.5", *SHAPE, "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith(str(out))
+    return out
+
+
+def test_help_has_examples() -> None:
+    res = run("--help")
+    assert res.returncode == 0 and "inspect" in res.stdout and "bench" in res.stdout
+    for cmd in ("inspect", "prune", "export", "bench"):
+        res = run(cmd, "--help")
+        assert res.returncode == 0 and "Examples:" in res.stdout, cmd
+
+
+def test_prune_writes_a_complete_safe_artifact(artifact_dir: Path) -> None:
+    names = sorted(p.name for p in artifact_dir.iterdir())
+    assert names == ["artifact.json", "model.onnx", "plan.json", "report.json", "report.md",
+                     "weights.safetensors"]
+    assert not [p for p in artifact_dir.parent.iterdir() if p.name.startswith(".")]
+    report = json.loads((artifact_dir / "report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["exact"]
+    assert report["params"]["after"] < 0.3 * report["params"]["before"]
+    assert report["layers"]["conv1"] == {"before": [16, 3, 3, 3], "after": [8, 3, 3, 3]}
+    # no pickle: the weights are safetensors, everything else is JSON/Markdown/ONNX
+    assert (artifact_dir / "weights.safetensors").read_bytes()[8:9] == b"{"
+    # surgery.load rebuilds it, and it agrees with the exported ONNX file
+    small = surgery.load(artifact_dir).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sess = surgery.export.ort_session(artifact_dir / "model.onnx", threads=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], small(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_bench_export_inspect(artifact_dir: Path, tmp_path: Path) -> None:
+    res = run("bench", str(artifact_dir), "--runtime", "torch,ort", "--rounds", "2",
+              "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"),
+              "--plot", str(tmp_path / "b.png"))
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [
+        ("resnet20", "torch"), (f"{artifact_dir} (pruned)", "torch"), ("resnet20", "ort"),
+        (f"{artifact_dir} (pruned)", "ort")]
+    assert rows[1]["mac_ratio"] > 3 and "| resnet20 | torch | 1 |" in res.stdout
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    res = run("export", str(artifact_dir), "--onnx", str(tmp_path / "m.onnx"))
+    assert res.returncode == 0 and "relative error" in res.stdout
+    res = run("bench", str(tmp_path / "m.onnx"), "--runtime", "ort", "--rounds", "2", *SHAPE)
+    assert res.returncode == 0, res.stderr
+    res = run("-q", "inspect", "resnet20", *SHAPE, "--json")
+    groups = json.loads(res.stdout)
+    assert res.returncode == 0 and groups[0]["prunable"] is False and groups[1]["prunable"]
+    assert groups[1]["channels"] == 16 and groups[1]["macs"] > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["prune", "torchvision:nonet", "--ratio", "0.5", "--out", "OUT"], "has no model 'nonet'"),
+    (["prune", "what:ever", "--ratio", "0.5", "--out", "OUT"], "unknown model spec 'what:ever'"),
+    (["prune", "resnet20", "--ratio", "1.5", *SHAPE, "--out", "OUT"], "ratio must be a number"),
+    (["prune", "resnet20", "--ratio", "0.5", "--input-shape", "1,3,x", "--out", "OUT"],
+     "not a comma-separated list"),
+    (["prune", "missing.py:build", "--ratio", "0.5", "--out", "OUT"], "does not exist"),
+    (["bench", "missing.onnx"], "ONNX file missing.onnx does not exist"),
+    (["export", "resnet20", *SHAPE, "--onnx", "no/such/dir/m.onnx"], "does not exist"),
+    (["bench", "resnet20", "--runtime", "cuda", *SHAPE], "no CUDA GPU"),
+])
+def test_user_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    res = run(*args, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_artifacts(artifact_dir: Path, tmp_path: Path) -> None:
+    bad = _copy(artifact_dir, tmp_path / "plan")
+    (bad / "plan.json").write_text((bad / "plan.json").read_text().replace("[", "[0,", 1))
+    res = run("bench", str(bad), "--runtime", "torch")
+    assert res.returncode == 1 and "plan.json does not match the hash" in res.stderr
+
+    bad = _copy(artifact_dir, tmp_path / "trunc")
+    data = (bad / "weights.safetensors").read_bytes()
+    (bad / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    res = run("export", str(bad), "--onnx", str(tmp_path / "x.onnx"))
+    assert res.returncode == 1 and "weights.safetensors does not match" in res.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+    bad = _copy(artifact_dir, tmp_path / "arch")
+    meta = json.loads((bad / "artifact.json").read_text())
+    meta["spec"] = "resnet56"
+    (bad / "artifact.json").write_text(json.dumps(meta))
+    res = run("bench", str(bad), "--runtime", "torch")
+    assert res.returncode == 1 and "different architecture" in res.stderr
+
+    bad = _copy(artifact_dir, tmp_path / "json")
+    (bad / "artifact.json").write_text("{")
+    res = run("bench", str(bad), "--runtime", "torch")
+    assert res.returncode == 1 and "artifact.json is corrupted" in res.stderr
+
+    res = run("bench", str(tmp_path), "--runtime", "torch")
+    assert res.returncode == 1 and "artifact.json is missing" in res.stderr
+
+
+def test_prune_refuses_to_clobber_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    res = run("prune", "resnet20", "--ratio", "0.5", *SHAPE, "--out", str(tmp_path))
+    assert res.returncode == 1 and "not a surgery artifact directory" in res.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    res = run("prune", "resnet20", "--ratio", "0.5", *SHAPE, "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0 and "| layers.0.conv1 | [16, 16, 3, 3] | [8, 8, 3, 3] |" in res.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_internal_error_exit_code(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli, "build_model", boom)
+    assert cli.main(["inspect", "resnet20"]) == 2
+    assert "internal error: RuntimeError: kaboom" in capsys.readouterr().err
