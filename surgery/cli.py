@@ -166,10 +166,11 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.option("--out", "out_dir", default=None, help="Output directory (replaced atomically).")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export.")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
           ratio: float, criterion: str, round_to: int, ignore: tuple[str, ...],
-          out_dir: str | None, no_onnx: bool, dry_run: bool) -> None:
+          out_dir: str | None, no_onnx: bool, dry_run: bool, as_json: bool) -> None:
     from .plan import make_plan
     from .report import prune_report, to_markdown
     from .surgeon import apply
@@ -191,8 +192,15 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
     with _step(ctx, "verifying"):
         check = verify(net, small, plan, x)
     report = prune_report(net, small, plan, x, check, spec=model)
+
+    def show() -> None:
+        if as_json:
+            click.echo(json.dumps(report, indent=1))
+        else:
+            _emit(ctx, to_markdown(report))
+
     if dry_run:
-        _emit(ctx, to_markdown(report))
+        show()
         return
     assert out_dir is not None
 
@@ -211,8 +219,9 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
     extra["report.md"] = write_reports
     target = artifact.save(out_dir, small, plan, spec=meta["spec"],
                            model_args=meta.get("model_args"), input_shape=shape, extra=extra)
-    _emit(ctx, to_markdown(report))
-    click.echo(str(target))
+    show()
+    if not as_json:
+        click.echo(str(target))
 
 
 @cli.command(help=_help("export", "Export MODEL (or a saved DIR) to ONNX, with a parity check."))

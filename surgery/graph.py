@@ -10,7 +10,9 @@ its train/eval flags are restored.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import linecache
 import re
 import sys
@@ -357,6 +359,21 @@ def _fx_trace(model: nn.Module, opaque: Sequence[str]) -> torch.fx.Graph:
                          f"(inside module '{inside or '<root>'}'): {e}. Fix: {hint}.") from e
 
 
+@functools.lru_cache(maxsize=None)
+def _mentions_training(cls: type) -> bool:
+    try:
+        return "training" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True  # no source to read: assume it may branch on the mode
+
+
+def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:
+    """Could the forward differ in train mode? Only classes we trace into can branch on it."""
+    leaves = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    return any(_mentions_training(type(m)) for name, m in model.named_modules()
+               if name not in leaves)
+
+
 def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
@@ -394,7 +411,7 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
         eval_graph = _fx_trace(model, ignore)
         _analyse(ctx, model, eval_graph, inputs)
         model.train()
-        graph_t = _fx_trace(model, ignore)
+        graph_t = _fx_trace(model, ignore) if _mode_dependent(model, eval_graph) else eval_graph
         if _signature(graph_t) != _signature(eval_graph):
             # train-only branches (aux heads): analyse on a copy, train-mode forward updates stats
             train_graph = True

@@ -123,23 +123,43 @@ class Group:
 
 
 def build_groups(slots: list[Slot], roots: np.ndarray, pinned: dict[int, list[str]]) -> list[Group]:
-    """Group unit roots by the exact set of slots they appear in."""
-    footprint: dict[int, list[int]] = {}
-    for s_idx, slot in enumerate(slots):
-        for r in np.unique(roots[slot.atoms]).tolist():
-            footprint.setdefault(r, []).append(s_idx)
-    by_key: dict[tuple[int, ...], list[int]] = {}
-    for r, idxs in footprint.items():
-        by_key.setdefault(tuple(idxs), []).append(r)
+    """Group unit roots by the exact set of slots they appear in.
+
+    Each slot gets a random 64-bit tag; a root's footprint hash is the sum of the tags of its
+    slots (collisions are checked), so grouping is a few vectorised numpy passes.
+    """
+    if not slots:
+        return []
+    tags = np.random.default_rng(0).integers(1, 2**63, len(slots), dtype=np.uint64)
+    per_slot = [np.unique(roots[slot.atoms]) for slot in slots]
+    r_all = np.concatenate(per_slot)
+    s_all = np.concatenate([np.full(len(u), i) for i, u in enumerate(per_slot)])
+    order = np.lexsort((s_all, r_all))
+    r_all, s_all = r_all[order], s_all[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(r_all)) + 1]
+    uroots = r_all[starts]
+    with np.errstate(over="ignore"):
+        h = np.add.reduceat(tags[s_all], starts)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    ends = np.r_[starts[1:], len(r_all)]
+    pinned_mask = np.isin(uroots, np.fromiter(pinned, np.int64, len(pinned)))
     groups: list[Group] = []
-    for key, members in by_key.items():
-        free = np.array(sorted(r for r in members if r not in pinned), np.int64)
-        fixed = np.array(sorted(r for r in members if r in pinned), np.int64)
+    for g_idx, rep in enumerate(first.tolist()):
+        members = np.flatnonzero(inverse == g_idx)
+        key = s_all[starts[rep]:ends[rep]]
+        sizes = ends[members] - starts[members]
+        if not (sizes == len(key)).all():
+            raise RuntimeError("slot footprint hash collision; please report this model")
+        free = uroots[members[~pinned_mask[members]]]
+        fixed = uroots[members[pinned_mask[members]]]
         reasons: list[str] = []
         for r in fixed.tolist():
             for why in pinned[r]:
                 if why not in reasons:
                     reasons.append(why)
-        groups.append(Group(len(groups), tuple(slots[i].key for i in key), free, fixed,
+        groups.append(Group(g_idx, tuple(slots[i].key for i in key.tolist()), free, fixed,
                             tuple(reasons)))
+    groups.sort(key=lambda g: min(np.r_[g.units, g.pinned]))
+    for i, g in enumerate(groups):
+        g.index = i
     return groups

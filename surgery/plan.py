@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,10 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore)
     score = scorer_factory(model, graph, seed)
+    hard = sorted({w for ws in graph.pinned.values() for w in ws if "hard-coded" in w})
+    if hard:
+        warnings.warn("channels kept because forward hard-codes their count: " + "; ".join(hard),
+                      stacklevel=2)
     removed: list[np.ndarray] = []
     for g in graph.groups:
         if not g.prunable or ratio == 0:

@@ -88,8 +88,16 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         >>> small = surgery.apply(model, surgery.Plan.load("plan.json"))
     """
     _validate(model, plan)
-    target = copy.deepcopy(model)
-    _swap(target, *_build(target, plan))
+    # Layers the plan rebuilds are not worth copying: they are replaced by new modules built from
+    # the originals (read only). Everything else is deep-copied.
+    rebuilt = {id(m): m for path, lp in plan.layers.items() if lp.kind == "module"
+               for m in (model.get_submodule(path),)}
+    target = copy.deepcopy(model, memo=dict(rebuilt))
+    modules, tensors = _build(target, plan)
+    _swap(target, modules, tensors)
+    if any(id(m) in rebuilt for m in target.modules()):  # referenced from outside _modules
+        target = copy.deepcopy(model)
+        _swap(target, *_build(target, plan))
     return target
 
 

@@ -125,7 +125,8 @@ def test_hard_coded_view_is_reported_with_line_and_kept() -> None:
     graph = surgery.trace(model, x)
     why = graph.explain("b")
     assert "hard-coded size (32,)" in why and "x.view(-1, 32)" in why
-    small = surgery.prune(model, x, ratio=0.5)
+    with pytest.warns(UserWarning, match="hard-codes their count.*x.view\\(-1, 32\\)"):
+        small = surgery.prune(model, x, ratio=0.5)
     assert small.b.out_channels == 32 and small.a.out_channels == 8
 
 

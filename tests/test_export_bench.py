@@ -105,3 +105,22 @@ def test_bench_bad_runtime(pair) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(surgery.RuntimeMissingError, match="no CUDA GPU"):
             surgery.bench({"m": model}, runtimes=("cuda",))
+
+
+def _zoo_params() -> list:
+    from zoo import conv_nets
+
+    few = {"mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_y_400mf", "squeezenet1_1"}
+    return [pytest.param(n, marks=() if n in few else pytest.mark.slow) for n in conv_nets()]
+
+
+@pytest.mark.parametrize("name", _zoo_params())
+def test_zoo_exports_with_parity(name: str, tmp_path) -> None:
+    from zoo import build
+
+    torch.manual_seed(0)
+    model, x = build(name)
+    small = surgery.prune(model.eval(), x, ratio=0.5)
+    big = surgery.export_onnx(model, x, tmp_path / "big.onnx", dynamic_batch=False)
+    rep = surgery.export_onnx(small, x, tmp_path / "small.onnx")
+    assert rep.max_rel_error < 1e-4 and rep.file_bytes < big.file_bytes

@@ -24,9 +24,9 @@ def couple_groups(ctx: Any, a_in: np.ndarray, a_out: np.ndarray, groups: int) ->
     """Union all input and output channels of each group into one unit."""
     if groups == 1:
         return
-    ipg, opg = len(a_in) // groups, len(a_out) // groups
-    for g in range(groups):
-        ctx.uf.union_all(np.concatenate([a_in[g * ipg:(g + 1) * ipg], a_out[g * opg:(g + 1) * opg]]))
+    columns = np.concatenate([a_in.reshape(groups, -1), a_out.reshape(groups, -1)], axis=1)
+    for j in range(1, columns.shape[1]):  # column j of every group joins column 0
+        ctx.uf.union_arrays(columns[:, 0], columns[:, j])
 
 
 def _kept_groups(name: str, m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:

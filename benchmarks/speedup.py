@@ -1,0 +1,120 @@
+"""Measured speedup of pruned models vs the MAC reduction, ours and Torch-Pruning's, same run.
+
+For every model, ratio and batch: the original, our pruned model and Torch-Pruning's (L2
+magnitude, same ratio and rounding) are timed in turns on PyTorch eager CPU and ONNX Runtime CPU
+(surgery.bench: medians of alternating runs, explicit threads). Efficiency = speedup / MAC ratio.
+
+    ./run python benchmarks/speedup.py                      # the README table (slow: ~30 min)
+    ./run python benchmarks/speedup.py --models resnet18 --ratios 0.5 --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import warnings
+
+import torch
+import torchvision
+
+import surgery
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+          "vgg16_bn", "densenet121", "regnet_y_800mf", "convnext_tiny"]
+
+
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: int) -> None:
+    import torch_pruning as tp
+
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+             and getattr(m, "out_features", getattr(m, "out_channels", 0)) == 1000]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                             pruning_ratio=ratio, ignored_layers=heads,
+                             round_to=round_to if round_to > 1 else None).step()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
+    ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "speedup.json"))
+    args = ap.parse_args()
+    rows = []
+    env = None
+    for name in args.models:
+        for ratio in args.ratios:
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(name, weights=None).eval()
+            x = torch.randn(1, 3, 224, 224)
+            models: dict[str, torch.nn.Module] = {"original": model}
+            models["surgery"] = surgery.prune(model, x, ratio=ratio, round_to=args.round_to)
+            if not args.no_tp:
+                theirs = torchvision.models.get_model(name, weights=None).eval()
+                theirs.load_state_dict(model.state_dict())
+                try:
+                    tp_prune(theirs, x, ratio, args.round_to)
+                    models["torch-pruning"] = theirs
+                except Exception as e:  # Torch-Pruning cannot prune this model
+                    print(f"torch-pruning failed on {name}: {type(e).__name__}: {e}")
+            rep = surgery.bench(models, (3, 224, 224), runtimes=("torch", "ort"),
+                                batches=args.batches, threads=args.threads, rounds=args.rounds,
+                                min_round_ms=20)
+            env = rep.env
+            for r in rep.rows:
+                rows.append({"model": name, "ratio": ratio, "variant": r.model,
+                             "runtime": r.runtime, "batch": r.batch, "median_ms": r.median_ms,
+                             "macs": r.macs, "params": r.params, "speedup": r.speedup,
+                             "mac_ratio": r.mac_ratio, "efficiency": r.efficiency})
+            print(rep.to_markdown().split("\n\n")[0].replace("original", f"{name}@{ratio}"),
+                  flush=True)
+    print_summary(rows, env)
+    with open(args.out, "w") as f:
+        json.dump({"env": env, "round_to": args.round_to, "rows": rows}, f, indent=1)
+    return 0
+
+
+def print_summary(rows: list[dict], env: dict | None) -> None:
+    print("\n| model | ratio | batch | MAC ratio | torch speedup (surgery / TP) | "
+          "ORT speedup (surgery / TP) | torch eff. (surgery / TP) | ORT eff. (surgery / TP) |")
+    print("|---|---|---|---|---|---|---|---|")
+    keys = sorted({(r["model"], r["ratio"], r["batch"]) for r in rows},
+                  key=lambda k: (MODELS.index(k[0]) if k[0] in MODELS else 99, k[1], k[2]))
+
+    def get(k: tuple, variant: str, runtime: str, field: str) -> float | None:
+        return next((r[field] for r in rows if (r["model"], r["ratio"], r["batch"]) == k
+                     and r["variant"] == variant and r["runtime"] == runtime), None)
+
+    def fmt(v: float | None) -> str:
+        return f"{v:.2f}" if v is not None else "–"
+
+    for k in keys:
+        cells = [fmt(get(k, "surgery", "torch", "mac_ratio"))]
+        for field in ("speedup", "efficiency"):
+            for rt in ("torch", "ort"):
+                cells.append(f"{fmt(get(k, 'surgery', rt, field))} / "
+                             f"{fmt(get(k, 'torch-pruning', rt, field))}")
+        print(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+    for variant in ("surgery", "torch-pruning"):
+        for rt in ("torch", "ort"):
+            effs = [r["efficiency"] for r in rows if r["variant"] == variant
+                    and r["runtime"] == rt and r["ratio"] == 0.5 and r["batch"] == 1
+                    and r["efficiency"] is not None]
+            if effs:
+                print(f"median efficiency {variant} {rt} (ratio 0.5, batch 1): "
+                      f"{statistics.median(effs):.2f} over {len(effs)} models")
+    print(f"\nMedians of alternating runs; {env}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

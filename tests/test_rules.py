@@ -1,0 +1,124 @@
+"""Per-rule checks: every constructor argument, flag and dtype survives the surgery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_norms
+from torch import nn
+
+import surgery
+from surgery.groups import TVal
+
+
+def _conv_model(conv_kwargs: dict, dtype: torch.dtype) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, **conv_kwargs, dtype=dtype),
+        nn.BatchNorm2d(16, eps=1e-3, momentum=0.3, dtype=dtype),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, **conv_kwargs, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_keeps_constructor_arguments(bias: bool, padding_mode: str,
+                                          dtype: torch.dtype) -> None:
+    kw = {"bias": bias, "padding_mode": padding_mode, "padding": 2, "dilation": 2, "stride": 1}
+    model = randomize_norms(_conv_model(kw, dtype))
+    x = torch.randn(2, 3, 12, 12, dtype=dtype)
+    small = surgery.prune(model, x, ratio=0.5)
+    a, bn, b = small[0], small[1], small[3]
+    assert (a.out_channels, bn.num_features, b.in_channels) == (8, 8, 8)
+    for m in (a, b):
+        assert (m.padding, m.dilation, m.stride, m.padding_mode) == ((2, 2), (2, 2), (1, 1),
+                                                                     padding_mode)
+        assert (m.bias is not None) == bias and m.weight.dtype == dtype
+    assert (bn.eps, bn.momentum, bn.affine, bn.track_running_stats) == (1e-3, 0.3, True, True)
+    assert bn.running_mean.shape == (8,) and bn.running_mean.dtype == dtype
+    assert small[0]._reversed_padding_repeated_twice == model[0]._reversed_padding_repeated_twice
+
+
+def test_flags_modes_and_requires_grad_survive() -> None:
+    model = randomize_norms(_conv_model({"padding": 1}, torch.float32))
+    model[0].weight.requires_grad_(False)  # frozen layer
+    model.train()
+    model[1].eval()  # a module in eval inside a training model
+    model[0].my_note = "user attribute"
+    x = torch.randn(2, 3, 8, 8)
+    small = surgery.prune(model, x, ratio=0.5)
+    assert not small[0].weight.requires_grad and small[0].bias.requires_grad
+    assert small.training and not small[1].training and small[3].training
+    assert small[0].my_note == "user attribute"
+    assert model[0].out_channels == 16  # the original is untouched
+
+
+def test_norm_variants() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12, affine=False),
+                          nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12, track_running_stats=False),
+                          nn.Conv2d(12, 12, 1), nn.InstanceNorm2d(12, track_running_stats=True),
+                          nn.Conv2d(12, 12, 1), nn.GroupNorm(4, 12, affine=False),
+                          nn.Conv2d(12, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small[1].num_features == 6 and small[1].weight is None
+    assert small[3].num_features == 6 and small[3].running_mean is None
+    assert small[5].num_features == 6 and small[5].running_mean.shape == (6,)
+    assert small[7].num_groups == 2 and small[7].num_channels == 6
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_conv_transpose_groups(groups: int) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ConvTranspose2d(16, 8, 2, stride=2,
+                                                                   groups=groups),
+                          nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 4, 4)
+    small = surgery.prune(model, x, ratio=0.5)
+    if groups > 1:  # whole groups go: the group width stays
+        assert small[1].in_channels // small[1].groups == 16 // groups
+    else:
+        assert small[1].in_channels == 8
+    assert small[1].out_channels < 8 and small[3].in_channels == small[1].out_channels
+
+
+def test_registry_refuses_duplicates() -> None:
+    from surgery.rules.conv import ConvRule
+
+    with pytest.raises(ValueError, match="already registered"):
+        surgery.register_module_rule(ConvRule())
+
+
+def test_registering_a_rule_makes_a_new_layer_prunable() -> None:
+    class Scale(nn.Module):
+        """A per-channel scale: y = x * w[c]."""
+
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.c = c
+            self.w = nn.Parameter(torch.rand(c) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.w.view(1, -1, 1, 1)
+
+    class ScaleRule(surgery.ModuleRule):
+        types = (Scale,)
+        axes = ("features",)
+
+        def propagate(self, ctx, path, m, inputs, out):  # type: ignore[no-untyped-def]
+            atoms = ctx.slot(path, "features", ctx.channels_in(inputs[0], 1, m.c))
+            return TVal(out.shape, (1,), atoms)
+
+        def shrink(self, m, keep):  # type: ignore[no-untyped-def]
+            new = surgery.rules.clone_module(m)
+            surgery.rules.set_tensor(new, "w", m.w.detach()[keep["features"]])
+            new.c = len(keep["features"])
+            return new
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Scale(8), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 4, 4)
+    # traced into, the parameter is used by `view` then `mul`: an opaque use, pinned
+    assert surgery.prune(model, x, ratio=0.5)[0].out_channels == 8
+    surgery.register_module_rule(ScaleRule())
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small[0].out_channels == 4 and small[1].w.shape == (4,) and small[1].c == 4
