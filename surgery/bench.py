@@ -270,3 +270,34 @@ def _alternate(models: Mapping[str, nn.Module | None], rt: str, batch: int, shap
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def ort_op_profile(onnx_path: str, input_shape: Sequence[int], *, threads: int = 1,
+                   runs: int = 20) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX op type, from ONNX Runtime's own profiler.
+
+    Explains where a pruned model's time goes when its speedup falls short of its MAC ratio
+    (e.g. memory-bound depthwise convs or elementwise ops that pruning shrinks less than convs).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.enable_profiling = True
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = os.path.join(tmp, "ort_profile")
+        session = ort.InferenceSession(onnx_path, sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: np.random.randn(*input_shape).astype(np.float32)}
+        for _ in range(runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
