@@ -22,6 +22,7 @@ from .errors import (
     VerificationError,
 )
 from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
+from .masks import MaskReport, from_masks
 from .graph import ChannelGraph, fingerprint, trace
 from .plan import Plan
 from .plan import make_plan as plan
@@ -36,7 +37,7 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "ArtifactError", "BenchReport", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
+    "ArtifactError", "BenchReport", "MaskReport", "from_masks", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
     "RuntimeMissingError", "bench", "export_onnx", "ExampleInputError", "ModuleRule", "Plan", "PlanError",
     "SurgeryError", "TraceError", "UnsupportedLayerError", "VerificationError", "VerifyReport",
     "__version__", "apply", "load", "save", "apply_", "count_macs", "count_params", "criteria", "fingerprint",

@@ -190,6 +190,14 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
         order = np.argsort(score(g), kind="stable")
         removed.append(g.units[order[:len(g.units) - n_keep]])
     gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
+    settings = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
+                "ignore": list(ignore), "seed": seed}
+    return plan_removing(model, graph, gone, settings)
+
+
+def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
+                  settings: dict[str, Any]) -> Plan:
+    """The plan that removes the units (roots) ``gone`` of ``graph`` from every slot they touch."""
     layers: dict[str, LayerPlan] = {}
     for key, slot in graph.slots.items():
         keep = np.flatnonzero(~np.isin(graph.roots[slot.atoms], gone))
@@ -199,6 +207,4 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
         lp = layers.setdefault(slot.path, LayerPlan(slot.kind, cls, {}))
         lp.axes[slot.axis] = AxisPlan(slot.size, tuple(keep.tolist()))
     exact = not (set(gone.tolist()) & graph.cross)
-    settings = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
-                "ignore": list(ignore), "seed": seed}
     return Plan(graph.model_class, graph.fingerprint, layers, exact, settings)
