@@ -51,9 +51,23 @@ def main() -> int:
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "speedup.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="add to the rows already in --out (e.g. one model re-measured)")
+    ap.add_argument("--summary", action="store_true",
+                    help="only print the summary table of the rows already in --out")
     args = ap.parse_args()
-    rows = []
+    if args.summary:
+        with open(args.out) as f:
+            saved = json.load(f)
+        print_summary(saved["rows"], saved["env"])
+        return 0
+    rows: list[dict] = []
     env = None
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        rows = [r for r in old["rows"] if r["model"] not in args.models]
+        env = old["env"]
     for name in args.models:
         for ratio in args.ratios:
             torch.manual_seed(0)
@@ -81,9 +95,9 @@ def main() -> int:
                              "mac_ratio": r.mac_ratio, "efficiency": r.efficiency})
             print(rep.to_markdown().split("\n\n")[0].replace("original", f"{name}@{ratio}"),
                   flush=True)
+            with open(args.out, "w") as f:  # after every model: a crash keeps what was measured
+                json.dump({"env": env, "round_to": args.round_to, "rows": rows}, f, indent=1)
     print_summary(rows, env)
-    with open(args.out, "w") as f:
-        json.dump({"env": env, "round_to": args.round_to, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -295,9 +295,15 @@ def ort_op_profile(onnx_path: str, input_shape: Sequence[int], *, threads: int =
             session.run(None, feed)
         with open(session.end_profiling()) as f:
             events = json.load(f)
+    import onnx
+
+    grouped = {n.name for n in onnx.load(onnx_path).graph.node if n.op_type == "Conv"
+               and any(a.name == "group" and a.i > 1 for a in n.attribute)}
     per_op: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             op = e.get("args", {}).get("op_name", "?")
+            if e["name"][: -len("_kernel_time")] in grouped:
+                op += " (grouped/depthwise)"
             per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / runs
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))

@@ -104,6 +104,9 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     target = Path(path)
     _check_target(target)
     inputs = as_tuple(example_inputs)
+    if dynamic_batch:  # torch.export specialises a dynamic dim whose example size is 1
+        inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim
+                       and x.shape[0] == 1 else x for x in inputs)
     model = copy.deepcopy(model).eval()
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in inputs) \

@@ -124,3 +124,14 @@ def test_zoo_exports_with_parity(name: str, tmp_path) -> None:
     big = surgery.export_onnx(model, x, tmp_path / "big.onnx", dynamic_batch=False)
     rep = surgery.export_onnx(small, x, tmp_path / "small.onnx")
     assert rep.max_rel_error < 1e-4 and rep.file_bytes < big.file_bytes
+
+
+def test_missing_onnxruntime_is_a_clear_error(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    model, _, x = pair
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
+    with pytest.raises(surgery.RuntimeMissingError, match="needs onnxruntime: pip install"):
+        surgery.bench({"m": model}, (3, 64, 64), runtimes=("ort",))
+    with pytest.raises(surgery.RuntimeMissingError, match="onnxruntime is not installed"):
+        surgery.export.ort_session("whatever.onnx")

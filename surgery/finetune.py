@@ -1,0 +1,235 @@
+"""Recover accuracy after pruning: SGD/AdamW with a cosine schedule, optional distillation from
+the unpruned model, BatchNorm recalibration, atomic per-epoch checkpoints and exact resume.
+
+Distillation loss (Hinton et al.): ``(1 - a) * CE(s, y) + a * T^2 * KL(softmax(t/T) || softmax(s/T))``
+with student logits s, teacher logits t, temperature T and weight a (``distill``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .data import DataError
+from .plan import default_mode
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 10
+    lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adamw"
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    distill: float = 0.0  # weight of the distillation term; 0 = plain cross-entropy
+    temperature: float = 4.0
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each evaluation
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    epoch: int
+    loss: float
+    train_acc: float
+    val_acc: float | None
+    lr: float
+
+
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy in eval mode (the model's mode is restored)."""
+    modes = {m: m.training for m in model.modules()}
+    correct = total = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x, y in DataLoader(data, batch_size=batch_size):
+                correct += int((model(x).argmax(1) == y).sum())
+                total += len(y)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return correct / max(total, 1)
+
+
+def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20,
+                   batch_size: int = 64) -> None:
+    """Re-estimate BatchNorm running statistics on ``data`` (cumulative average, no gradients).
+
+    Pruning changes what each BatchNorm sees; its old statistics are then off.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in norms}
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for i, (x, _) in enumerate(DataLoader(data, batch_size=batch_size, shuffle=True,
+                                                  generator=g)):
+                if i >= batches:
+                    break
+                model(x)
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _check_labels(model: nn.Module, data: Dataset) -> None:
+    if len(data) == 0:  # type: ignore[arg-type]
+        raise DataError("the training data set is empty")
+    x, y = next(iter(DataLoader(data, batch_size=min(8, len(data)))))  # type: ignore[arg-type]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(was)
+    if out.ndim != 2 or int(y.max()) >= out.shape[1]:
+        raise DataError(f"labels go up to {int(y.max())} but the model outputs "
+                        f"{tuple(out.shape[1:])} scores per sample; build the model with "
+                        "num_classes matching the data")
+
+
+def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw' but received {cfg.optimizer!r}")
+
+
+def _save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: Any, epoch: int, history: list[EpochLog], cfg: FinetuneConfig) -> None:
+    """Write model, optimizer and schedule state into a temp dir, then swap it in."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors["rng.torch"] = torch.get_rng_state()  # dropout masks continue as if never stopped
+    scalars: dict[str, Any] = {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    meta = {"epoch": epoch, "config": asdict(cfg), "param_groups": sd["param_groups"],
+            "scalars": scalars, "scheduler": sched.state_dict(),
+            "history": [asdict(h) for h in history]}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    default_mode(tmp, directory=True)
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: Any) -> tuple[int, list[EpochLog]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / "state.json").read_text())
+    tensors = load_file(str(directory / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            idx, name = k[6:].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for k, v in meta["scalars"].items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["epoch"]), [EpochLog(**h) for h in meta["history"]]
+
+
+def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
+             teacher: nn.Module | None = None, config: FinetuneConfig | None = None,
+             checkpoint: str | os.PathLike[str] | None = None,
+             on_epoch: Callable[[EpochLog], None] | None = None) -> list[EpochLog]:
+    """Train ``model`` in place on ``train``; evaluate on ``val`` after each epoch.
+
+    With ``checkpoint`` a directory, the state after every epoch is written atomically and a
+    later call with the same directory resumes after the last finished epoch, giving the same
+    result as an uninterrupted run.
+
+    Example:
+        >>> log = surgery.finetune(small, digits("train"), digits("val"), teacher=model,
+        ...                        config=FinetuneConfig(epochs=10, distill=0.5))
+    """
+    cfg = config or FinetuneConfig()
+    _check_labels(model, train)
+    opt = _optimizer(model, cfg)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)  # type: ignore[arg-type]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
+    history: list[EpochLog] = []
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        start, history = _load_checkpoint(ckpt, model, opt, sched)
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(start, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
+        model.train()
+        total_loss = correct = seen = 0.0
+        for x, y in loader:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if teacher is not None and cfg.distill > 0:
+                with torch.no_grad():
+                    t = teacher(x)
+                kd = F.kl_div(F.log_softmax(out / cfg.temperature, 1),
+                              F.softmax(t / cfg.temperature, 1), reduction="batchmean")
+                loss = (1 - cfg.distill) * loss + cfg.distill * cfg.temperature ** 2 * kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss) * len(y)
+            correct += float((out.argmax(1) == y).sum())
+            seen += len(y)
+        if cfg.recalibrate_bn:
+            recalibrate_bn(model, train)
+        log = EpochLog(epoch + 1, total_loss / seen, correct / seen,
+                       evaluate(model, val) if val is not None else None,
+                       float(sched.get_last_lr()[0]))
+        history.append(log)
+        if ckpt is not None:
+            _save_checkpoint(ckpt, model, opt, sched, epoch + 1, history, cfg)
+        if on_epoch is not None:
+            on_epoch(log)
+    return history
