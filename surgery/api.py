@@ -13,7 +13,7 @@ from .verify import verify as check
 
 
 def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float, criterion: str = "l2",
-          round_to: int = 1, ignore: Sequence[str] = (), seed: int = 0,
+          round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
           verify: bool = True) -> nn.Module:
     """A new, physically smaller model with ``ratio`` of every group's channels removed.
 

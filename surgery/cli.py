@@ -160,7 +160,7 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.option("--ratio", type=float, required=True, help="Fraction of each group's channels "
                                                          "to remove, in [0, 1).")
 @click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
-@click.option("--round-to", default=1, show_default=True, type=int,
+@click.option("--round-to", default=8, show_default=True, type=int,
               help="Keep channel counts multiples of N.")
 @click.option("--ignore", multiple=True, help="Layer name or re:regex to keep (repeatable).")
 @click.option("--out", "out_dir", default=None, help="Output directory (replaced atomically).")

@@ -151,14 +151,16 @@ def _keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to
 
 
 def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criterion: str = "l2",
-              round_to: int = 1, ignore: Sequence[str] = (), seed: int = 0,
+              round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
               graph: ChannelGraph | None = None) -> Plan:
     """Decide which channels every layer keeps: remove ``ratio`` of each group's free units.
 
     Args:
         ratio: fraction of prunable channels removed from every coupled group, in [0, 1).
         criterion: a registered criterion name (``l1``, ``l2``, ``bn_scale``, ``random``).
-        round_to: keep channel counts multiples of this (helps vectorised kernels).
+        round_to: keep channel counts multiples of this, rounding up. The default 8 helps
+            vectorised CPU kernels (benchmarks/speedup.py: ONNX Runtime efficiency +0.02 to
+            +0.06 on mobile nets, neutral elsewhere); 1 gives exact ``ratio`` counts.
         ignore: layer names or ``re:`` regexes to keep as they are (see :func:`surgery.trace`).
         graph: a graph from :func:`surgery.trace` of the same model, to skip tracing again.
 

@@ -17,7 +17,7 @@ def test_same_structure_as_torch_pruning(name: str) -> None:
     tp = pytest.importorskip("torch_pruning")
     x = torch.randn(1, 3, 64, 64)
     model = torchvision.models.get_model(name, weights=None)
-    ours = surgery.prune(model, x, ratio=0.5)
+    ours = surgery.prune(model, x, ratio=0.5, round_to=1)
     theirs = torchvision.models.get_model(name, weights=None)
     fc = [m for m in theirs.modules() if isinstance(m, torch.nn.Linear)][-1]
     tp.pruner.MetaPruner(theirs, x, importance=tp.importance.MagnitudeImportance(p=2),

@@ -20,7 +20,7 @@ def test_pattern_prunes_exactly(name: str, criterion: str) -> None:
     x = torch.randn(shape)
     before = snapshot(model)
     modes = {n: m.training for n, m in model.named_modules()}
-    plan = surgery.plan(model, x, ratio=0.5, criterion=criterion)
+    plan = surgery.plan(model, x, ratio=0.5, criterion=criterion, round_to=1)
     small = surgery.apply(model, plan)
     report = surgery.verify(model, small, plan, x)
     assert report.passed
@@ -43,7 +43,7 @@ def test_exact_means_zeroed_reference_equals_pruned() -> None:
     """Independent of verify(): build the reference by hand for a chain."""
     model = randomize_norms(PATTERNS["chain"][0]()).eval()
     x = torch.randn(2, 3, 16, 16)
-    plan = surgery.plan(model, x, ratio=0.5)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
     small = surgery.apply(model, plan).eval()
     ref = copy.deepcopy(model)
     keep_a = torch.tensor(plan.layers["a.0"].axes["out"].keep)
@@ -73,7 +73,7 @@ def test_residual_operands_are_coupled() -> None:
 def test_concat_offsets_and_chunk() -> None:
     model = Concat()
     x = torch.randn(1, 3, 16, 16)
-    small = surgery.prune(model, x, ratio=0.5)
+    small = surgery.prune(model, x, ratio=0.5, round_to=1)
     assert small.mix[0].in_channels == small.a[0].out_channels + small.b[0].out_channels
     assert small.a[0].out_channels == 6 and small.b[0].out_channels == 10
     # chunk(2) stays even: both halves keep as many channels
@@ -82,7 +82,7 @@ def test_concat_offsets_and_chunk() -> None:
 
 def test_groups_are_kept_whole() -> None:
     model = Grouped()
-    small = surgery.prune(model, torch.randn(1, 3, 16, 16), ratio=0.5)
+    small = surgery.prune(model, torch.randn(1, 3, 16, 16), ratio=0.5, round_to=1)
     assert small.dw.groups == small.dw.in_channels == small.dw.out_channels == 12
     assert small.dwm.groups == 12 and small.dwm.out_channels == 24
     assert small.gn.num_groups == 3 and small.gn.num_channels == 24
@@ -94,7 +94,7 @@ def test_groups_are_kept_whole() -> None:
 def test_channel_shuffle_pairs_and_exact() -> None:
     model = randomize_norms(Shuffle())
     x = torch.randn(2, 3, 16, 16)
-    small = surgery.prune(model, x, ratio=0.5)
+    small = surgery.prune(model, x, ratio=0.5, round_to=1)
     assert small.a[0].out_channels == 8
     assert small.b.out_channels % 4 == 0  # nn.ChannelShuffle(4) still divides
 
@@ -102,7 +102,7 @@ def test_channel_shuffle_pairs_and_exact() -> None:
 def test_layer_scale_and_layernorm_are_shrunk_but_not_exact() -> None:
     model = LayerScale()
     x = torch.randn(1, 3, 16, 16)
-    plan = surgery.plan(model, x, ratio=0.5)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
     assert not plan.exact  # a removed channel passed a LayerNorm over channels
     small = surgery.apply(model, plan)
     assert small.scale.shape == (8, 1, 1) and small.scale.requires_grad
@@ -116,7 +116,7 @@ def test_train_only_branch_is_coupled() -> None:
     x = torch.randn(2, 3, 16, 16)
     graph = surgery.trace(model, x)
     assert graph.train_graph
-    small = surgery.prune(model, x, ratio=0.5)
+    small = surgery.prune(model, x, ratio=0.5, round_to=1)
     assert small.aux[0].in_channels == small.a[0].out_channels == 8
     small.train()
     out, aux = small(x)
@@ -135,7 +135,7 @@ def test_pinned_io_and_explain() -> None:
 def test_ignore_keeps_layer_outputs() -> None:
     model = PATTERNS["chain"][0]()
     x = torch.randn(1, 3, 16, 16)
-    small = surgery.prune(model, x, ratio=0.5, ignore=["a"])
+    small = surgery.prune(model, x, ratio=0.5, ignore=["a"], round_to=1)
     assert small.a[0].out_channels == 16 and small.b[0].out_channels == 16
     small = surgery.prune(model, x, ratio=0.5, ignore=["re:b\\..*"])
     assert small.a[0].out_channels == 8 and small.b[0].out_channels == 32
@@ -151,6 +151,6 @@ def test_round_to() -> None:
 def test_in_place_variant_and_shared_module() -> None:
     model = PATTERNS["chain"][0]()
     x = torch.randn(1, 3, 16, 16)
-    plan = surgery.plan(model, x, ratio=0.5)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
     out = surgery.apply_(model, plan)
     assert out is model and model.a[0].out_channels == 8
