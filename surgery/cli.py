@@ -20,6 +20,7 @@ from torch import nn
 
 from . import artifact
 from .errors import SurgeryError
+from .plan import Plan
 from .spec import SpecError, build_model, parse_kwargs
 
 EXAMPLES = {
@@ -31,6 +32,9 @@ EXAMPLES = {
               "  surgery export torchvision:mobilenet_v2 --onnx mnv2.onnx",
     "bench": "surgery bench out/r50 --runtime torch,ort --batch 1,8\n"
              "  surgery bench torchvision:resnet18 model.onnx --runtime ort --json out.json",
+    "train": "surgery train resnet20 --data digits --epochs 30 --out out/r20",
+    "finetune": "surgery prune out/r20 --ratio 0.5 --input-shape 1,3,32,32 --out out/r20-half\n"
+                "  surgery finetune out/r20-half --data digits --teacher out/r20 --epochs 10",
 }
 
 
@@ -179,9 +183,6 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
     if not dry_run and not out_dir:
         raise UserError("--out DIR is required (or pass --dry-run)")
     net, meta = _load(model, model_args)
-    if os.path.isdir(model):
-        raise UserError(f"{model} is already a pruned artifact; prune its original spec "
-                        f"{meta['spec']!r} with a larger --ratio instead")
     shape = _default_shape(meta, input_shape)
     x = torch.randn(shape)
     with _step(ctx, f"tracing and planning {model}"):
@@ -217,6 +218,8 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
 
     extra = {} if no_onnx else {"model.onnx": write_onnx}
     extra["report.md"] = write_reports
+    if os.path.isdir(model):  # pruning a saved model again: one plan for the original spec
+        plan = Plan.load(Path(model) / artifact.PLAN).then(plan)
     target = artifact.save(out_dir, small, plan, spec=meta["spec"],
                            model_args=meta.get("model_args"), input_shape=shape, extra=extra)
     show()
@@ -278,6 +281,9 @@ def bench(ctx: click.Context, models: tuple[str, ...], model_args: tuple[str, ..
             with _step(ctx, f"building the original {meta['spec']}"):
                 nets[meta["spec"]] = build_model(meta["spec"], meta.get("model_args"))
             nets[f"{spec} (pruned)"] = net
+            saved_onnx = Path(spec) / "model.onnx"
+            if saved_onnx.is_file() and tuple(shape[1:]) == tuple(meta["input_shape"][1:]):
+                onnx_files[f"{spec} (pruned)"] = str(saved_onnx)  # parity-checked at prune time
         else:
             nets[spec] = net
     runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
@@ -292,6 +298,96 @@ def bench(ctx: click.Context, models: tuple[str, ...], model_args: tuple[str, ..
     if plot_path:
         plot(report, plot_path)
     _emit(ctx, report.to_markdown())
+
+
+data_option = click.option("--data", required=True, metavar="digits|DIR",
+                           help="digits (bundled with scikit-learn), a CIFAR-10 folder or an "
+                                "ImageFolder directory.")
+size_option = click.option("--size", type=int, default=None,
+                           help="Image size (default: the saved input shape, else 32).")
+
+
+def _train_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--lr", type=float, default=0.05, show_default=True),
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd",
+                     show_default=True),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True)]):
+        f = opt(f)
+    return f
+
+
+def _run_training(ctx: click.Context, net: nn.Module, data: str, size: int, teacher: Any,
+                  distill: float, checkpoint: str | None, **kw: Any) -> Any:
+    from .data import load as load_data
+    from .finetune import FinetuneConfig, finetune
+
+    train, val = load_data(data, size=size)
+    torch.manual_seed(kw["seed"])
+    cfg = FinetuneConfig(epochs=kw["epochs"], lr=kw["lr"], optimizer=kw["optimizer"],
+                         batch_size=kw["batch_size"], seed=kw["seed"], distill=distill)
+
+    def show(log: Any) -> None:
+        val_acc = f"{log.val_acc:.4f}" if log.val_acc is not None else "-"
+        _emit(ctx, f"epoch {log.epoch}/{cfg.epochs}: loss {log.loss:.4f}, train acc "
+                   f"{log.train_acc:.4f}, val acc {val_acc}")
+
+    return finetune(net, train, val, teacher=teacher, config=cfg, checkpoint=checkpoint,
+                    on_epoch=show)
+
+
+@cli.command(help=_help("train", "Train MODEL from scratch on --data and save it to --out DIR "
+                                 "(an artifact with an empty plan)."))
+@click.argument("model")
+@model_arg
+@data_option
+@size_option
+@click.option("--out", "out_dir", required=True)
+@click.option("--checkpoint", default=None, help="Directory for per-epoch checkpoints (resume).")
+@_train_options
+@click.pass_context
+def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str,
+          size: int | None, out_dir: str, checkpoint: str | None, **kw: Any) -> None:
+    from .graph import fingerprint
+
+    if os.path.isdir(model):
+        raise UserError(f"{model} is a saved model; use `surgery finetune {model}` instead")
+    kwargs = parse_kwargs(model_args)
+    net = build_model(model, kwargs)
+    size = size or 32
+    _run_training(ctx, net, data, size, None, 0.0, checkpoint, **kw)
+    empty = Plan(type(net).__name__, fingerprint(net), {}, True, {"trained_on": data})
+    click.echo(str(artifact.save(out_dir, net, empty, spec=model, model_args=kwargs,
+                                 input_shape=(1, 3, size, size))))
+
+
+@cli.command(help=_help("finetune", "Fine-tune a saved DIR on --data (optionally distilling "
+                                    "from --teacher DIR) and save it back atomically."))
+@click.argument("directory")
+@data_option
+@size_option
+@click.option("--teacher", default=None, help="A saved DIR (e.g. the unpruned trained model).")
+@click.option("--distill", type=float, default=0.5, show_default=True,
+              help="Weight of the distillation loss when --teacher is given.")
+@click.option("--checkpoint", default=None, help="Directory for per-epoch checkpoints (resume).")
+@_train_options
+@click.pass_context
+def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None,
+                 teacher: str | None, distill: float, checkpoint: str | None, **kw: Any) -> None:
+    net, meta = _load(directory, ())
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out DIR` first")
+    size = size or int(meta["input_shape"][-1])
+    teacher_net = _load(teacher, ())[0] if teacher else None
+    _run_training(ctx, net, data, size, teacher_net, distill if teacher else 0.0, checkpoint,
+                  **kw)
+    click.echo(str(artifact.save(directory, net, Plan.load(Path(directory) / artifact.PLAN),
+                                 spec=meta["spec"], model_args=meta.get("model_args"),
+                                 input_shape=meta["input_shape"])))
+
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:

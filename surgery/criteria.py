@@ -23,7 +23,6 @@ from .errors import ConfigError
 from .graph import ChannelGraph
 from .groups import Group, Slot
 from .rules import module_rule
-from .rules.norm import _FeatureRule
 
 Scorer = Callable[[Group], np.ndarray]
 CriterionFactory = Callable[[nn.Module, ChannelGraph, int], Scorer]
@@ -72,8 +71,8 @@ def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:
         def per_position(key: str) -> np.ndarray | None:
             if key not in cache:
                 slot = graph.slots[key]
-                if only_norms and not (slot.kind == "module" and isinstance(
-                        module_rule(model.get_submodule(slot.path)), _FeatureRule)):
+                if only_norms and not (slot.kind == "module" and getattr(
+                        module_rule(model.get_submodule(slot.path)), "is_norm", False)):
                     cache[key] = None
                 else:
                     t = slot_tensor(model, slot)

@@ -91,3 +91,21 @@ def num_classes(ds: Dataset) -> int:
     if classes is None:
         raise DataError("cannot tell how many classes the data set has")
     return len(classes)
+
+
+def load(spec: str, *, size: int = 32) -> tuple[Dataset, Dataset]:
+    """Train and validation sets from a data spec: ``digits``, a CIFAR-10 folder, or an
+    ImageFolder (split 80/20 with a fixed seed)."""
+    if spec == "digits":
+        return digits("train", size=size), digits("val", size=size)
+    root = Path(spec)
+    if (root / "cifar-10-batches-py").is_dir():
+        return cifar10(root, "train"), cifar10(root, "test")
+    ds = image_folder(root, size=size)
+    if len(ds) < 2:  # type: ignore[arg-type]
+        raise DataError(f"data folder {root} has fewer than 2 images")
+    n_val = max(1, len(ds) // 5)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.utils.data.random_split(ds, [len(ds) - n_val, n_val], generator=g)
+    train.classes = val.classes = ds.classes  # type: ignore[attr-defined]
+    return train, val

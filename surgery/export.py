@@ -7,12 +7,14 @@ with ``onnx.checker``, run in ONNX Runtime and compared with PyTorch; only then 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,19 +165,14 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-class _quiet_exporter:
-    """Silence the exporter's progress chatter (it logs through the torch.onnx logger/print)."""
-
-    def __enter__(self) -> None:
-        self._level = logging.getLogger("torch.onnx").level
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        self._devnull = open(os.devnull, "w")  # noqa: SIM115
-        import contextlib
-
-        self._redirect = contextlib.redirect_stdout(self._devnull)
-        self._redirect.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._redirect.__exit__(*exc)
-        self._devnull.close()
-        logging.getLogger("torch.onnx").setLevel(self._level)
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress chatter (printed to stdout and the torch.onnx logger)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+    finally:
+        logger.setLevel(level)

@@ -219,7 +219,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
             correct += float((out.argmax(1) == y).sum())
             seen += len(y)
         if cfg.recalibrate_bn:

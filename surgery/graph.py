@@ -71,7 +71,8 @@ def source_line(node: torch.fx.Node) -> str:
     loc = node.meta.get("surgery_loc")
     if not loc:
         return ""
-    return f"{loc[0]}:{loc[1]}: {linecache.getline(loc[0], loc[1]).strip()}"
+    path = loc[0].split("site-packages/", 1)[-1]
+    return f"{path}:{loc[1]}: {linecache.getline(loc[0], loc[1]).strip()}"
 
 
 class _Tracer(torch.fx.Tracer):
@@ -239,7 +240,7 @@ class _Context:
             return x.atoms
         if isinstance(x, TVal) and x.tracked:
             self.opaque([x], None, f"channels arrive on dims {x.tdims}, not dim {dim}, at")
-        return self.pinned_atoms(n, f"fed by a tensor with fixed channels (input or constant) "
+        return self.pinned_atoms(n, f"fixed input channels (network input or a constant) "
                                     f"{self.where()}")
 
     def is_computed(self, v: Any) -> bool:

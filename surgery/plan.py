@@ -111,6 +111,22 @@ class Plan:
             raise PlanError(f"cannot read plan file {p}: {e.strerror}") from e
         return cls.from_json(text, source=str(p))
 
+    def then(self, later: Plan) -> Plan:
+        """This plan followed by ``later`` (made on the model this plan produces), as one plan
+        for the original architecture: kept = self.keep[later.keep] per layer and axis."""
+        layers = {p: LayerPlan(lp.kind, lp.cls, dict(lp.axes)) for p, lp in self.layers.items()}
+        for path, lp in later.layers.items():
+            base = layers.setdefault(path, LayerPlan(lp.kind, lp.cls, {}))
+            for axis, ap in lp.axes.items():
+                first = base.axes.get(axis, AxisPlan(ap.size, tuple(range(ap.size))))
+                if len(first.keep) != ap.size:
+                    raise PlanError(f"cannot chain plans: layer '{path}' axis '{axis}' has "
+                                    f"{len(first.keep)} channels after the first plan but the "
+                                    f"second expects {ap.size}")
+                base.axes[axis] = AxisPlan(first.size, tuple(first.keep[i] for i in ap.keep))
+        return Plan(self.model_class, self.fingerprint, layers, self.exact and later.exact,
+                    {**self.settings, "then": later.settings})
+
     def removed(self) -> int:
         """Number of channel positions removed over every layer and axis."""
         return sum(ap.size - len(ap.keep) for lp in self.layers.values() for ap in lp.axes.values())

@@ -160,3 +160,22 @@ def test_internal_error_exit_code(monkeypatch: pytest.MonkeyPatch, capsys) -> No
     monkeypatch.setattr(cli, "build_model", boom)
     assert cli.main(["inspect", "resnet20"]) == 2
     assert "internal error: RuntimeError: kaboom" in capsys.readouterr().err
+
+
+def test_train_prune_again_finetune(tmp_path: Path) -> None:
+    trained, half = tmp_path / "t", tmp_path / "h"
+    res = run("train", "resnet20", "--data", "digits", "--size", "8", "--epochs", "1",
+              "--out", str(trained))
+    assert res.returncode == 0 and "epoch 1/1" in res.stdout, res.stderr
+    res = run("-q", "prune", str(trained), "--ratio", "0.5", "--out", str(half), "--no-onnx")
+    assert res.returncode == 0, res.stderr
+    plan = surgery.Plan.load(half / "plan.json")  # one plan for the original architecture
+    assert plan.fingerprint == surgery.fingerprint(surgery.spec.build_model("resnet20"))
+    res = run("finetune", str(half), "--data", "digits", "--teacher", str(trained),
+              "--epochs", "1", "--lr", "0.01")
+    assert res.returncode == 0 and "val acc" in res.stdout, res.stderr
+    small = surgery.load(half)
+    assert small.conv1.out_channels == 8 and surgery.count_params(small) < 80_000
+    (tmp_path / "empty").mkdir()
+    res = run("finetune", str(half), "--data", str(tmp_path / "empty"), "--epochs", "1")
+    assert res.returncode == 1 and "no class sub-folders" in res.stderr

@@ -128,7 +128,7 @@ def test_pinned_io_and_explain() -> None:
     graph = surgery.trace(model, torch.randn(1, 3, 16, 16))
     text = graph.explain("fc")
     assert "fc:out" in text and "model output" in text
-    assert "fixed channels" in graph.explain("a.0")  # the network input's 3 channels
+    assert "fixed input channels" in graph.explain("a.0")  # the network input's 3 channels
     assert "prunable" in str(graph)
 
 

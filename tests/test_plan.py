@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 import torchvision
 from conftest import randomize_norms
@@ -62,3 +64,18 @@ def test_l2_keeps_the_largest_channels() -> None:
         model.a[1].weight[[1, 4, 9]] = 5.0
     plan = surgery.plan(model, torch.randn(1, 3, 16, 16), ratio=0.5)
     assert {1, 4, 9} <= set(plan.layers["a.0"].axes["out"].keep)
+
+
+def test_chained_plans_equal_one_plan_on_the_original() -> None:
+    model = randomize_norms(torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 32, 32)
+    first = surgery.plan(model, x, ratio=0.25, round_to=1)
+    mid = surgery.apply(model, first)
+    second = surgery.plan(mid, x, ratio=0.5, round_to=1)
+    twice = surgery.apply(mid, second)
+    once = surgery.apply(model, first.then(second))
+    a, b = twice.state_dict(), once.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert once.conv1.out_channels == 24  # 64 -> 48 -> 24
+    with pytest.raises(surgery.PlanError, match="cannot chain plans"):
+        second.then(first)

@@ -39,6 +39,8 @@ class ModuleRule:
     types: tuple[type[nn.Module], ...] = ()
     axes: tuple[str, ...] = ()
     cross_channel: bool = False
+    #: a normalisation layer whose weight is a per-channel scale (read by the bn_scale criterion)
+    is_norm: bool = False
     #: parameter name -> (axis, dim), for owners that are traced through rather than called as leaf
     param_axes: dict[str, tuple[str, int]] = {}
 

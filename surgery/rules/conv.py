@@ -29,7 +29,7 @@ def couple_groups(ctx: Any, a_in: np.ndarray, a_out: np.ndarray, groups: int) ->
         ctx.uf.union_arrays(columns[:, 0], columns[:, j])
 
 
-def _kept_groups(name: str, m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
+def _kept_groups(m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
     ipg, opg = m.in_channels // m.groups, m.out_channels // m.groups
     g_in, g_out = torch.unique(kin // ipg), torch.unique(kout // opg)
     if (not torch.equal(g_in, g_out) or len(kin) != len(g_in) * ipg
@@ -58,7 +58,7 @@ class _ConvBase(ModuleRule):
         w = m.weight.detach()
         groups = m.groups
         if groups > 1:
-            groups = _kept_groups("", m, kin, kout)
+            groups = _kept_groups(m, kin, kout)
             w = w[kin] if self.transposed else w[kout]
         elif self.transposed:
             w = w[kin][:, kout]

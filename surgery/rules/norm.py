@@ -27,6 +27,7 @@ class _FeatureRule(ModuleRule):
 
     axes = ("features",)
     size_attr = "num_features"
+    is_norm = True
 
     def channel_dim(self, m: nn.Module, x: TVal) -> int:
         return 1
