@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -113,14 +114,15 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in inputs) \
         if dynamic_batch else None
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Protobuf caps a file at 2 GB: bigger models keep their weights in NAME.data beside it.
+    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
+    tmpdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = tmpdir / target.name
     try:
         try:
             with warnings.catch_warnings(), _quiet_exporter():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(model, inputs, str(tmp), dynamo=True, external_data=False,
+                torch.onnx.export(model, inputs, str(tmp), dynamo=True, external_data=big,
                                   dynamic_shapes=dyn, input_names=names, opset_version=opset,
                                   verbose=False)
         except Exception as e:
@@ -128,16 +130,17 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
                               f"{_first_line(e)}. The op named there has no ONNX translation; "
                               "rewrite it with standard ops or register a custom translation."
                               ) from e
-        proto = onnx.load(str(tmp))
         try:
-            onnx.checker.check_model(proto)
+            onnx.checker.check_model(str(tmp))
         except onnx.checker.ValidationError as e:
             raise ExportError(f"onnx.checker rejects the exported graph: {_first_line(e)}") from e
+        proto = onnx.load(str(tmp), load_external_data=False)
         session = ort_session(tmp)
         with torch.no_grad():
             want = [t.numpy() for t in _leaves(model(*inputs))]
         feed = {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
         got = session.run(None, feed)
+        del session
         err = 0.0
         for a, b in zip(got, want, strict=False):
             scale = float(np.abs(b).max()) if b.size else 0.0
@@ -149,11 +152,15 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
         weights = sum(int(np.prod(i.dims)) for i in proto.graph.initializer)
         used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                           0)
-        default_mode(tmp)
-        os.replace(tmp, target)
+        size = 0
+        # external data first, the .onnx file last: a reader never finds it without its data
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f == tmp):
+            default_mode(f)
+            size += f.stat().st_size
+            os.replace(f, target.parent / f.name)
     finally:
-        tmp.unlink(missing_ok=True)
-    return ExportReport(str(target), target.stat().st_size, weights, count_params(model), err,
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ExportReport(str(target), size, weights, count_params(model), err,
                         used_opset)
 
 
