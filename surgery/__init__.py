@@ -8,7 +8,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import prune
+from .api import plan_for_macs, prune
 from .artifact import ArtifactError, load, save
 from .bench import BenchReport, Measurement, bench
 from .criteria import criteria, register_criterion
@@ -37,7 +37,7 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "ArtifactError", "BenchReport", "MaskReport", "from_masks", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
+    "ArtifactError", "BenchReport", "plan_for_macs", "MaskReport", "from_masks", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
     "RuntimeMissingError", "bench", "export_onnx", "ExampleInputError", "ModuleRule", "Plan", "PlanError",
     "SurgeryError", "TraceError", "UnsupportedLayerError", "VerificationError", "VerifyReport",
     "__version__", "apply", "load", "save", "apply_", "count_macs", "count_params", "criteria", "fingerprint",

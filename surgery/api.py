@@ -6,28 +6,73 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .graph import Inputs
-from .plan import make_plan
+from .errors import ConfigError
+from .graph import Inputs, trace
+from .plan import Plan, make_plan
+from .stats import count_macs
 from .surgeon import apply
 from .verify import verify as check
 
 
-def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float, criterion: str = "l2",
-          round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
-          verify: bool = True) -> nn.Module:
+def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = None,
+          criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
+          verify: bool = True, target_macs: float | None = None) -> nn.Module:
     """A new, physically smaller model with ``ratio`` of every group's channels removed.
 
     The input model is never modified. With ``verify`` (default) the result is checked against
     the original with the removed channels zeroed and a :class:`VerificationError` is raised on
-    any difference.
+    any difference. ``target_macs`` (a fraction of the original MACs) replaces ``ratio``.
 
     Example:
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
         ...                       ratio=0.5)
     """
-    plan = make_plan(model, example_inputs, ratio=ratio, criterion=criterion, round_to=round_to,
-                     ignore=ignore, seed=seed)
+    if (ratio is None) == (target_macs is None):
+        raise ConfigError("give exactly one of ratio= or target_macs=")
+    if target_macs is not None:
+        plan = plan_for_macs(model, example_inputs, target_macs=target_macs, criterion=criterion,
+                             round_to=round_to, ignore=ignore, seed=seed)
+    else:
+        plan = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
+                         round_to=round_to, ignore=ignore, seed=seed)
     small = apply(model, plan)
     if verify:
         check(model, small, plan, example_inputs)
     return small
+
+
+def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: float,
+                  criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
+                  seed: int = 0, tolerance: float = 0.01) -> Plan:
+    """The plan with the smallest uniform ratio whose model keeps at most ``target_macs`` of the
+    original MACs (e.g. 0.5 = half), found by bisection on the ratio. ``round_to`` makes the
+    steps coarse on narrow nets (16 channels round to 8 or 16): pass 1 to land closer.
+
+    Example:
+        >>> plan = surgery.plan_for_macs(model, x, target_macs=0.5)
+    """
+    if not 0 < target_macs < 1:
+        raise ConfigError(f"target_macs must be a fraction in (0, 1) but received {target_macs!r}")
+    graph = trace(model, example_inputs, ignore=ignore)
+    full = count_macs(model, example_inputs)
+
+    def attempt(ratio: float) -> tuple[Plan, float]:
+        p = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
+                      round_to=round_to, ignore=ignore, seed=seed, graph=graph)
+        return p, count_macs(apply(model, p), example_inputs) / full
+
+    lo, hi = 0.0, 0.99
+    best, kept = attempt(hi)
+    if kept > target_macs:
+        raise ConfigError(f"even ratio {hi} keeps {kept:.2f} of the MACs, more than the target "
+                          f"{target_macs}; the rest is in layers that cannot be pruned "
+                          "(see surgery.trace(...).explain)")
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        p, kept = attempt(mid)
+        if kept <= target_macs:
+            best, hi = p, mid
+        else:
+            lo = mid
+    return Plan(best.model_class, best.fingerprint, best.layers, best.exact,
+                {**best.settings, "target_macs": target_macs})

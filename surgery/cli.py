@@ -161,8 +161,10 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.argument("model")
 @model_arg
 @input_shape
-@click.option("--ratio", type=float, required=True, help="Fraction of each group's channels "
-                                                         "to remove, in [0, 1).")
+@click.option("--ratio", type=float, default=None, help="Fraction of each group's channels "
+                                                        "to remove, in [0, 1).")
+@click.option("--target-macs", type=float, default=None,
+              help="Instead of --ratio: keep at most this fraction of the MACs (e.g. 0.5).")
 @click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
 @click.option("--round-to", default=8, show_default=True, type=int,
               help="Keep channel counts multiples of N.")
@@ -173,8 +175,10 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
-          ratio: float, criterion: str, round_to: int, ignore: tuple[str, ...],
-          out_dir: str | None, no_onnx: bool, dry_run: bool, as_json: bool) -> None:
+          ratio: float | None, target_macs: float | None, criterion: str, round_to: int,
+          ignore: tuple[str, ...], out_dir: str | None, no_onnx: bool, dry_run: bool,
+          as_json: bool) -> None:
+    from .api import plan_for_macs
     from .plan import make_plan
     from .report import prune_report, to_markdown
     from .surgeon import apply
@@ -182,12 +186,18 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
 
     if not dry_run and not out_dir:
         raise UserError("--out DIR is required (or pass --dry-run)")
+    if (ratio is None) == (target_macs is None):
+        raise UserError("give exactly one of --ratio or --target-macs")
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = torch.randn(shape)
     with _step(ctx, f"tracing and planning {model}"):
-        plan = make_plan(net, x, ratio=ratio, criterion=criterion, round_to=round_to,
-                         ignore=ignore)
+        if target_macs is not None:
+            plan = plan_for_macs(net, x, target_macs=target_macs, criterion=criterion,
+                                 round_to=round_to, ignore=ignore)
+        else:
+            plan = make_plan(net, x, ratio=ratio, criterion=criterion, round_to=round_to,
+                             ignore=ignore)
     with _step(ctx, "rebuilding layers"):
         small = apply(net, plan)
     with _step(ctx, "verifying"):

@@ -79,3 +79,14 @@ def test_chained_plans_equal_one_plan_on_the_original() -> None:
     assert once.conv1.out_channels == 24  # 64 -> 48 -> 24
     with pytest.raises(surgery.PlanError, match="cannot chain plans"):
         second.then(first)
+
+
+def test_mac_target() -> None:
+    model = torchvision.models.mobilenet_v2(weights=None)
+    x = torch.randn(1, 3, 64, 64)
+    plan = surgery.plan_for_macs(model, x, target_macs=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    kept = surgery.count_macs(small, x) / surgery.count_macs(model, x)
+    assert 0.45 < kept <= 0.5
+    with pytest.raises(surgery.ConfigError, match="exactly one of ratio= or target_macs="):
+        surgery.prune(model, x, ratio=0.5, target_macs=0.5)
