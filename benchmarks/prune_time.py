@@ -70,7 +70,7 @@ def main() -> int:
     ours(build("resnet18"), warm, args.ratio)
     theirs(build("resnet18"), warm, args.ratio)
     rows = []
-    print(f"| model | surgery s | Torch-Pruning s | TP / surgery |\n|---|---|---|---|", flush=True)
+    print("| model | surgery s | Torch-Pruning s | TP / surgery |\n|---|---|---|---|", flush=True)
     for name in names:
         size = 299 if name == "inception_v3" else args.size
         x = torch.randn(1, 3, size, size)

@@ -22,8 +22,8 @@ from .errors import (
     VerificationError,
 )
 from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
-from .masks import MaskReport, from_masks
 from .graph import ChannelGraph, fingerprint, trace
+from .masks import MaskReport, from_masks
 from .plan import Plan
 from .plan import make_plan as plan
 from .rules import ModuleRule, register_function_rule, register_module_rule
@@ -37,10 +37,42 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "ArtifactError", "BenchReport", "plan_for_macs", "MaskReport", "from_masks", "ChannelGraph", "ConfigError", "ExportError", "ExportReport", "Measurement",
-    "RuntimeMissingError", "bench", "export_onnx", "ExampleInputError", "ModuleRule", "Plan", "PlanError",
-    "SurgeryError", "TraceError", "UnsupportedLayerError", "VerificationError", "VerifyReport",
-    "__version__", "apply", "load", "save", "apply_", "count_macs", "count_params", "criteria", "fingerprint",
-    "plan", "prune", "register_criterion", "register_function_rule", "register_module_rule",
-    "trace", "verify",
+    "__version__",
+    "apply",
+    "apply_",
+    "ArtifactError",
+    "bench",
+    "BenchReport",
+    "ChannelGraph",
+    "ConfigError",
+    "count_macs",
+    "count_params",
+    "criteria",
+    "ExampleInputError",
+    "export_onnx",
+    "ExportError",
+    "ExportReport",
+    "fingerprint",
+    "from_masks",
+    "load",
+    "MaskReport",
+    "Measurement",
+    "ModuleRule",
+    "Plan",
+    "plan",
+    "plan_for_macs",
+    "PlanError",
+    "prune",
+    "register_criterion",
+    "register_function_rule",
+    "register_module_rule",
+    "RuntimeMissingError",
+    "save",
+    "SurgeryError",
+    "trace",
+    "TraceError",
+    "UnsupportedLayerError",
+    "VerificationError",
+    "verify",
+    "VerifyReport",
 ]

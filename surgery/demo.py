@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
              if report.exact_checked else "verified output shapes")
     print(f"pruned {args.model} at ratio {args.ratio} in {time.perf_counter() - t:.2f}s: "
           f"params {surgery.count_params(model) / 1e6:.2f}M -> "
-          f"{surgery.count_params(small) / 1e6:.2f}M, MACs {surgery.count_macs(model, x) / 1e9:.2f}G"
-          f" -> {surgery.count_macs(small, x) / 1e9:.2f}G; {check}")
+          f"{surgery.count_params(small) / 1e6:.2f}M, "
+          f"MACs {surgery.count_macs(model, x) / 1e9:.2f}G -> "
+          f"{surgery.count_macs(small, x) / 1e9:.2f}G; {check}")
     os.makedirs(args.out, exist_ok=True)
     models = {args.model: model, f"{args.model}-pruned": small}
     files = {}

@@ -1,8 +1,9 @@
 """Recover accuracy after pruning: SGD/AdamW with a cosine schedule, optional distillation from
 the unpruned model, BatchNorm recalibration, atomic per-epoch checkpoints and exact resume.
 
-Distillation loss (Hinton et al.): ``(1 - a) * CE(s, y) + a * T^2 * KL(softmax(t/T) || softmax(s/T))``
-with student logits s, teacher logits t, temperature T and weight a (``distill``).
+Distillation loss (Hinton et al.):
+``(1 - a) * CE(s, y) + a * T^2 * KL(softmax(t/T) || softmax(s/T))``, with student logits s,
+teacher logits t, temperature T and weight a (``distill``).
 """
 
 from __future__ import annotations

@@ -352,7 +352,8 @@ def _fx_trace(model: nn.Module, opaque: Sequence[str]) -> torch.fx.Graph:
     except Exception as e:
         frames = [f for f in traceback.extract_tb(e.__traceback__)
                   if "/torch/" not in f.filename and "/surgery/" not in f.filename]
-        where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+        last = frames[-1] if frames else None
+        where = f" at {last.filename}:{last.lineno}: {last.line}" if last else ""
         inside = next(reversed(tracer.module_stack), "") if tracer.module_stack else ""
         hint = (f"pass ignore=['{inside}'] to keep that module as an opaque block"
                 if inside else "make the forward's control flow independent of tensor values")
@@ -360,7 +361,7 @@ def _fx_trace(model: nn.Module, opaque: Sequence[str]) -> torch.fx.Graph:
                          f"(inside module '{inside or '<root>'}'): {e}. Fix: {hint}.") from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mentions_training(cls: type) -> bool:
     try:
         return "training" in inspect.getsource(cls)

@@ -217,7 +217,7 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
                   settings: dict[str, Any]) -> Plan:
     """The plan that removes the units (roots) ``gone`` of ``graph`` from every slot they touch."""
     layers: dict[str, LayerPlan] = {}
-    for key, slot in graph.slots.items():
+    for slot in graph.slots.values():
         keep = np.flatnonzero(~np.isin(graph.roots[slot.atoms], gone))
         if len(keep) == slot.size:
             continue

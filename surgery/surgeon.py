@@ -37,7 +37,8 @@ def _validate(model: nn.Module, plan: Plan) -> None:
         try:
             target = model.get_submodule(path) if lp.kind == "module" else _tensor(model, path)
         except AttributeError:
-            raise PlanError(f"the plan names layer '{path}' which this model does not have")from None
+            raise PlanError(
+                f"the plan names layer '{path}' which this model does not have") from None
         for axis, ap in lp.axes.items():
             if lp.kind == "module":
                 rule = module_rule(target)
@@ -49,7 +50,10 @@ def _validate(model: nn.Module, plan: Plan) -> None:
                                 f"{axis}, the plan expects {ap.size}")
 
 
-def _build(model: nn.Module, plan: Plan) -> tuple[dict[int, nn.Module], list[tuple[str, torch.Tensor]]]:
+Built = tuple[dict[int, nn.Module], list[tuple[str, torch.Tensor]]]
+
+
+def _build(model: nn.Module, plan: Plan) -> Built:
     modules: dict[int, nn.Module] = {}
     tensors: list[tuple[str, torch.Tensor]] = []
     for path, lp in plan.layers.items():

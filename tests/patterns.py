@@ -57,8 +57,8 @@ class Concat(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.mix(torch.cat([self.a(x), self.b(x)], dim=1))
-        l, r = y.chunk(2, dim=1)
-        return self.out(torch.cat([self.left(l), r], 1))
+        left, right = y.chunk(2, dim=1)
+        return self.out(torch.cat([self.left(left), right], 1))
 
 
 class Grouped(nn.Module):

@@ -35,7 +35,8 @@ def _kept_groups(m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
     if (not torch.equal(g_in, g_out) or len(kin) != len(g_in) * ipg
             or len(kout) != len(g_out) * opg):
         raise PlanError(f"{type(m).__name__} with groups={m.groups}: the plan keeps partial "
-                        f"groups (in {len(kin)}/{m.in_channels}, out {len(kout)}/{m.out_channels}); "
+                        f"groups (in {len(kin)}/{m.in_channels}, "
+                        f"out {len(kout)}/{m.out_channels}); "
                         "grouped convs lose whole groups only. Re-make the plan with surgery.plan.")
     return len(g_in)
 

@@ -28,7 +28,7 @@ def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str],
     return bound
 
 
-# --- unary, channel-preserving ------------------------------------------------------------------
+# --- unary, channel-preserving --------------------------------------------------------------------
 
 def _unary(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     return passthrough(ctx, args[0], out)
@@ -98,7 +98,7 @@ _BINARY = [
 register_function_rule(_BINARY, _binary, name="broadcast")
 
 
-# --- concatenation and splitting -------------------------------------------------------------------
+# --- concatenation and splitting ------------------------------------------------------------------
 
 def _cat(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
@@ -298,7 +298,7 @@ register_function_rule([torch.permute, "permute"], _permute, name="permute")
 register_function_rule([torch.transpose, "transpose"], _transpose, name="transpose")
 
 
-# --- reductions and channel-wise normalisations ------------------------------------------------------
+# --- reductions and channel-wise normalisations ---------------------------------------------------
 
 def _reduce(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
