@@ -329,8 +329,9 @@ def _train_options(f: Any) -> Any:
     return f
 
 
-def _run_training(ctx: click.Context, net: nn.Module, data: str, size: int, teacher: Any,
-                  distill: float, checkpoint: str | None, **kw: Any) -> Any:
+def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: int, teacher: Any,
+                  distill: float, checkpoint: str | None, distributed: bool = False,
+                  **kw: Any) -> Any:
     from .data import load as load_data
     from .finetune import FinetuneConfig, finetune
 
@@ -341,11 +342,37 @@ def _run_training(ctx: click.Context, net: nn.Module, data: str, size: int, teac
 
     def show(log: Any) -> None:
         val_acc = f"{log.val_acc:.4f}" if log.val_acc is not None else "-"
-        _emit(ctx, f"epoch {log.epoch}/{cfg.epochs}: loss {log.loss:.4f}, train acc "
-                   f"{log.train_acc:.4f}, val acc {val_acc}")
+        text = (f"epoch {log.epoch}/{cfg.epochs}: loss {log.loss:.4f}, train acc "
+                f"{log.train_acc:.4f}, val acc {val_acc}")
+        if ctx is None:
+            click.echo(text)
+        else:
+            _emit(ctx, text)
 
     return finetune(net, train, val, teacher=teacher, config=cfg, checkpoint=checkpoint,
-                    on_epoch=show)
+                    on_epoch=show, distributed=distributed)
+
+
+def _finetune_job(job: dict[str, Any]) -> None:
+    """One rank of `surgery finetune --nproc N` (runs in a spawned process)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    net, meta = _load(job["directory"], ())
+    teacher = _load(job["teacher"], ())[0] if job["teacher"] else None
+    _run_training(None, net, job["data"], job["size"], teacher, job["distill"],
+                  job["checkpoint"], distributed=dist.is_initialized(), **job["kw"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if job.get("rank_hashes"):
+        h = hashlib.sha256(b"".join(t.detach().numpy().tobytes()
+                                    for t in net.state_dict().values()))
+        Path(f"{job['rank_hashes']}.rank{rank}").write_text(h.hexdigest())
+    if rank == 0:
+        plan = Plan.load(Path(job["directory"]) / artifact.PLAN)
+        click.echo(str(artifact.save(job["directory"], net, plan, spec=meta["spec"],
+                                     model_args=meta.get("model_args"),
+                                     input_shape=meta["input_shape"])))
 
 
 @cli.command(help=_help("train", "Train MODEL from scratch on --data and save it to --out DIR "
@@ -382,20 +409,30 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
 @click.option("--distill", type=float, default=0.5, show_default=True,
               help="Weight of the distillation loss when --teacher is given.")
 @click.option("--checkpoint", default=None, help="Directory for per-epoch checkpoints (resume).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel CPU processes (gloo). On GPUs: torchrun + NCCL.")
+@click.option("--rank-hashes", default=None, hidden=True,
+              help="Write each rank's final weight hash to PATH.rankN (for tests).")
 @_train_options
 @click.pass_context
 def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None,
-                 teacher: str | None, distill: float, checkpoint: str | None, **kw: Any) -> None:
-    net, meta = _load(directory, ())
+                 teacher: str | None, distill: float, checkpoint: str | None, nproc: int,
+                 rank_hashes: str | None, **kw: Any) -> None:
+    from .finetune import launch, max_processes
+
     if not os.path.isdir(directory):
         raise UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out DIR` first")
-    size = size or int(meta["input_shape"][-1])
-    teacher_net = _load(teacher, ())[0] if teacher else None
-    _run_training(ctx, net, data, size, teacher_net, distill if teacher else 0.0, checkpoint,
-                  **kw)
-    click.echo(str(artifact.save(directory, net, Plan.load(Path(directory) / artifact.PLAN),
-                                 spec=meta["spec"], model_args=meta.get("model_args"),
-                                 input_shape=meta["input_shape"])))
+    if not 1 <= nproc <= max_processes():
+        raise UserError(f"--nproc {nproc} is more than the {max_processes()} CPU cores of this "
+                        f"machine; use at most {max_processes()}")
+    meta = artifact.read_meta(directory)
+    job = {"directory": directory, "data": data, "teacher": teacher, "checkpoint": checkpoint,
+           "size": size or int(meta["input_shape"][-1]), "kw": kw,
+           "distill": distill if teacher else 0.0, "rank_hashes": rank_hashes}
+    if nproc == 1:
+        _finetune_job(job)
+    else:
+        launch(_finetune_job, nproc, job)
 
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .data import DataError
 from .plan import default_mode
@@ -179,12 +180,15 @@ def _load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimiz
 def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
              teacher: nn.Module | None = None, config: FinetuneConfig | None = None,
              checkpoint: str | os.PathLike[str] | None = None,
-             on_epoch: Callable[[EpochLog], None] | None = None) -> list[EpochLog]:
+             on_epoch: Callable[[EpochLog], None] | None = None,
+             distributed: bool = False) -> list[EpochLog]:
     """Train ``model`` in place on ``train``; evaluate on ``val`` after each epoch.
 
     With ``checkpoint`` a directory, the state after every epoch is written atomically and a
     later call with the same directory resumes after the last finished epoch, giving the same
-    result as an uninterrupted run.
+    result as an uninterrupted run. With ``distributed`` (inside an initialised
+    ``torch.distributed`` process group, see :func:`launch`) each rank trains on its shard
+    through DistributedDataParallel; rank 0 writes checkpoints and reports epochs.
 
     Example:
         >>> log = surgery.finetune(small, digits("train"), digits("val"), teacher=model,
@@ -202,13 +206,21 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
         start, history = _load_checkpoint(ckpt, model, opt, sched)
     if teacher is not None:
         teacher.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
     for epoch in range(start, cfg.epochs):
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
+        if distributed:
+            sampler = DistributedSampler(train, world, rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train, batch_size=max(1, cfg.batch_size // world),
+                                sampler=sampler)
+        else:
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
         model.train()
         total_loss = correct = seen = 0.0
         for x, y in loader:
-            out = model(x)
+            out = net(x)
             loss = F.cross_entropy(out, y)
             if teacher is not None and cfg.distill > 0:
                 with torch.no_grad():
@@ -229,8 +241,40 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
                        evaluate(model, val) if val is not None else None,
                        float(sched.get_last_lr()[0]))
         history.append(log)
-        if ckpt is not None:
+        if ckpt is not None and rank == 0:
             _save_checkpoint(ckpt, model, opt, sched, epoch + 1, history, cfg)
-        if on_epoch is not None:
+        if distributed:
+            dist.barrier()
+        if on_epoch is not None and rank == 0:
             on_epoch(log)
     return history
+
+
+def max_processes() -> int:
+    return os.cpu_count() or 1
+
+
+def launch(worker: Callable[..., None], nproc: int, *args: Any) -> None:
+    """Run ``worker(*args)`` in ``nproc`` processes joined into a gloo process group
+    (CPU data parallelism; on GPUs use ``torchrun --nproc-per-node N`` with NCCL instead)."""
+    if not 1 <= nproc <= max_processes():
+        raise ValueError(f"--nproc {nproc} is more than the {max_processes()} CPU cores of this "
+                         f"machine; use at most {max_processes()}")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_entry, args=(nproc, port, worker, args), nprocs=nproc, join=True)
+
+
+def _entry(rank: int, world: int, port: int, worker: Callable[..., None], args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(max(1, max_processes() // world))
+    try:
+        worker(*args)
+    finally:
+        dist.destroy_process_group()

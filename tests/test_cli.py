@@ -180,3 +180,15 @@ def test_train_prune_again_finetune(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     res = run("finetune", str(half), "--data", str(tmp_path / "empty"), "--epochs", "1")
     assert res.returncode == 1 and "no class sub-folders" in res.stderr
+
+
+def test_data_parallel_finetune_ranks_agree(artifact_dir: Path, tmp_path: Path) -> None:
+    work = _copy(artifact_dir, tmp_path / "ddp")
+    res = run("finetune", str(work), "--data", "digits", "--epochs", "1", "--nproc", "2",
+              "--rank-hashes", str(tmp_path / "h"))
+    assert res.returncode == 0, res.stderr
+    h0, h1 = (tmp_path / "h.rank0").read_text(), (tmp_path / "h.rank1").read_text()
+    assert h0 == h1  # both ranks end with identical weights
+    surgery.load(work)  # rank 0 saved a loadable artifact
+    res = run("finetune", str(work), "--data", "digits", "--nproc", "99")
+    assert res.returncode == 1 and "--nproc 99 is more than the" in res.stderr
