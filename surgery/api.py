@@ -27,13 +27,13 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
         ...                       ratio=0.5)
     """
-    if (ratio is None) == (target_macs is None):
+    if ratio is not None and target_macs is not None:
         raise ConfigError("give exactly one of ratio= or target_macs=")
     if target_macs is not None:
         plan = plan_for_macs(model, example_inputs, target_macs=target_macs, criterion=criterion,
                              round_to=round_to, ignore=ignore, seed=seed)
-    else:
-        plan = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
+    else:  # a missing ratio is reported by make_plan, with the range it takes
+        plan = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,  # type: ignore[arg-type]
                          round_to=round_to, ignore=ignore, seed=seed)
     small = apply(model, plan)
     if verify:
