@@ -8,7 +8,8 @@ BatchNorm weigh the same, and averaged over members:
 
     score(u) = mean_t ( ‖t[u]‖_p / mean_v ‖t[v]‖_p )
 
-``bn_scale`` uses only the norm layers' scales |γ| (network slimming); ``random`` is the baseline.
+``bn_scale`` uses only the norm layers' scales |γ| (network slimming; groups without a norm layer
+fall back to ``l1``); ``random`` is the baseline.
 """
 
 from __future__ import annotations
@@ -94,8 +95,11 @@ def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:
                 if s.mean() > 0:
                     total += s / s.mean()
                     members += 1
+            if members == 0 and fallback is not None:
+                return fallback(group)
             return total / max(members, 1)
 
+        fallback = magnitude(p)(model, graph, seed) if only_norms else None
         return score
 
     return factory

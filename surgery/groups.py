@@ -90,7 +90,6 @@ class Slot:
     axis: str
     atoms: np.ndarray  # 1-D: the atom of every position along the axis
     kind: str  # "module" (shrunk by a rule) or "param" (a tensor sliced along dim int(axis))
-    cross_channel: bool = False  # normalises across channels: zeroing is not equivalent
 
     @property
     def key(self) -> str:

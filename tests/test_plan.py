@@ -89,3 +89,23 @@ def test_mac_target() -> None:
     assert 0.45 < kept <= 0.5
     with pytest.raises(surgery.ConfigError, match="exactly one of ratio= or target_macs="):
         surgery.prune(model, x, ratio=0.5, target_macs=0.5)
+
+
+def test_bn_scale_uses_gamma_and_falls_back_without_norms() -> None:
+    from patterns import Chain
+
+    model = Chain()
+    with torch.no_grad():
+        model.a[1].weight.fill_(0.1)
+        model.a[1].weight[[2, 5]] = 3.0  # BatchNorm scale marks channels 2 and 5
+    x = torch.randn(1, 3, 16, 16)
+    plan = surgery.plan(model, x, ratio=0.5, criterion="bn_scale", round_to=1)
+    assert {2, 5} <= set(plan.layers["a.0"].axes["out"].keep)
+    # fc1 -> fc2 has no norm layer: L1 decides there instead of ties
+    from patterns import FlattenLinear
+
+    model = FlattenLinear()
+    with torch.no_grad():
+        model.fc1.weight[[30, 31]] *= 100
+    plan = surgery.plan(model, x, ratio=0.5, criterion="bn_scale", round_to=1)
+    assert {30, 31} <= set(plan.layers["fc1"].axes["out"].keep)
