@@ -173,14 +173,18 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export.")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--steps", type=int, default=1, show_default=True,
+              help="Reach --ratio in K steps, fine-tuning on --data between them.")
+@click.option("--data", default=None, metavar="digits|DIR", help="Data for --steps fine-tuning.")
+@click.option("--epochs", type=int, default=5, show_default=True,
+              help="Fine-tuning epochs after each of the --steps.")
 @click.pass_context
 def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
           ratio: float | None, target_macs: float | None, criterion: str, round_to: int,
           ignore: tuple[str, ...], out_dir: str | None, no_onnx: bool, dry_run: bool,
-          as_json: bool) -> None:
+          as_json: bool, steps: int, data: str | None, epochs: int) -> None:
     from .api import plan_for_macs
     from .plan import make_plan
-    from .report import prune_report, to_markdown
     from .surgeon import apply
     from .verify import verify
 
@@ -188,9 +192,17 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
         raise UserError("--out DIR is required (or pass --dry-run)")
     if (ratio is None) == (target_macs is None):
         raise UserError("give exactly one of --ratio or --target-macs")
+    if steps > 1 and (ratio is None or data is None):
+        raise UserError("--steps K needs --ratio and --data (fine-tuning runs between steps)")
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = torch.randn(shape)
+    if steps > 1:
+        plan, small, check = _prune_in_steps(ctx, net, x, ratio, steps, data, epochs,  # type: ignore[arg-type]
+                                             criterion=criterion, round_to=round_to,
+                                             ignore=ignore)
+        return _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir,
+                             no_onnx, dry_run, as_json)
     with _step(ctx, f"tracing and planning {model}"):
         if target_macs is not None:
             plan = plan_for_macs(net, x, target_macs=target_macs, criterion=criterion,
@@ -202,6 +214,38 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
         small = apply(net, plan)
     with _step(ctx, "verifying"):
         check = verify(net, small, plan, x)
+    _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir, no_onnx, dry_run,
+                  as_json)
+
+
+def _prune_in_steps(ctx: click.Context, net: nn.Module, x: torch.Tensor, ratio: float,
+                    steps: int, data: str, epochs: int, **plan_kw: Any) -> tuple[Any, Any, Any]:
+    """Remove ``1 - (1 - ratio) ** (1 / steps)`` of the channels per step, fine-tune between."""
+    from .plan import make_plan
+    from .surgeon import apply
+    from .verify import verify
+
+    step_ratio = 1 - (1 - ratio) ** (1 / steps)
+    current, total, check = net, None, None
+    for k in range(steps):
+        plan = make_plan(current, x, ratio=step_ratio, **plan_kw)
+        small = apply(current, plan)
+        check = verify(current, small, plan, x)
+        total = plan if total is None else total.then(plan)
+        _emit(ctx, f"step {k + 1}/{steps}: removed {plan.removed()} channel positions")
+        if k < steps - 1:
+            _run_training(ctx, small, data, x.shape[-1], None, 0.0, None, epochs=epochs,
+                          lr=0.01, optimizer="sgd", batch_size=64, seed=k)
+        current = small
+    return total, current, check
+
+
+def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.Module,
+                  small: nn.Module, plan: Any, x: torch.Tensor, shape: tuple[int, ...],
+                  check: Any, out_dir: str | None, no_onnx: bool, dry_run: bool,
+                  as_json: bool) -> None:
+    from .report import prune_report, to_markdown
+
     report = prune_report(net, small, plan, x, check, spec=model)
 
     def show() -> None:

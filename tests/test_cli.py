@@ -192,3 +192,16 @@ def test_data_parallel_finetune_ranks_agree(artifact_dir: Path, tmp_path: Path) 
     surgery.load(work)  # rank 0 saved a loadable artifact
     res = run("finetune", str(work), "--data", "digits", "--nproc", "99")
     assert res.returncode == 1 and "--nproc 99 is more than the" in res.stderr
+
+
+def test_iterative_pruning_in_steps(tmp_path: Path) -> None:
+    out = tmp_path / "st"
+    res = run("prune", "resnet20", "--ratio", "0.5", "--steps", "2", "--data", "digits",
+              "--epochs", "1", "--input-shape", "1,3,8,8", "--round-to", "1", "--no-onnx",
+              "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "step 1/2" in res.stdout and "step 2/2" in res.stdout
+    small = surgery.load(out)
+    assert 9 <= small.conv1.out_channels <= 12  # 16 * (1 - 0.29) * (1 - 0.29), floored per step
+    res = run("prune", "resnet20", "--ratio", "0.5", "--steps", "2", "--dry-run")
+    assert res.returncode == 1 and "--steps K needs --ratio and --data" in res.stderr
