@@ -7,6 +7,9 @@ and after fine-tuning with distillation from the unpruned model. Figures are mea
 
     ./run python benchmarks/accuracy.py                        # the full sweep (long)
     ./run python benchmarks/accuracy.py --seeds 1 --ratios 0.5 --epochs 2 --ft-epochs 1  # smoke
+
+Besides uniform ratios, ``--macs`` adds points pruned to a MAC budget (0.5 = 2x fewer MACs),
+where the issue's targets are set. ``--resume`` keeps the rows already in ``--out``.
 """
 
 from __future__ import annotations
@@ -33,19 +36,29 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ratios", nargs="*", type=float,
-                    default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+                    default=[0.1, 0.3, 0.5, 0.8])
+    ap.add_argument("--macs", nargs="*", type=float, default=[0.5, 0.25],
+                    help="MAC budgets (fraction of the original) pruned to with target_macs")
     ap.add_argument("--criteria", nargs="*", default=["l1", "l2", "bn_scale", "random"])
     ap.add_argument("--epochs", type=int, default=30, help="training of the unpruned model")
     ap.add_argument("--ft-epochs", type=int, default=10)
     ap.add_argument("--size", type=int, default=16, help="digits are upsampled from 8x8")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "accuracy.png"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     args = ap.parse_args()
     train, val = digits("train", size=args.size), digits("val", size=args.size)
     x = train.tensors[0][:1]
-    rows = []
+    rows: list[dict] = []
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = json.load(f)["rows"]
+    done = {(r["seed"], r["criterion"], r["ratio"], r.get("target_macs")) for r in rows}
+    points = [(r, None) for r in args.ratios] + [(None, m) for m in args.macs]
     t0 = time.time()
     for seed in range(args.seeds):
+        if all((seed, c, r, m) in done for c in args.criteria for r, m in points):
+            continue
         torch.manual_seed(seed)
         base = build_model("resnet20")
         finetune(base, train, val, config=FinetuneConfig(epochs=args.epochs, lr=0.1, seed=seed))
@@ -53,11 +66,13 @@ def main() -> int:
         print(f"seed {seed}: unpruned accuracy {base_acc:.4f} ({time.time() - t0:.0f}s)",
               flush=True)
         for criterion in args.criteria:
-            for ratio in args.ratios:
-                small = surgery.prune(base, x, ratio=ratio, criterion=criterion, round_to=1,
-                                      seed=seed)
+            for ratio, macs in points:
+                if (seed, criterion, ratio, macs) in done:
+                    continue
+                small = surgery.prune(base, x, ratio=ratio, target_macs=macs,
+                                      criterion=criterion, round_to=1, seed=seed)
                 row = {"seed": seed, "criterion": criterion, "ratio": ratio,
-                       "unpruned": base_acc,
+                       "target_macs": macs, "unpruned": base_acc,
                        "mac_reduction": base_macs / surgery.count_macs(small, x),
                        "before": evaluate(small, val)}
                 recalibrate_bn(small, train)
@@ -83,18 +98,42 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.mean(r[key] for r in rows)
 
 
+def _point(r: dict) -> str:
+    return (f"ratio {r['ratio']}" if r.get("target_macs") is None
+            else f"MACs x{1 / r['target_macs']:g}")
+
+
+def _curves(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """criterion -> point label -> rows (all seeds), points sorted by MAC reduction."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        out.setdefault(r["criterion"], {}).setdefault(_point(r), []).append(r)
+    return {c: dict(sorted(pts.items(), key=lambda kv: _mean(kv[1], "mac_reduction")))
+            for c, pts in out.items()}
+
+
 def table(rows: list[dict]) -> None:
-    print("\n| criterion | ratio | MAC reduction | before | BN recalibrated | fine-tuned | "
+    print("\n| criterion | pruned to | MAC reduction | before | BN recalibrated | fine-tuned | "
           "fine-tuned + distilled | unpruned |")
     print("|---|---|---|---|---|---|---|---|")
-    for c in dict.fromkeys(r["criterion"] for r in rows):
-        for ratio in sorted({r["ratio"] for r in rows}):
-            sel = [r for r in rows if r["criterion"] == c and r["ratio"] == ratio]
-            print(f"| {c} | {ratio} | {_mean(sel, 'mac_reduction'):.2f}x | "
+    for c, pts in _curves(rows).items():
+        for label, sel in pts.items():
+            print(f"| {c} | {label} | {_mean(sel, 'mac_reduction'):.2f}x | "
                   + " | ".join(f"{100 * _mean(sel, k):.2f}" for k in
                                ("before", "recalibrated", "finetuned", "distilled", "unpruned"))
                   + " |")
     print(f"\nMeans over {len({r['seed'] for r in rows})} seeds, validation accuracy in %.")
+    targets = {0.5: 0.3, 0.25: 1.0}  # MAC budget -> allowed loss in points (issue 5)
+    for macs, allowed in targets.items():
+        for c, pts in _curves(rows).items():
+            sel = pts.get(f"MACs x{1 / macs:g}")
+            if not sel:
+                continue
+            gap = 100 * (_mean(sel, "unpruned")
+                         - max(_mean(sel, "finetuned"), _mean(sel, "distilled")))
+            verdict = "met" if gap <= allowed else "MISSED"
+            print(f"target {1 / macs:g}x fewer MACs, {c}: {gap:+.2f} points below unpruned "
+                  f"after fine-tuning (allowed {allowed}): {verdict}")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -103,18 +142,21 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in dict.fromkeys(r["criterion"] for r in rows):
-        pts = []
-        for ratio in sorted({r["ratio"] for r in rows}):
-            sel = [r for r in rows if r["criterion"] == c and r["ratio"] == ratio]
-            pts.append((_mean(sel, "mac_reduction"), 100 * _mean(sel, "distilled")))
-        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{c} (fine-tuned + distilled)")
-    ax.axhline(100 * _mean(rows, "unpruned"), color="k", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("MAC reduction (x)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("ResNet-20 on digits: accuracy vs MAC reduction")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
+    stages = (("recalibrated", "pruned, BN recalibrated (no training)"),
+              ("distilled", "pruned, fine-tuned + distilled"))
+    for ax, (key, title) in zip(axes, stages, strict=True):
+        for c, pts in _curves(rows).items():
+            xs = [_mean(sel, "mac_reduction") for sel in pts.values()]
+            ys = [100 * _mean(sel, key) for sel in pts.values()]
+            ax.plot(xs, ys, marker="o", label=c)
+        ax.axhline(100 * _mean(rows, "unpruned"), color="k", ls="--", lw=1, label="unpruned")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("MAC reduction (x, log scale)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"ResNet-20 on digits, mean of {len({r['seed'] for r in rows})} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

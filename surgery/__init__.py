@@ -8,6 +8,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import sparse
 from .api import plan_for_macs, prune
 from .artifact import ArtifactError, load, save
 from .bench import BenchReport, Measurement, bench
@@ -68,6 +69,7 @@ __all__ = [
     "register_module_rule",
     "RuntimeMissingError",
     "save",
+    "sparse",
     "SurgeryError",
     "trace",
     "TraceError",
