@@ -34,7 +34,11 @@ EXAMPLES = {
              "  surgery bench torchvision:resnet18 model.onnx --runtime ort --json out.json",
     "train": "surgery train resnet20 --data digits --epochs 30 --out out/r20",
     "finetune": "surgery prune out/r20 --ratio 0.5 --input-shape 1,3,32,32 --out out/r20-half\n"
-                "  surgery finetune out/r20-half --data digits --teacher out/r20 --epochs 10",
+                "  surgery finetune out/r20-half --data digits --teacher out/r20 --epochs 10\n"
+                "  surgery finetune out/r20-half --data digits --device cuda --nproc 4   "
+                "# 4 GPUs, NCCL\n"
+                "  torchrun --nproc-per-node 4 $(which surgery) finetune out/r20-half "
+                "--data digits --device cuda",
     "sparsify": "surgery sparsify out/r20 --amount 0.8 --data digits --epochs 3 "
                 "--out r20.sparse.safetensors\n"
                 "  surgery sparsify torchvision:resnet18 --amount 0.5 --scope layer --out r18.st",
@@ -371,7 +375,10 @@ def _train_options(f: Any) -> Any:
         click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd",
                      show_default=True),
         click.option("--batch-size", type=int, default=64, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True)]):
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda",
+                     help="Where to train; with --nproc N on cuda each rank takes one GPU "
+                          "(NCCL).")]):
         f = opt(f)
     return f
 
@@ -380,8 +387,11 @@ def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: in
                   distill: float, checkpoint: str | None, distributed: bool = False,
                   **kw: Any) -> Any:
     from .data import load as load_data
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import FinetuneConfig, finetune, resolve_device
 
+    device = resolve_device(kw.get("device"))
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     train, val = load_data(data, size=size)
     torch.manual_seed(kw["seed"])
     cfg = FinetuneConfig(epochs=kw["epochs"], lr=kw["lr"], optimizer=kw["optimizer"],
@@ -397,11 +407,11 @@ def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: in
             _emit(ctx, text)
 
     return finetune(net, train, val, teacher=teacher, config=cfg, checkpoint=checkpoint,
-                    on_epoch=show, distributed=distributed)
+                    on_epoch=show, distributed=distributed, device=device)
 
 
 def _finetune_job(job: dict[str, Any]) -> None:
-    """One rank of `surgery finetune --nproc N` (runs in a spawned process)."""
+    """`surgery finetune`, or one rank of it (--nproc N or torchrun)."""
     import hashlib
 
     import torch.distributed as dist
@@ -411,6 +421,7 @@ def _finetune_job(job: dict[str, Any]) -> None:
     _run_training(None, net, job["data"], job["size"], teacher, job["distill"],
                   job["checkpoint"], distributed=dist.is_initialized(), **job["kw"])
     rank = dist.get_rank() if dist.is_initialized() else 0
+    net.cpu()
     if job.get("rank_hashes"):
         h = hashlib.sha256(b"".join(t.detach().numpy().tobytes()
                                     for t in net.state_dict().values()))
@@ -442,6 +453,7 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
     net = build_model(model, kwargs)
     size = size or 32
     _run_training(ctx, net, data, size, None, 0.0, checkpoint, **kw)
+    net.cpu()
     empty = Plan(type(net).__name__, fingerprint(net), {}, True, {"trained_on": data})
     click.echo(str(artifact.save(out_dir, net, empty, spec=model, model_args=kwargs,
                                  input_shape=(1, 3, size, size))))
@@ -457,7 +469,8 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
               help="Weight of the distillation loss when --teacher is given.")
 @click.option("--checkpoint", default=None, help="Directory for per-epoch checkpoints (resume).")
 @click.option("--nproc", type=int, default=1, show_default=True,
-              help="Data-parallel CPU processes (gloo). On GPUs: torchrun + NCCL.")
+              help="Data-parallel processes: CPU processes (gloo), or one per GPU with "
+                   "--device cuda (NCCL). Under torchrun, leave it at 1.")
 @click.option("--rank-hashes", default=None, hidden=True,
               help="Write each rank's final weight hash to PATH.rankN (for tests).")
 @_train_options
@@ -465,21 +478,29 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
 def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None,
                  teacher: str | None, distill: float, checkpoint: str | None, nproc: int,
                  rank_hashes: str | None, **kw: Any) -> None:
-    from .finetune import launch, max_processes
+    from .finetune import launch, max_processes, resolve_device, run_under_torchrun, under_torchrun
 
     if not os.path.isdir(directory):
         raise UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out DIR` first")
-    if not 1 <= nproc <= max_processes():
-        raise UserError(f"--nproc {nproc} is more than the {max_processes()} CPU cores of this "
-                        f"machine; use at most {max_processes()}")
+    backend = "nccl" if resolve_device(kw["device"]).type == "cuda" else "gloo"
+    limit = max_processes(backend)
+    if not 1 <= nproc <= limit:
+        what = "GPUs" if backend == "nccl" else "CPU cores"
+        raise UserError(f"--nproc {nproc} is more than the {limit} {what} of this "
+                        f"machine; use at most {limit}")
     meta = artifact.read_meta(directory)
     job = {"directory": directory, "data": data, "teacher": teacher, "checkpoint": checkpoint,
            "size": size or int(meta["input_shape"][-1]), "kw": kw,
            "distill": distill if teacher else 0.0, "rank_hashes": rank_hashes}
-    if nproc == 1:
+    if under_torchrun():
+        if nproc != 1:
+            raise UserError("under torchrun, give the process count to torchrun "
+                            "(--nproc-per-node) and leave --nproc at 1")
+        run_under_torchrun(_finetune_job, job, backend=backend)
+    elif nproc == 1:
         _finetune_job(job)
     else:
-        launch(_finetune_job, nproc, job)
+        launch(_finetune_job, nproc, job, backend=backend)
 
 
 

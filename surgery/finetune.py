@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .data import DataError
+from .errors import ConfigError
 from .plan import default_mode
 
 
@@ -52,12 +53,13 @@ class EpochLog:
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy in eval mode (the model's mode is restored)."""
     modes = {m: m.training for m in model.modules()}
+    dev = _device(model)
     correct = total = 0
     try:
         model.eval()
         with torch.no_grad():
             for x, y in DataLoader(data, batch_size=batch_size):
-                correct += int((model(x).argmax(1) == y).sum())
+                correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
                 total += len(y)
     finally:
         for m, mode in modes.items():
@@ -88,12 +90,33 @@ def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20,
                                                   generator=g)):
                 if i >= batches:
                     break
-                model(x)
+                model(x.to(_device(model)))
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
         for m, mode in modes.items():
             m.training = mode
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (batches are moved there)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``, refused with the fix when no such GPU is present."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ConfigError(f"device {str(dev)!r} asked for but this machine has no CUDA GPU "
+                              "(torch.cuda.is_available() is False); use device='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device {str(dev)!r} asked for but this machine has {n} GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N' but received {str(dev)!r}")
+    return dev
 
 
 def _check_labels(model: nn.Module, data: Dataset) -> None:
@@ -103,7 +126,7 @@ def _check_labels(model: nn.Module, data: Dataset) -> None:
     was = model.training
     model.eval()
     with torch.no_grad():
-        out = model(x)
+        out = model(x.to(_device(model)))
     model.train(was)
     if out.ndim != 2 or int(y.max()) >= out.shape[1]:
         raise DataError(f"labels go up to {int(y.max())} but the model outputs "
@@ -181,7 +204,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
              teacher: nn.Module | None = None, config: FinetuneConfig | None = None,
              checkpoint: str | os.PathLike[str] | None = None,
              on_epoch: Callable[[EpochLog], None] | None = None,
-             distributed: bool = False) -> list[EpochLog]:
+             distributed: bool = False, device: str | torch.device | None = None
+             ) -> list[EpochLog]:
     """Train ``model`` in place on ``train``; evaluate on ``val`` after each epoch.
 
     With ``checkpoint`` a directory, the state after every epoch is written atomically and a
@@ -189,12 +213,19 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
     result as an uninterrupted run. With ``distributed`` (inside an initialised
     ``torch.distributed`` process group, see :func:`launch`) each rank trains on its shard
     through DistributedDataParallel; rank 0 writes checkpoints and reports epochs.
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) moves the model (and teacher) there first; by
+    default they train where their parameters are.
 
     Example:
         >>> log = surgery.finetune(small, digits("train"), digits("val"), teacher=model,
         ...                        config=FinetuneConfig(epochs=10, distill=0.5))
     """
     cfg = config or FinetuneConfig()
+    if device is not None:
+        model.to(resolve_device(device))
+    dev = _device(model)
+    if teacher is not None:
+        teacher.to(dev)
     _check_labels(model, train)
     opt = _optimizer(model, cfg)
     steps_per_epoch = -(-len(train) // cfg.batch_size)  # type: ignore[arg-type]
@@ -207,7 +238,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
     if teacher is not None:
         teacher.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    net = (nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model)
     for epoch in range(start, cfg.epochs):
         if distributed:
             sampler = DistributedSampler(train, world, rank, shuffle=True, seed=cfg.seed)
@@ -220,6 +252,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
         model.train()
         total_loss = correct = seen = 0.0
         for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             out = net(x)
             loss = F.cross_entropy(out, y)
             if teacher is not None and cfg.distill > 0:
@@ -250,16 +283,19 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
     return history
 
 
-def max_processes() -> int:
-    return os.cpu_count() or 1
+def max_processes(backend: str = "gloo") -> int:
+    """How many ranks this machine takes: CPU cores for gloo, GPUs for nccl."""
+    return torch.cuda.device_count() if backend == "nccl" else (os.cpu_count() or 1)
 
 
-def launch(worker: Callable[..., None], nproc: int, *args: Any) -> None:
-    """Run ``worker(*args)`` in ``nproc`` processes joined into a gloo process group
-    (CPU data parallelism; on GPUs use ``torchrun --nproc-per-node N`` with NCCL instead)."""
-    if not 1 <= nproc <= max_processes():
-        raise ValueError(f"--nproc {nproc} is more than the {max_processes()} CPU cores of this "
-                         f"machine; use at most {max_processes()}")
+def launch(worker: Callable[..., None], nproc: int, *args: Any, backend: str = "gloo") -> None:
+    """Run ``worker(*args)`` in ``nproc`` spawned processes joined into one process group:
+    ``gloo`` for CPU data parallelism, ``nccl`` for one process per GPU (rank r on cuda:r)."""
+    limit = max_processes(backend)
+    if not 1 <= nproc <= limit:
+        what = "GPUs" if backend == "nccl" else "CPU cores"
+        raise ConfigError(f"--nproc {nproc} is more than the {limit} {what} of this machine; "
+                          f"use at most {limit}")
     import socket
 
     import torch.multiprocessing as mp
@@ -267,13 +303,35 @@ def launch(worker: Callable[..., None], nproc: int, *args: Any) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(nproc, port, worker, args), nprocs=nproc, join=True)
+    mp.spawn(_entry, args=(nproc, port, backend, worker, args), nprocs=nproc, join=True)
 
 
-def _entry(rank: int, world: int, port: int, worker: Callable[..., None], args: tuple) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _entry(rank: int, world: int, port: int, backend: str, worker: Callable[..., None],
+           args: tuple) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     torch.set_num_threads(max(1, max_processes() // world))
+    try:
+        worker(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a ``torchrun`` job (it sets these variables)."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_under_torchrun(worker: Callable[..., None], *args: Any, backend: str = "gloo") -> None:
+    """Join the process group that ``torchrun`` set up (``env://``) and run ``worker(*args)``."""
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:  # share the cores among the ranks on this node
+        torch.set_num_threads(max(1, max_processes() // int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                            "1"))))
+    dist.init_process_group(backend, init_method="env://")
     try:
         worker(*args)
     finally:

@@ -192,6 +192,22 @@ def test_data_parallel_finetune_ranks_agree(artifact_dir: Path, tmp_path: Path) 
     surgery.load(work)  # rank 0 saved a loadable artifact
     res = run("finetune", str(work), "--data", "digits", "--nproc", "99")
     assert res.returncode == 1 and "--nproc 99 is more than the" in res.stderr
+    if not torch.cuda.is_available():
+        res = run("finetune", str(work), "--data", "digits", "--device", "cuda")
+        assert res.returncode == 1 and "no CUDA GPU" in res.stderr
+
+
+def test_finetune_under_torchrun_ranks_agree(artifact_dir: Path, tmp_path: Path) -> None:
+    """The multi-GPU launch path (torchrun, env:// rendezvous), here with gloo on the CPU."""
+    work = _copy(artifact_dir, tmp_path / "tr")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2"]
+    res = subprocess.run([*torchrun, "-m", "surgery.cli", "finetune", str(work), "--data",
+                          "digits", "--epochs", "1", "--rank-hashes", str(tmp_path / "h")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "h.rank0").read_text() == (tmp_path / "h.rank1").read_text()
+    assert surgery.load(work).conv1.out_channels == 8
 
 
 def test_iterative_pruning_in_steps(tmp_path: Path) -> None:
