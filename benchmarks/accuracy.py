@@ -46,7 +46,10 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "accuracy.png"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train, val = digits("train", size=args.size), digits("val", size=args.size)
     x = train.tensors[0][:1]
     rows: list[dict] = []

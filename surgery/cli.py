@@ -478,16 +478,12 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
 def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None,
                  teacher: str | None, distill: float, checkpoint: str | None, nproc: int,
                  rank_hashes: str | None, **kw: Any) -> None:
-    from .finetune import launch, max_processes, resolve_device, run_under_torchrun, under_torchrun
+    from .finetune import check_nproc, launch, resolve_device, run_under_torchrun, under_torchrun
 
     if not os.path.isdir(directory):
         raise UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out DIR` first")
     backend = "nccl" if resolve_device(kw["device"]).type == "cuda" else "gloo"
-    limit = max_processes(backend)
-    if not 1 <= nproc <= limit:
-        what = "GPUs" if backend == "nccl" else "CPU cores"
-        raise UserError(f"--nproc {nproc} is more than the {limit} {what} of this "
-                        f"machine; use at most {limit}")
+    check_nproc(nproc, backend)
     meta = artifact.read_meta(directory)
     job = {"directory": directory, "data": data, "teacher": teacher, "checkpoint": checkpoint,
            "size": size or int(meta["input_shape"][-1]), "kw": kw,

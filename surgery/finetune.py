@@ -85,12 +85,13 @@ def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20,
             m.momentum = None
         model.train()
         g = torch.Generator().manual_seed(0)
+        dev = _device(model)
         with torch.no_grad():
             for i, (x, _) in enumerate(DataLoader(data, batch_size=batch_size, shuffle=True,
                                                   generator=g)):
                 if i >= batches:
                     break
-                model(x.to(_device(model)))
+                model(x.to(dev))
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
@@ -288,14 +289,19 @@ def max_processes(backend: str = "gloo") -> int:
     return torch.cuda.device_count() if backend == "nccl" else (os.cpu_count() or 1)
 
 
-def launch(worker: Callable[..., None], nproc: int, *args: Any, backend: str = "gloo") -> None:
-    """Run ``worker(*args)`` in ``nproc`` spawned processes joined into one process group:
-    ``gloo`` for CPU data parallelism, ``nccl`` for one process per GPU (rank r on cuda:r)."""
+def check_nproc(nproc: int, backend: str = "gloo") -> None:
+    """Refuse a process count the machine cannot run (cores for gloo, GPUs for nccl)."""
     limit = max_processes(backend)
     if not 1 <= nproc <= limit:
         what = "GPUs" if backend == "nccl" else "CPU cores"
         raise ConfigError(f"--nproc {nproc} is more than the {limit} {what} of this machine; "
                           f"use at most {limit}")
+
+
+def launch(worker: Callable[..., None], nproc: int, *args: Any, backend: str = "gloo") -> None:
+    """Run ``worker(*args)`` in ``nproc`` spawned processes joined into one process group:
+    ``gloo`` for CPU data parallelism, ``nccl`` for one process per GPU (rank r on cuda:r)."""
+    check_nproc(nproc, backend)
     import socket
 
     import torch.multiprocessing as mp
