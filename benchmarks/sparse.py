@@ -22,7 +22,6 @@ import tempfile
 
 import torch
 import torchvision
-from safetensors.torch import save_file
 
 import surgery
 from surgery import sparse
@@ -32,12 +31,6 @@ from surgery.finetune import FinetuneConfig, evaluate, finetune
 from surgery.spec import build_model
 
 HERE = os.path.dirname(__file__)
-
-
-def dense_bytes(model: torch.nn.Module) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{tmp}/w")
-        return os.path.getsize(f"{tmp}/w")
 
 
 def sparse_bytes(model: torch.nn.Module) -> int:
@@ -74,7 +67,7 @@ def main() -> int:
     finetune(base, train, val, config=FinetuneConfig(epochs=args.epochs, lr=0.1))
     ft = FinetuneConfig(epochs=args.ft_epochs, lr=0.02)
     rows = [{"model": "unpruned", "accuracy": evaluate(base, val),
-             "bytes": dense_bytes(base), "macs": surgery.count_macs(base, x)}]
+             "bytes": sparse.dense_bytes(base), "macs": surgery.count_macs(base, x)}]
     variants: dict[str, torch.nn.Module] = {}
     for amount in args.amounts:
         net = sparse.magnitude_prune_(copy.deepcopy(base), amount)
@@ -93,7 +86,7 @@ def main() -> int:
         name = f"structured ratio {ratio}"
         variants[name] = net
         rows.append({"model": name, "accuracy_before_ft": before, "accuracy": evaluate(net, val),
-                     "bytes": dense_bytes(net), "macs": surgery.count_macs(net, x)})
+                     "bytes": sparse.dense_bytes(net), "macs": surgery.count_macs(net, x)})
     times = latency(base, variants, (3, args.size, args.size), args.rounds)
     for r in rows:
         r.update({f"{rt}_ms": ms for rt, ms in times[r["model"]].items()})
@@ -104,7 +97,7 @@ def main() -> int:
                sparse.magnitude_prune_(copy.deepcopy(r18), 0.8)),
            "structured ratio 0.5": surgery.prune(r18, x224, ratio=0.5)}
     times224 = latency(r18, big, (3, 224, 224), max(5, args.rounds // 3))
-    rows224 = [{"model": name, "bytes": (dense_bytes(m) if "unstructured" not in name
+    rows224 = [{"model": name, "bytes": (sparse.dense_bytes(m) if "unstructured" not in name
                                          else sparse_bytes(m)),
                 **{f"{rt}_ms": ms for rt, ms in times224[name].items()}}
                for name, m in {"unpruned": r18, **big}.items()]

@@ -199,8 +199,15 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
         raise UserError("--out DIR is required (or pass --dry-run)")
     if (ratio is None) == (target_macs is None):
         raise UserError("give exactly one of --ratio or --target-macs")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1 but received {steps}")
     if steps > 1 and (ratio is None or data is None):
         raise UserError("--steps K needs --ratio and --data (fine-tuning runs between steps)")
+    if steps == 1 and data is not None:
+        raise UserError("--data is used only between --steps K > 1; to fine-tune after "
+                        "pruning, run `surgery finetune DIR --data ...`")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise UserError(f"--ratio must be a fraction in [0, 1) but received {ratio}")
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = torch.randn(shape)
@@ -387,11 +394,8 @@ def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: in
                   distill: float, checkpoint: str | None, distributed: bool = False,
                   **kw: Any) -> Any:
     from .data import load as load_data
-    from .finetune import FinetuneConfig, finetune, resolve_device
+    from .finetune import FinetuneConfig, finetune
 
-    device = resolve_device(kw.get("device"))
-    if distributed and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     train, val = load_data(data, size=size)
     torch.manual_seed(kw["seed"])
     cfg = FinetuneConfig(epochs=kw["epochs"], lr=kw["lr"], optimizer=kw["optimizer"],
@@ -407,7 +411,7 @@ def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: in
             _emit(ctx, text)
 
     return finetune(net, train, val, teacher=teacher, config=cfg, checkpoint=checkpoint,
-                    on_epoch=show, distributed=distributed, device=device)
+                    on_epoch=show, distributed=distributed, device=kw.get("device"))
 
 
 def _finetune_job(job: dict[str, Any]) -> None:
@@ -425,7 +429,8 @@ def _finetune_job(job: dict[str, Any]) -> None:
     if job.get("rank_hashes"):
         h = hashlib.sha256(b"".join(t.detach().numpy().tobytes()
                                     for t in net.state_dict().values()))
-        Path(f"{job['rank_hashes']}.rank{rank}").write_text(h.hexdigest())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        Path(f"{job['rank_hashes']}.rank{rank}").write_text(f"world={world} {h.hexdigest()}")
     if rank == 0:
         plan = Plan.load(Path(job["directory"]) / artifact.PLAN)
         click.echo(str(artifact.save(job["directory"], net, plan, spec=meta["spec"],
@@ -482,8 +487,12 @@ def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None
 
     if not os.path.isdir(directory):
         raise UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out DIR` first")
-    backend = "nccl" if resolve_device(kw["device"]).type == "cuda" else "gloo"
+    device = resolve_device(kw["device"])
+    backend = "nccl" if device.type == "cuda" else "gloo"
     check_nproc(nproc, backend)
+    if (nproc > 1 or under_torchrun()) and device.index is not None:
+        raise UserError(f"--device {kw['device']} names one GPU, but each rank takes its own; "
+                        "pass --device cuda")
     meta = artifact.read_meta(directory)
     job = {"directory": directory, "data": data, "teacher": teacher, "checkpoint": checkpoint,
            "size": size or int(meta["input_shape"][-1]), "kw": kw,
@@ -522,9 +531,6 @@ def sparsify(ctx: click.Context, model: str, model_args: tuple[str, ...],
              input_shape: str | None, amount: float, scope: str, data: str | None, epochs: int,
              lr: float, out_path: str, do_bench: bool, as_json: bool) -> None:
     import copy
-    import tempfile
-
-    from safetensors.torch import save_file
 
     from . import sparse
     from .bench import bench as run_bench
@@ -542,10 +548,7 @@ def sparsify(ctx: click.Context, model: str, model_args: tuple[str, ...],
                       optimizer="sgd", batch_size=64, seed=0)
     sparse.make_permanent_(net)
     sparse_bytes = sparse.save_sparse(net, out_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in dense.state_dict().items()},
-                  f"{tmp}/dense.safetensors")
-        dense_bytes = os.path.getsize(f"{tmp}/dense.safetensors")
+    dense_bytes = sparse.dense_bytes(dense)
     stats = sparse.sparsity(net)
     report: dict[str, Any] = {"file": out_path, "sparsity": stats.overall,
                               "zero_weights": stats.zeros, "prunable_weights": stats.total,

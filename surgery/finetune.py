@@ -107,7 +107,11 @@ def _device(model: nn.Module) -> torch.device:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``, refused with the fix when no such GPU is present."""
-    dev = torch.device(device or "cpu")
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N' but received "
+                          f"{device!r}") from None
     if dev.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0:
@@ -223,7 +227,10 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
     """
     cfg = config or FinetuneConfig()
     if device is not None:
-        model.to(resolve_device(device))
+        target = resolve_device(device)
+        if distributed and target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+        model.to(target)
     dev = _device(model)
     if teacher is not None:
         teacher.to(dev)
@@ -292,7 +299,9 @@ def max_processes(backend: str = "gloo") -> int:
 def check_nproc(nproc: int, backend: str = "gloo") -> None:
     """Refuse a process count the machine cannot run (cores for gloo, GPUs for nccl)."""
     limit = max_processes(backend)
-    if not 1 <= nproc <= limit:
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 but received {nproc}")
+    if nproc > limit:
         what = "GPUs" if backend == "nccl" else "CPU cores"
         raise ConfigError(f"--nproc {nproc} is more than the {limit} {what} of this machine; "
                           f"use at most {limit}")
@@ -333,7 +342,11 @@ def under_torchrun() -> bool:
 def run_under_torchrun(worker: Callable[..., None], *args: Any, backend: str = "gloo") -> None:
     """Join the process group that ``torchrun`` set up (``env://``) and run ``worker(*args)``."""
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started local rank {local} but this machine has "
+                              f"{torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
+        torch.cuda.set_device(local)
     else:  # share the cores among the ranks on this node
         torch.set_num_threads(max(1, max_processes() // int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                             "1"))))

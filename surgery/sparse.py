@@ -29,6 +29,7 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 
 from .errors import ConfigError, SurgeryError
+from .plan import default_mode
 
 FORMAT = "surgery.sparse/1"
 PRUNABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
@@ -86,10 +87,8 @@ def magnitude_prune_(model: nn.Module, amount: float, *, scope: str = "global",
 
 def make_permanent_(model: nn.Module) -> nn.Module:
     """Fold every ``torch.nn.utils.prune`` mask into its parameter and drop the hooks, in place."""
-    for m in model.modules():
-        for hook in list(m._forward_pre_hooks.values()):
-            if isinstance(hook, tprune.BasePruningMethod):
-                tprune.remove(m, hook._tensor_name)
+    for _, m, hook in _pruning_hooks(model):
+        tprune.remove(m, hook._tensor_name)
     return model
 
 
@@ -104,18 +103,33 @@ def sparsity(model: nn.Module, types: Sequence[type[nn.Module]] = PRUNABLE) -> S
     return Sparsity(per, zeros / max(total, 1), zeros, total)
 
 
+def _pruning_hooks(model: nn.Module) -> list[tuple[str, nn.Module, tprune.BasePruningMethod]]:
+    """(module name, module, hook) for every ``torch.nn.utils.prune`` reparametrisation."""
+    return [(name, m, hook) for name, m in model.named_modules()
+            for hook in list(m._forward_pre_hooks.values())
+            if isinstance(hook, tprune.BasePruningMethod)]
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as the user sees it: masked weights under their plain names."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.endswith("_mask"):
-            continue
-        if k.endswith("_orig"):
-            owner, _, attr = k[: -len("_orig")].rpartition(".")
-            v = getattr(model.get_submodule(owner) if owner else model, attr)
-            k = k[: -len("_orig")]
-        out[k] = v.detach().cpu().contiguous()
-    return out
+    """The state dict as the user sees it: masked tensors (``orig * mask``, fresh) under their
+    plain names, each a CPU copy of its own (tied weights share memory, which safetensors
+    refuses)."""
+    state = dict(model.state_dict())
+    for name, m, hook in _pruning_hooks(model):
+        key = f"{name}.{hook._tensor_name}" if name else hook._tensor_name
+        state.pop(key + "_orig")
+        state.pop(key + "_mask")
+        state[key] = hook.apply_mask(m)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Size of the model's weights as one dense safetensors file (what ``save_sparse`` beats)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(_state(model), f"{tmp}/dense.safetensors")
+        return os.path.getsize(f"{tmp}/dense.safetensors")
 
 
 def save_sparse(model: nn.Module, path: str | os.PathLike[str], *,
@@ -149,6 +163,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike[str], *,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        default_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -176,17 +191,21 @@ def read_sparse(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     for k, how in meta.items():
         if not how.startswith("packed:"):
             continue
-        shape = tuple(int(s) for s in how[len("packed:"):].split(",") if s)
-        n = int(np.prod(shape))
         try:
-            nz = torch.from_numpy(np.unpackbits(raw[f"{k}::mask"].numpy(), count=n).astype(bool))
-            values = raw[f"{k}::values"]
+            shape = tuple(int(s) for s in how[len("packed:"):].split(",") if s)
+            n = int(np.prod(shape))
+            bits = raw[f"{k}::mask"].numpy()
+            if bits.size * 8 < n:
+                raise ValueError(f"{bits.size * 8} mask bits for {n} entries")
+            nz = torch.from_numpy(np.unpackbits(bits, count=n).astype(bool))
+            values = raw[f"{k}::values"].reshape(-1)
             if int(nz.sum()) != values.numel():
-                raise SparseFileError(f"{src}: tensor {k!r} has {values.numel()} values for "
-                                      f"{int(nz.sum())} nonzero positions; the file is damaged")
+                raise ValueError(f"{values.numel()} values for {int(nz.sum())} nonzero positions")
         except KeyError as e:
             raise SparseFileError(f"{src}: tensor {k!r} lacks its {e.args[0]!r} part; "
                                   "the file is damaged") from e
+        except ValueError as e:
+            raise SparseFileError(f"{src}: tensor {k!r} is damaged ({e})") from e
         dense = torch.zeros(n, dtype=values.dtype)
         dense[nz] = values
         out[k] = dense.reshape(shape)

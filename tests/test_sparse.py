@@ -92,12 +92,17 @@ def test_sparse_file_errors(tmp_path: Path) -> None:
     sparse.save_sparse(model, path)
     with pytest.raises(sparse.SparseFileError, match="does not fit Small .*different shape"):
         sparse.load_sparse(Small(width=16), path)
-    before = {k: v.clone() for k, v in Small(width=16).state_dict().items()}
-    other = Small(width=16)
-    other.load_state_dict(before)
-    with pytest.raises(sparse.SparseFileError):
-        sparse.load_sparse(other, path)
-    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # untouched
+    # a masked model of the same architecture, given a file that lacks a layer: untouched
+    target = sparse.magnitude_prune_(Small(), 0.5)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    partial = tmp_path / "partial.safetensors"
+    del model.fc
+    model.fc = nn.Identity()
+    sparse.save_sparse(model, partial)
+    with pytest.raises(sparse.SparseFileError, match="missing: fc.bias, fc.weight"):
+        sparse.load_sparse(target, partial)
+    assert hasattr(target.a[0], "weight_mask")  # still masked, weights as they were
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(sparse.SparseFileError, match="damaged.safetensors"):
@@ -126,3 +131,44 @@ def test_cli_sparsify_fine_tunes_and_reports_sizes(tmp_path: Path) -> None:
     assert res.returncode == 1 and "--epochs needs --data" in res.stderr
     res = run("sparsify", "resnet20", "--amount", "0.5", "--out", str(tmp_path / "no" / "x"))
     assert res.returncode == 1 and "does not exist" in res.stderr
+
+
+class Tied(nn.Module):
+    """Tied weights, and a buffer whose name ends like a pruning mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(64, 64, bias=False)
+        self.dec = nn.Linear(64, 64, bias=False)
+        self.dec.weight = self.enc.weight
+        self.register_buffer("attn_mask", torch.randn(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x) + self.attn_mask)
+
+
+def test_tied_weights_and_mask_like_names_round_trip(tmp_path: Path) -> None:
+    model = Tied()
+    sparse.make_permanent_(sparse.magnitude_prune_(model, 0.6, scope="layer",
+                                                   types=(nn.Linear,)))
+    path = tmp_path / "t.safetensors"
+    sparse.save_sparse(model, path)
+    fresh = sparse.load_sparse(Tied(), path)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert torch.equal(fresh.attn_mask, model.attn_mask)
+
+
+def test_saved_weights_are_current_after_a_step_without_forward(tmp_path: Path) -> None:
+    model = Small()
+    sparse.magnitude_prune_(model, 0.5)
+    x = torch.randn(4, 3, 8, 8)
+    model(x).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # an optimiser step: the hook's cached `weight` is now stale
+    path = tmp_path / "m.safetensors"
+    sparse.save_sparse(model, path)
+    fresh = sparse.load_sparse(Small(), path)
+    expected = model.a[0].weight_orig.detach() * model.a[0].weight_mask
+    assert torch.equal(fresh.a[0].weight.detach(), expected)
