@@ -95,3 +95,38 @@ def test_image_folder_loading_and_errors(tmp_path) -> None:
     (tmp_path / "ok" / "dog" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="unreadable image .*bad.png"):
         [ds2 for ds2 in image_folder(tmp_path / "ok", size=16)]  # noqa: C416
+
+
+def _tiny_cifar(root, n: int = 4) -> None:
+    """A CIFAR-10 folder in the real python-pickle layout, with n images per batch."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                 "labels": [(k + i) % 10 for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps(
+        {"label_names": [f"class{i}" for i in range(10)]}))
+
+
+def test_local_cifar10_folder(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    from surgery.data import load
+
+    _tiny_cifar(tmp_path)
+    with pytest.raises(DataError, match="place the extracted cifar-10-batches-py"):
+        load(str(tmp_path))  # the checksums of the real files do not match: refused
+    # with the checksum check off, our loader reads the real layout (no download, ever)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    train, val = load(str(tmp_path))
+    assert len(train) == 20 and len(val) == 4 and num_classes(train) == 10
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
