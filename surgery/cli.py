@@ -410,8 +410,34 @@ def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: in
         else:
             _emit(ctx, text)
 
-    return finetune(net, train, val, teacher=teacher, config=cfg, checkpoint=checkpoint,
-                    on_epoch=show, distributed=distributed, device=kw.get("device"))
+    with _batch_progress(ctx, cfg.epochs) as on_batch:
+        return finetune(net, train, val, teacher=teacher, config=cfg, checkpoint=checkpoint,
+                        on_epoch=show, on_batch=on_batch, distributed=distributed,
+                        device=kw.get("device"))
+
+
+@contextlib.contextmanager
+def _batch_progress(ctx: click.Context | None, epochs: int) -> Iterator[Any]:
+    """A progress bar over each epoch's batches with the running loss, on a terminal only."""
+    if (ctx is not None and ctx.obj.get("quiet")) or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}"), console=Console(stderr=True),
+                  transient=True) as bar:
+        task = bar.add_task("epoch 1", total=None, loss=float("nan"))
+        state = {"epoch": 1}
+
+        def on_batch(step: int, steps: int, loss: float) -> None:
+            if step == 1 and bar.tasks[task].completed:
+                state["epoch"] += 1
+            bar.update(task, completed=step, total=steps, loss=loss,
+                       description=f"epoch {state['epoch']}/{epochs}")
+
+        yield on_batch
 
 
 def _finetune_job(job: dict[str, Any]) -> None:

@@ -209,6 +209,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
              teacher: nn.Module | None = None, config: FinetuneConfig | None = None,
              checkpoint: str | os.PathLike[str] | None = None,
              on_epoch: Callable[[EpochLog], None] | None = None,
+             on_batch: Callable[[int, int, float], None] | None = None,
              distributed: bool = False, device: str | torch.device | None = None
              ) -> list[EpochLog]:
     """Train ``model`` in place on ``train``; evaluate on ``val`` after each epoch.
@@ -218,6 +219,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
     result as an uninterrupted run. With ``distributed`` (inside an initialised
     ``torch.distributed`` process group, see :func:`launch`) each rank trains on its shard
     through DistributedDataParallel; rank 0 writes checkpoints and reports epochs.
+    ``on_batch(step, steps, loss)`` is called on rank 0 after every batch (progress bars).
     ``device`` (``cpu``, ``cuda``, ``cuda:N``) moves the model (and teacher) there first; by
     default they train where their parameters are.
 
@@ -259,7 +261,7 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
             loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g)
         model.train()
         total_loss = correct = seen = 0.0
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader, 1):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             out = net(x)
             loss = F.cross_entropy(out, y)
@@ -274,6 +276,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
             opt.step()
             sched.step()
             total_loss += float(loss.detach()) * len(y)
+            if on_batch is not None and rank == 0:
+                on_batch(step, len(loader), float(loss.detach()))
             correct += float((out.argmax(1) == y).sum())
             seen += len(y)
         if cfg.recalibrate_bn:

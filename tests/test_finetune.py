@@ -25,9 +25,14 @@ def test_training_learns_digits() -> None:
     model = build_model("resnet20")
     train, val = digits("train", size=16), digits("val", size=16)
     before = evaluate(model, val)
-    log = finetune(model, train, val, config=FinetuneConfig(epochs=2, lr=0.05, batch_size=64))
+    calls: list[tuple[int, int, float]] = []
+    log = finetune(model, train, val, config=FinetuneConfig(epochs=2, lr=0.05, batch_size=64),
+                   on_batch=lambda step, steps, loss: calls.append((step, steps, loss)))
     assert log[1].loss < log[0].loss
     assert log[-1].val_acc > 0.5 > before + 0.2  # chance is 0.1
+    steps = -(-len(train) // 64)  # progress callback: every batch of both epochs, in order
+    assert [c[:2] for c in calls] == [(i, steps) for i in range(1, steps + 1)] * 2
+    assert sum(c[2] for c in calls[:steps]) / steps > sum(c[2] for c in calls[steps:]) / steps
 
 
 def test_pruned_model_recovers_with_distillation() -> None:
