@@ -207,7 +207,7 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
         raise UserError("--data is used only between --steps K > 1; to fine-tune after "
                         "pruning, run `surgery finetune DIR --data ...`")
     if ratio is not None and not 0 <= ratio < 1:
-        raise UserError(f"--ratio must be a fraction in [0, 1) but received {ratio}")
+        raise UserError(f"--ratio: ratio must be a number in [0, 1) but received {ratio}")
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = torch.randn(shape)

@@ -225,4 +225,4 @@ def test_iterative_pruning_in_steps(tmp_path: Path) -> None:
     assert res.returncode == 1 and "--steps K needs --ratio and --data" in res.stderr
     res = run("prune", "resnet20", "--ratio", "1.5", "--steps", "2", "--data", "digits",
               "--dry-run")
-    assert res.returncode == 1 and "--ratio must be a fraction in [0, 1)" in res.stderr
+    assert res.returncode == 1 and "ratio must be a number in [0, 1)" in res.stderr
