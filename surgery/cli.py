@@ -534,7 +534,6 @@ def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None
         launch(_finetune_job, nproc, job, backend=backend)
 
 
-
 @cli.command(help=_help("sparsify", "Unstructured magnitude pruning (torch.nn.utils.prune), "
                                     "optional fine-tuning with the masks on, then a sparse "
                                     "weights file; reports the real file sizes and latencies."))

@@ -110,16 +110,18 @@ def _pruning_hooks(model: nn.Module) -> list[tuple[str, nn.Module, tprune.BasePr
             if isinstance(hook, tprune.BasePruningMethod)]
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state(model: nn.Module, *, copy: bool = True) -> dict[str, torch.Tensor]:
     """The state dict as the user sees it: masked tensors (``orig * mask``, fresh) under their
-    plain names, each a CPU copy of its own (tied weights share memory, which safetensors
-    refuses)."""
+    plain names; with ``copy`` each a CPU copy of its own (tied weights share memory, which
+    safetensors refuses), without it the live tensors (enough to compare names and shapes)."""
     state = dict(model.state_dict())
     for name, m, hook in _pruning_hooks(model):
         key = f"{name}.{hook._tensor_name}" if name else hook._tensor_name
         state.pop(key + "_orig")
         state.pop(key + "_mask")
         state[key] = hook.apply_mask(m)
+    if not copy:
+        return state
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
@@ -219,7 +221,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         >>> surgery.sparse.load_sparse(torchvision.models.resnet18(), "r18.sparse.safetensors")
     """
     state = read_sparse(path)
-    own = _state(model)
+    own = _state(model, copy=False)
     missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or extra or wrong:
