@@ -4,6 +4,8 @@
     plan  = surgery.plan(model, x, ratio=0.5)   # which channels every layer keeps (JSON-able)
     small = surgery.apply(model, plan)          # a new smaller model; `model` untouched
     small = surgery.prune(model, x, ratio=0.5)  # plan + apply + verify
+    plan  = surgery.latency_plan(model, x, ratio=0.5, runtime="ort")  # same MACs, laid out
+                                                # where ONNX Runtime saves the most time
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -24,6 +26,7 @@ from .errors import (
 )
 from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
 from .graph import ChannelGraph, fingerprint, trace
+from .latency import LatencyModel, latency_model, latency_plan, register_cost
 from .masks import MaskReport, from_masks
 from .plan import Plan
 from .plan import make_plan as plan
@@ -54,6 +57,9 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "fingerprint",
+    "LatencyModel",
+    "latency_model",
+    "latency_plan",
     "from_masks",
     "load",
     "MaskReport",
@@ -64,6 +70,7 @@ __all__ = [
     "plan_for_macs",
     "PlanError",
     "prune",
+    "register_cost",
     "register_criterion",
     "register_function_rule",
     "register_module_rule",

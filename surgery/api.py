@@ -8,6 +8,8 @@ from torch import nn
 
 from .errors import ConfigError
 from .graph import Inputs, trace
+from .latency import RUNTIMES as LATENCY_RUNTIMES
+from .latency import latency_plan
 from .plan import Plan, make_plan
 from .stats import count_macs
 from .surgeon import apply
@@ -16,12 +18,16 @@ from .verify import verify as check
 
 def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = None,
           criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
-          verify: bool = True, target_macs: float | None = None) -> nn.Module:
+          verify: bool = True, target_macs: float | None = None, allocate: str = "uniform",
+          threads: int = 1) -> nn.Module:
     """A new, physically smaller model with ``ratio`` of every group's channels removed.
 
     The input model is never modified. With ``verify`` (default) the result is checked against
     the original with the removed channels zeroed and a :class:`VerificationError` is raised on
     any difference. ``target_macs`` (a fraction of the original MACs) replaces ``ratio``.
+    ``allocate="ort"`` or ``"torch"`` removes as many MACs as ``ratio`` would, from the layers where
+    that runtime (timed here with ``threads`` threads) saves the most time
+    (:func:`surgery.latency_plan`); ``"uniform"`` removes ``ratio`` of every group.
 
     Example:
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
@@ -29,7 +35,17 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
     """
     if ratio is not None and target_macs is not None:
         raise ConfigError("give exactly one of ratio= or target_macs=")
-    if target_macs is not None:
+    if allocate not in ("uniform", *LATENCY_RUNTIMES):
+        raise ConfigError(f"allocate must be 'uniform' or a runtime to allocate for "
+                          f"({', '.join(LATENCY_RUNTIMES)}), not {allocate!r}")
+    if allocate != "uniform":
+        if target_macs is not None:
+            raise ConfigError("target_macs= works with allocate='uniform' only; give ratio= "
+                              "(the latency-aware plan removes as many MACs as that ratio)")
+        plan = latency_plan(model, example_inputs, ratio=ratio, runtime=allocate,  # type: ignore[arg-type]
+                            threads=threads, criterion=criterion, round_to=round_to,
+                            ignore=ignore, seed=seed)
+    elif target_macs is not None:
         plan = plan_for_macs(model, example_inputs, target_macs=target_macs, criterion=criterion,
                              round_to=round_to, ignore=ignore, seed=seed)
     else:  # a missing ratio is reported by make_plan, with the range it takes

@@ -185,12 +185,20 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.option("--data", default=None, metavar="digits|DIR", help="Data for --steps fine-tuning.")
 @click.option("--epochs", type=int, default=5, show_default=True,
               help="Fine-tuning epochs after each of the --steps.")
+@click.option("--allocate", type=click.Choice(["uniform", "ort", "torch"]), default="uniform",
+              show_default=True, help="uniform: remove --ratio of every group. ort / torch: "
+              "remove as many MACs, from the layers where that runtime saves the most time "
+              "(each layer is timed here first).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Threads the runtime is timed with for --allocate ort/torch.")
 @click.pass_context
 def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
           ratio: float | None, target_macs: float | None, criterion: str, round_to: int,
           ignore: tuple[str, ...], out_dir: str | None, no_onnx: bool, dry_run: bool,
-          as_json: bool, steps: int, data: str | None, epochs: int) -> None:
+          as_json: bool, steps: int, data: str | None, epochs: int, allocate: str,
+          threads: int) -> None:
     from .api import plan_for_macs
+    from .latency import latency_plan
     from .plan import make_plan
     from .surgeon import apply
     from .verify import verify
@@ -208,6 +216,11 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
                         "pruning, run `surgery finetune DIR --data ...`")
     if ratio is not None and not 0 <= ratio < 1:
         raise UserError(f"--ratio: ratio must be a number in [0, 1) but received {ratio}")
+    if allocate != "uniform" and (ratio is None or steps > 1):
+        raise UserError(f"--allocate {allocate} needs --ratio (it removes as many MACs as that "
+                        "ratio would) and works in one step")
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1 but received {threads}")
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = torch.randn(shape)
@@ -217,8 +230,13 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
                                              ignore=ignore)
         return _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir,
                              no_onnx, dry_run, as_json)
-    with _step(ctx, f"tracing and planning {model}"):
-        if target_macs is not None:
+    planning = f"tracing and planning {model}" if allocate == "uniform" else \
+        f"timing every layer on {allocate} ({threads} threads) and planning {model}"
+    with _step(ctx, planning):
+        if allocate != "uniform":
+            plan = latency_plan(net, x, ratio=ratio, runtime=allocate, threads=threads,  # type: ignore[arg-type]
+                                criterion=criterion, round_to=round_to, ignore=ignore)
+        elif target_macs is not None:
             plan = plan_for_macs(net, x, target_macs=target_macs, criterion=criterion,
                                  round_to=round_to, ignore=ignore)
         else:

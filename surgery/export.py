@@ -50,7 +50,7 @@ class ExportReport:
     opset: int
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None,
+def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None,
                 provider: str = "CPUExecutionProvider") -> Any:
     """An ONNX Runtime session with explicit threads and no spinning worker threads.
 
@@ -71,7 +71,8 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None,
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=[provider])
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

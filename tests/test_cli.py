@@ -94,6 +94,8 @@ def test_bench_export_inspect(artifact_dir: Path, tmp_path: Path) -> None:
     (["bench", "missing.onnx"], "ONNX file missing.onnx does not exist"),
     (["export", "resnet20", *SHAPE, "--onnx", "no/such/dir/m.onnx"], "does not exist"),
     (["bench", "resnet20", "--runtime", "cuda", *SHAPE], "no CUDA GPU"),
+    (["prune", "resnet20", "--target-macs", "0.5", "--allocate", "ort", *SHAPE, "--out", "OUT"],
+     "--allocate ort needs --ratio"),
 ])
 def test_user_errors(args: list[str], message: str, tmp_path: Path) -> None:
     if "cuda" in args and torch.cuda.is_available():
@@ -152,6 +154,16 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     row = "| layers.0.conv1 | [16, 16, 3, 3] | [8, 8, 3, 3] |"
     assert res.returncode == 0 and row in res.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_latency_aware_allocation(tmp_path: Path) -> None:
+    res = run("prune", "resnet20", "--ratio", "0.5", *SHAPE, "--allocate", "ort", "--threads",
+              "1", "--out", str(tmp_path / "r20"), "--no-onnx")
+    assert res.returncode == 0, res.stderr
+    plan = surgery.Plan.load(tmp_path / "r20" / "plan.json")
+    assert plan.settings["allocation"] == "latency" and plan.settings["runtime"] == "ort"
+    report = json.loads((tmp_path / "r20" / "report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["exact"]
 
 
 def test_internal_error_exit_code(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

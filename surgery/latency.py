@@ -1,0 +1,468 @@
+"""Latency-aware allocation: spend a MAC budget where the target runtime saves the most time.
+
+A uniform ratio removes the same share of every group, but on a real runtime a MAC is not a MAC:
+a depthwise or a narrow high-resolution conv costs far more time per MAC than a wide 3x3 conv. Here
+every conv/linear call of the model is timed alone on the target runtime (ONNX Runtime CPU or
+PyTorch eager) at a few widths of its input and output channels; the allocator then removes
+channels step by step (``round_to`` units at a time) from the group whose next step saves the most
+estimated time per MAC removed, until the model's MACs reach the budget. The budget is the MACs of
+the uniform plan at ``ratio`` (or ``target_macs``), so the result has the same arithmetic as the
+uniform plan, laid out where the runtime profits. Within a group, the least important channels by
+the criterion go first, as in :func:`surgery.plan`.
+
+Per-layer cost knowledge is a registry keyed by module class (:func:`register_cost`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .criteria import get_criterion
+from .errors import ConfigError
+from .graph import ChannelGraph, Inputs, as_tuple, trace
+from .plan import Plan, _keep_count, make_plan, plan_removing
+
+RUNTIMES = ("ort", "torch")
+GRID = (1.0, 0.75, 0.5, 0.25)  # widths (fractions of the original) timed per axis
+
+
+@dataclass
+class Call:
+    """One call of a costed leaf module: its input shape and the slots of its channel axes."""
+
+    path: str
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    slots: dict[str, str]  # axis ("in"/"out") -> slot key
+
+
+class CostRule:
+    """How one module family costs: MACs at given widths and a timed runner at given widths."""
+
+    types: tuple[type[nn.Module], ...] = ()
+
+    def widths(self, call: Call) -> dict[str, int]:
+        raise NotImplementedError
+
+    def macs(self, call: Call, w: dict[str, int]) -> float:
+        raise NotImplementedError
+
+    def runner(self, call: Call, w: dict[str, int], runtime: str,
+               threads: int) -> Callable[[], Any] | None:
+        raise NotImplementedError
+
+    def coupled(self, call: Call) -> bool:
+        """True when in and out shrink together (grouped convs lose whole groups)."""
+        return False
+
+
+_COSTS: list[CostRule] = []
+
+
+def register_cost(rule: CostRule) -> None:
+    """Add a cost rule; later registrations win for the same module class."""
+    _COSTS.insert(0, rule)
+
+
+def cost_rule(m: nn.Module) -> CostRule | None:
+    return next((r for r in _COSTS if isinstance(m, r.types)), None)
+
+
+def _ort_runner(nodes: list[Any], inits: list[Any], x: np.ndarray, out_rank: int,
+                threads: int) -> Callable[[], Any]:
+    """A one-layer ONNX graph in an ONNX Runtime session (same options as the benchmark)."""
+    from onnx import TensorProto, helper
+
+    from .export import ort_session
+
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = ort_session(model.SerializeToString(), threads=threads)
+    feed = {"x": x}
+    return lambda: sess.run(None, feed)
+
+
+def _init(name: str, a: np.ndarray) -> Any:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(a.astype(np.float32), name)
+
+
+class ConvCost(CostRule):
+    types = (nn.Conv2d,)
+
+    def widths(self, call: Call) -> dict[str, int]:
+        m = call.module
+        return {"in": m.in_channels, "out": m.out_channels}
+
+    def coupled(self, call: Call) -> bool:
+        return call.module.groups > 1
+
+    def _shape(self, call: Call, w: dict[str, int]) -> tuple[int, int, int]:
+        m = call.module
+        if m.groups > 1:  # whole groups go: per-group widths stay
+            opg = m.out_channels // m.groups
+            g = max(1, w["out"] // opg)
+            return g * (m.in_channels // m.groups), g * opg, g
+        return w["in"], w["out"], 1
+
+    def macs(self, call: Call, w: dict[str, int]) -> float:
+        m = call.module
+        cin, cout, g = self._shape(call, w)
+        hw = math.prod(call.out_shape[2:])
+        return call.out_shape[0] * hw * math.prod(m.kernel_size) * cout * (cin // g)
+
+    def runner(self, call: Call, w: dict[str, int], runtime: str,
+               threads: int) -> Callable[[], Any]:
+        m = call.module
+        cin, cout, g = self._shape(call, w)
+        x = torch.randn(call.in_shape[0], cin, *call.in_shape[2:])
+        weight = torch.randn(cout, cin // g, *m.kernel_size)
+        bias = torch.randn(cout)
+        if isinstance(m.padding, str):
+            pad = [0, 0] if m.padding == "valid" else \
+                [d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        else:
+            pad = list(m.padding)
+        if runtime == "torch":
+            def run() -> None:
+                with torch.inference_mode():
+                    F.conv2d(x, weight, bias, m.stride, pad, m.dilation, g)
+            return run
+        from onnx import helper
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=list(m.stride),
+                                pads=pad + pad, dilations=list(m.dilation), group=g,
+                                kernel_shape=list(m.kernel_size))
+        return _ort_runner([node], [_init("w", weight.numpy()), _init("b", bias.numpy())],
+                           x.numpy(), 4, threads)
+
+
+class LinearCost(CostRule):
+    types = (nn.Linear,)
+
+    def widths(self, call: Call) -> dict[str, int]:
+        m = call.module
+        return {"in": m.in_features, "out": m.out_features}
+
+    def macs(self, call: Call, w: dict[str, int]) -> float:
+        return math.prod(call.in_shape[:-1]) * w["in"] * w["out"]
+
+    def runner(self, call: Call, w: dict[str, int], runtime: str,
+               threads: int) -> Callable[[], Any]:
+        x = torch.randn(*call.in_shape[:-1], w["in"])
+        weight = torch.randn(w["out"], w["in"])
+        bias = torch.randn(w["out"])
+        if runtime == "torch":
+            def run() -> None:
+                with torch.inference_mode():
+                    F.linear(x, weight, bias)
+            return run
+        from onnx import helper
+        nodes = [helper.make_node("MatMul", ["x", "wt"], ["xw"]),
+                 helper.make_node("Add", ["xw", "b"], ["y"])]
+        return _ort_runner(nodes, [_init("wt", weight.T.contiguous().numpy()),
+                                   _init("b", bias.numpy())], x.numpy(), x.ndim, threads)
+
+
+register_cost(LinearCost())
+register_cost(ConvCost())
+
+
+def _time_ms(fn: Callable[[], Any], budget_s: float = 0.05, reps: int = 40) -> float:
+    fn()
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 5 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def find_calls(model: nn.Module, example_inputs: Inputs, graph: ChannelGraph) -> list[Call]:
+    """Every call of a costed leaf module in one eval forward, with its shapes and slots."""
+    names = {m: n for n, m in model.named_modules()}
+    by_path: dict[str, dict[str, str]] = {}
+    for key, slot in graph.slots.items():
+        if slot.kind == "module":
+            by_path.setdefault(slot.path, {})[slot.axis] = key
+    calls: list[Call] = []
+
+    def hook(m: nn.Module, args: tuple, out: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            p = names[m]
+            calls.append(Call(p, m, tuple(args[0].shape), tuple(out.shape),
+                              by_path.get(p, {})))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if cost_rule(m)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*as_tuple(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return calls
+
+
+@dataclass
+class _Table:
+    """Measured ms of one call on a grid of widths; bilinear in between."""
+
+    ins: np.ndarray
+    outs: np.ndarray
+    ms: np.ndarray  # [len(ins), len(outs)]
+
+    def __call__(self, cin: float, cout: float) -> float:
+        rows = [np.interp(cout, self.outs, r) for r in self.ms]
+        return float(np.interp(cin, self.ins, rows))
+
+
+def _grid(full: int, lowest: float) -> list[int]:
+    """Widths to time: the GRID fractions (multiples of 8) and the lowest width allowed."""
+    step = 8 if full >= 16 else 1
+    vals = {min(full, max(step, round(full * f / step) * step)) for f in GRID if f >= lowest}
+    return sorted(vals | {full, max(1, math.floor(full * lowest))})
+
+
+@dataclass
+class LatencyModel:
+    """Estimated time and MACs of every costed call as a function of its kept widths."""
+
+    runtime: str
+    threads: int
+    calls: list[Call]
+    tables: list[_Table]
+    timed: int = 0  # distinct layer shapes timed
+    seconds: float = 0.0
+
+    def ms(self, i: int, w: dict[str, int]) -> float:
+        return self.tables[i](w["in"], w["out"])
+
+    def macs(self, i: int, w: dict[str, int]) -> float:
+        rule = cost_rule(self.calls[i].module)
+        assert rule is not None
+        return rule.macs(self.calls[i], w)
+
+
+Timer = Callable[[Call, dict[str, int]], float]
+
+
+def latency_model(model: nn.Module, example_inputs: Inputs, *, runtime: str = "ort",
+                  threads: int = 1, lowest: float = 0.25, ignore: Sequence[str] = (),
+                  graph: ChannelGraph | None = None, timer: Timer | None = None) -> LatencyModel:
+    """Time every conv/linear call of ``model`` alone on ``runtime`` at a grid of channel widths
+    (1, 0.75, 0.5, 0.25 of the original, down to ``lowest``); repeated shapes are timed once.
+
+    ``timer(call, widths) -> ms`` replaces the built-in timing (e.g. to time on another device).
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"latency runtime must be one of {', '.join(RUNTIMES)}, "
+                          f"not {runtime!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive int but received {threads!r}")
+    if runtime == "ort" and timer is None:
+        from .export import RuntimeMissingError
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise RuntimeMissingError(f"latency-aware allocation for ONNX Runtime needs onnx and "
+                                      f"onnxruntime ({e}); pip install onnx onnxruntime") from e
+    if graph is None:
+        graph = trace(model, example_inputs, ignore=ignore)
+    calls = find_calls(model, example_inputs, graph)
+
+    def builtin(call: Call, w: dict[str, int]) -> float:
+        rule = cost_rule(call.module)
+        assert rule is not None
+        return _time_ms(rule.runner(call, w, runtime, threads))
+
+    time_it = timer or builtin
+    start = time.perf_counter()
+    cache: dict[tuple, float] = {}
+    tables = []
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for call in calls:
+            rule = cost_rule(call.module)
+            assert rule is not None
+            full = rule.widths(call)
+            outs = _grid(full["out"], lowest) if "out" in call.slots else [full["out"]]
+            coupled = rule.coupled(call) or "in" not in call.slots
+            ins = [full["in"]] if coupled else _grid(full["in"], lowest)
+            ms = np.empty((len(ins), len(outs)))
+            for a, cin in enumerate(ins):
+                for b, cout in enumerate(outs):
+                    key = (type(rule).__name__, call.in_shape, call.out_shape,
+                           repr(call.module), cin, cout)
+                    if key not in cache:
+                        cache[key] = time_it(call, {"in": cin, "out": cout})
+                    ms[a, b] = cache[key]
+            tables.append(_Table(np.array(ins, float), np.array(outs, float), ms))
+    finally:
+        torch.set_num_threads(old_threads)
+    return LatencyModel(runtime, threads, calls, tables, len(cache), time.perf_counter() - start)
+
+
+@dataclass
+class _GroupState:
+    group: Any
+    order: np.ndarray  # free units, least important first
+    keeps: list[int]  # candidate kept counts, descending; keeps[0] = all
+    ppu: dict[str, float]  # slot key -> positions per unit
+    calls: list[int]
+    at: int = 0  # index into keeps
+
+    @property
+    def removed(self) -> int:
+        return len(self.order) - self.keeps[self.at]
+
+
+def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
+                 runtime: str = "ort", threads: int = 1, criterion: str = "l2",
+                 round_to: int = 8, max_ratio: float | None = None, budget: str = "macs",
+                 ignore: Sequence[str] = (), seed: int = 0,
+                 graph: ChannelGraph | None = None,
+                 latency: LatencyModel | None = None) -> Plan:
+    """A plan with the budget of the uniform ``ratio`` plan, laid out where ``runtime``
+    (``"ort"``: ONNX Runtime CPU, ``"torch"``: PyTorch eager, ``threads`` threads, at the batch of
+    ``example_inputs``) saves the most time per MAC removed.
+
+    Args:
+        budget: ``"macs"`` (default): remove as many MACs as the uniform plan, chosen to be faster;
+            ``"latency"``: stop at the uniform plan's estimated time, removing fewer MACs.
+        max_ratio: no group loses more than this share of its channels (default halfway between
+            ``ratio`` and 1, at most 0.9), so no layer is starved.
+        latency: a :class:`LatencyModel` of the same model (from :func:`latency_model`), to reuse
+            its timings.
+
+    Example:
+        >>> p = surgery.latency_plan(model, torch.randn(1, 3, 224, 224), ratio=0.5,
+        ...                          runtime="ort", threads=2)
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"latency runtime must be one of {', '.join(RUNTIMES)}, "
+                          f"not {runtime!r}")
+    if budget not in ("latency", "macs"):
+        raise ConfigError(f"budget must be 'latency' or 'macs', not {budget!r}")
+    uniform = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
+                        round_to=round_to, ignore=ignore, seed=seed, graph=graph)
+    if graph is None:
+        graph = trace(model, example_inputs, ignore=ignore)
+    if max_ratio is None:
+        max_ratio = min(0.9, ratio + (1 - ratio) / 2)
+    if not ratio <= max_ratio < 1:
+        raise ConfigError(f"max_ratio must be in [ratio={ratio}, 1) but received {max_ratio!r}")
+    if ratio == 0:
+        return uniform
+    if latency is None:
+        latency = latency_model(model, example_inputs, runtime=runtime, threads=threads,
+                                lowest=1 - max_ratio, graph=graph)
+    calls = latency.calls
+    score = get_criterion(criterion)(model, graph, seed)
+    by_slot: dict[str, list[int]] = {}
+    for i, c in enumerate(calls):
+        for key in c.slots.values():
+            by_slot.setdefault(key, []).append(i)
+    states: list[_GroupState] = []
+    uniform_removed: list[int] = []
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        first = graph.slot_roots(g.slots[0])
+        per_unit = max(1, int(np.isin(first, g.units).sum()) // len(g.units))
+        n, fixed = len(g.units), len(g.pinned)
+        lo = _keep_count(n, fixed, per_unit, max_ratio, round_to)
+        step = round_to // math.gcd(round_to, per_unit) if round_to > 1 else 1
+        keeps = [n] + [k for k in range(n - 1, lo - 1, -1) if (k + fixed) % step == 0]
+        if keeps[-1] != lo and lo < n:
+            keeps.append(lo)
+        ppu = {key: float(np.isin(graph.slot_roots(key), g.units).sum()) / n
+               for key in g.slots}
+        touched = sorted({i for key in g.slots for i in by_slot.get(key, [])})
+        states.append(_GroupState(g, g.units[np.argsort(score(g), kind="stable")], keeps, ppu,
+                                  touched))
+        uniform_removed.append(n - _keep_count(n, fixed, per_unit, ratio, round_to))
+    sizes = {key: s.size for key, s in graph.slots.items()}
+    kept = dict(sizes)
+
+    def widths(i: int) -> dict[str, int]:
+        c = calls[i]
+        rule = cost_rule(c.module)
+        assert rule is not None
+        full = rule.widths(c)
+        return {a: int(round(kept[c.slots[a]])) if a in c.slots else full[a] for a in full}
+
+    def set_removed(st: _GroupState, removed: int, sign: float = 1.0) -> None:
+        for key, p in st.ppu.items():
+            kept[key] -= sign * p * removed
+
+    def measure_all() -> float:
+        col = 0 if budget == "macs" else 1
+        return sum((latency.macs(i, w), latency.ms(i, w))[col]
+                   for i in range(len(calls)) for w in [widths(i)])
+
+    for st, r in zip(states, uniform_removed, strict=True):
+        set_removed(st, r)
+    limit = measure_all()
+    for st, r in zip(states, uniform_removed, strict=True):
+        set_removed(st, r, -1.0)
+    total = measure_all()
+
+    def gain(st: _GroupState) -> tuple[float, float, float]:
+        """(ms saved per MAC, ms saved, MACs saved) of this group's next step."""
+        if st.at + 1 >= len(st.keeps):
+            return (-math.inf, 0.0, 0.0)
+        before = [(latency.ms(i, w), latency.macs(i, w)) for i in st.calls
+                  for w in [widths(i)]]
+        delta = st.keeps[st.at] - st.keeps[st.at + 1]
+        set_removed(st, delta)
+        after = [(latency.ms(i, w), latency.macs(i, w)) for i in st.calls for w in [widths(i)]]
+        set_removed(st, delta, -1.0)
+        dms = sum(b[0] for b in before) - sum(a[0] for a in after)
+        dmac = sum(b[1] for b in before) - sum(a[1] for a in after)
+        return (dms / dmac if dmac > 0 else -math.inf, dms, dmac)
+
+    cached = {id(st): gain(st) for st in states}
+    share: dict[int, list[_GroupState]] = {}
+    for st in states:
+        for i in st.calls:
+            share.setdefault(i, []).append(st)
+    while total > limit:
+        best = max(states, key=lambda s: cached[id(s)][0])
+        per, dms, dmac = cached[id(best)]
+        if per == -math.inf:
+            break
+        set_removed(best, best.keeps[best.at] - best.keeps[best.at + 1])
+        best.at += 1
+        total -= dmac if budget == "macs" else dms
+        for i in best.calls:
+            for other in share[i]:
+                cached[id(other)] = gain(other)
+        cached[id(best)] = gain(best)
+    gone = [st.order[:st.removed] for st in states if st.removed]
+    settings = {**uniform.settings, "allocation": "latency", "runtime": latency.runtime,
+                "threads": latency.threads, "max_ratio": max_ratio}
+    return plan_removing(model, graph,
+                         np.unique(np.concatenate(gone)) if gone else np.zeros(0, np.int64),
+                         settings)

@@ -1,0 +1,137 @@
+"""Latency-aware allocation: same MAC budget as the uniform plan, spent where time per MAC is
+highest; real timings on both runtimes; errors before anything is touched."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from surgery.latency import Call, latency_model, latency_plan
+from tests.conftest import assert_unchanged, randomize_norms, snapshot
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.cifar import resnet20  # noqa: E402
+
+
+def chain() -> nn.Module:
+    """stem (3->32 at full resolution), two 32-channel convs, a linear head."""
+    return randomize_norms(nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval())
+
+
+def conv_macs(call: Call, w: dict[str, int]) -> float:
+    m = call.module
+    cin = w["in"] if isinstance(m, nn.Linear) else w["in"] // m.groups
+    spatial = math.prod(call.out_shape[2:]) * math.prod(getattr(m, "kernel_size", (1,)))
+    return call.out_shape[0] * spatial * cin * w["out"]
+
+
+def slow_stem(call: Call, w: dict[str, int]) -> float:
+    """A made-up runtime on which the stem costs 10x more time per MAC than the rest."""
+    return conv_macs(call, w) * (10.0 if call.path == "0" else 1.0) * 1e-6
+
+
+def estimate(lat: surgery.LatencyModel, small: nn.Module) -> float:
+    """The made-up runtime's time of a pruned model (its layers' widths, timed by slow_stem)."""
+    mods = dict(small.named_modules())
+    total = 0.0
+    for call in lat.calls:
+        m = mods[call.path]
+        w = {"in": getattr(m, "in_channels", getattr(m, "in_features", 0)),
+             "out": getattr(m, "out_channels", getattr(m, "out_features", 0))}
+        total += slow_stem(call, w)
+    return total
+
+
+def test_budget_goes_where_time_per_mac_is_highest() -> None:
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    before = snapshot(model)
+    lat = latency_model(model, x, timer=slow_stem)
+    assert [c.path for c in lat.calls] == ["0", "3", "6", "11"]
+    plan = latency_plan(model, x, ratio=0.5, latency=lat)
+    uniform = surgery.plan(model, x, ratio=0.5)
+    small, flat = surgery.apply(model, plan), surgery.apply(model, uniform)
+    assert_unchanged(model, before)
+    surgery.verify(model, small, plan, x)  # still exact
+    # the stem's group (max_ratio 0.75 at ratio 0.5) goes first and furthest
+    assert small[0].out_channels == 8 and flat[0].out_channels == 16
+    # same arithmetic budget: at most the uniform plan's MACs, and not far below it
+    macs, budget = surgery.count_macs(small, x), surgery.count_macs(flat, x)
+    assert 0.8 * budget <= macs <= budget
+    assert estimate(lat, small) < 0.8 * estimate(lat, flat)
+    assert plan.settings["allocation"] == "latency" and plan.settings["max_ratio"] == 0.75
+    # a plan is data: re-applied from JSON to a fresh instance it gives the same model
+    again = surgery.apply(chain(), surgery.Plan.from_json(plan.to_json()))
+    assert [p.shape for p in again.parameters()] == [p.shape for p in small.parameters()]
+
+
+def test_max_ratio_caps_every_layer() -> None:
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    lat = latency_model(model, x, timer=slow_stem, lowest=0.4)
+    plan = latency_plan(model, x, ratio=0.5, max_ratio=0.6, round_to=1, latency=lat)
+    kept = [m.out_channels for m in surgery.apply(model, plan).modules()
+            if isinstance(m, nn.Conv2d)]
+    assert kept[0] == 13 and min(kept) >= 13  # 32 - floor(0.6 * 32)
+
+
+def test_latency_budget_keeps_more_macs_for_the_same_time() -> None:
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    lat = latency_model(model, x, timer=slow_stem)
+    fast = surgery.apply(model, latency_plan(model, x, ratio=0.5, latency=lat, budget="latency"))
+    flat = surgery.apply(model, surgery.plan(model, x, ratio=0.5))
+    assert surgery.count_macs(fast, x) > surgery.count_macs(flat, x)
+    assert estimate(lat, fast) <= estimate(lat, flat) * 1.0001
+
+
+@pytest.mark.parametrize("runtime", ["ort", "torch"])
+def test_real_timings_give_an_exact_plan_within_budget(runtime: str) -> None:
+    model, x = randomize_norms(resnet20().eval()), torch.randn(1, 3, 32, 32)
+    lat = latency_model(model, x, runtime=runtime, threads=1)
+    assert lat.timed > 0 and all((t.ms > 0).all() for t in lat.tables)
+    assert len(lat.calls) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+    plan = latency_plan(model, x, ratio=0.5, latency=lat)
+    small = surgery.apply(model, plan)
+    surgery.verify(model, small, plan, x)
+    flat = surgery.prune(model, x, ratio=0.5)
+    assert surgery.count_macs(small, x) <= surgery.count_macs(flat, x)
+    assert plan.settings["runtime"] == runtime and plan.settings["threads"] == 1
+
+
+def test_prune_allocate() -> None:
+    model, x = resnet20().eval(), torch.randn(1, 3, 32, 32)
+    small = surgery.prune(model, x, ratio=0.5, allocate="torch")
+    assert surgery.count_macs(small, x) <= surgery.count_macs(surgery.prune(model, x, ratio=0.5),
+                                                              x)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"runtime": "tensorrt"}, "latency runtime must be one of ort, torch, not 'tensorrt'"),
+    ({"budget": "watts"}, "budget must be 'latency' or 'macs', not 'watts'"),
+    ({"max_ratio": 0.3}, "max_ratio must be in [ratio=0.5, 1)"),
+    ({"threads": 0}, "threads must be a positive int"),
+    ({"ratio": 1.0}, "ratio must be a number in [0, 1)"),
+])
+def test_bad_settings_are_refused_and_the_model_untouched(kwargs: dict, message: str) -> None:
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    before = snapshot(model)
+    with pytest.raises(surgery.ConfigError) as e:
+        latency_plan(model, x, **{"ratio": 0.5, **kwargs})
+    assert message in str(e.value)
+    assert_unchanged(model, before)
+
+
+def test_prune_allocate_errors() -> None:
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(surgery.ConfigError, match="allocate must be 'uniform' or a runtime"):
+        surgery.prune(model, x, ratio=0.5, allocate="tensorrt")
+    with pytest.raises(surgery.ConfigError, match="target_macs= works with allocate='uniform'"):
+        surgery.prune(model, x, target_macs=0.5, allocate="ort")
