@@ -1,10 +1,12 @@
 """Measured speedup of pruned models vs the MAC reduction, ours and Torch-Pruning's, same run.
 
-For every model, ratio and batch: the original, our pruned model and Torch-Pruning's (L2
-magnitude, same ratio and rounding) are timed in turns on PyTorch eager CPU and ONNX Runtime CPU
-(surgery.bench: medians of alternating runs, explicit threads). Efficiency = speedup / MAC ratio.
+For every model, ratio and batch: the original, our uniform plan, our latency-aware plan for the
+runtime being timed (surgery.latency_plan: the uniform plan's MAC budget, laid out where that
+runtime saves the most time) and Torch-Pruning's (L2 magnitude, same ratio and rounding) are timed
+in turns on PyTorch eager CPU and ONNX Runtime CPU (surgery.bench: medians of alternating runs,
+explicit threads). Efficiency = speedup / MAC ratio.
 
-    ./run python benchmarks/speedup.py                      # the README table (slow: ~30 min)
+    ./run python benchmarks/speedup.py                      # the README table (slow: ~50 min)
     ./run python benchmarks/speedup.py --models resnet18 --ratios 0.5 --batches 1
 """
 
@@ -45,11 +47,12 @@ def main() -> int:
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
-    ap.add_argument("--round-to", type=int, default=1, help="1 as in the README table; 8 is "
-                    "the library default (compare with --out results/speedup_round8.json)")
+    ap.add_argument("--round-to", type=int, default=8, help="8 (the library default) as in the "
+                    "README table; 1 gives exact ratios (results/speedup_round1.json)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--no-latency", action="store_true", help="skip the latency-aware plans")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "speedup.json"))
     ap.add_argument("--append", action="store_true",
@@ -70,12 +73,20 @@ def main() -> int:
         rows = [r for r in old["rows"] if r["model"] not in args.models]
         env = old["env"]
     for name in args.models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, 224, 224)
+        graph = surgery.trace(model, x)
+        timings = {} if args.no_latency else {  # per-layer timings, shared by both ratios
+            rt: surgery.latency_model(model, x, runtime=rt, threads=args.threads, graph=graph)
+            for rt in RUNTIMES}
+        for rt, lat in timings.items():
+            print(f"{name}: timed {lat.timed} layer shapes on {rt} in {lat.seconds:.0f} s",
+                  flush=True)
         for ratio in args.ratios:
-            torch.manual_seed(0)
-            model = torchvision.models.get_model(name, weights=None).eval()
-            x = torch.randn(1, 3, 224, 224)
-            models: dict[str, torch.nn.Module] = {"original": model}
-            models["surgery"] = surgery.prune(model, x, ratio=ratio, round_to=args.round_to)
+            plan = surgery.plan(model, x, ratio=ratio, round_to=args.round_to, graph=graph)
+            models: dict[str, torch.nn.Module] = {"original": model,
+                                                  "surgery": surgery.apply(model, plan)}
             if not args.no_tp:
                 theirs = torchvision.models.get_model(name, weights=None).eval()
                 theirs.load_state_dict(model.state_dict())
@@ -84,18 +95,25 @@ def main() -> int:
                     models["torch-pruning"] = theirs
                 except Exception as e:  # Torch-Pruning cannot prune this model
                     print(f"torch-pruning failed on {name}: {type(e).__name__}: {e}")
-            rep = surgery.bench(models, (3, 224, 224), runtimes=("torch", "ort"),
-                                batches=args.batches, threads=args.threads, rounds=args.rounds,
-                                min_round_ms=20)
-            env = rep.env
-            explain_gaps(name, ratio, models, rep, args)
-            for r in rep.rows:
-                rows.append({"model": name, "ratio": ratio, "variant": r.model,
-                             "runtime": r.runtime, "batch": r.batch, "median_ms": r.median_ms,
-                             "macs": r.macs, "params": r.params, "speedup": r.speedup,
-                             "mac_ratio": r.mac_ratio, "efficiency": r.efficiency})
-            print(rep.to_markdown().split("\n\n")[0].replace("original", f"{name}@{ratio}"),
-                  flush=True)
+            for rt in RUNTIMES:
+                variants = dict(models)
+                if rt in timings:
+                    fast = surgery.latency_plan(model, x, ratio=ratio, round_to=args.round_to,
+                                                graph=graph, latency=timings[rt])
+                    variants["surgery-latency"] = surgery.apply(model, fast)
+                rep = surgery.bench(variants, (3, 224, 224), runtimes=(rt,), batches=args.batches,
+                                    threads=args.threads, rounds=args.rounds, min_round_ms=20)
+                env = {**rep.env, "runtimes": ",".join(RUNTIMES)}
+                if rt == "ort":
+                    explain_gaps(name, ratio, variants, rep, args)
+                for r in rep.rows:
+                    rows.append({"model": name, "ratio": ratio, "variant": r.model,
+                                 "runtime": r.runtime, "batch": r.batch,
+                                 "median_ms": r.median_ms, "macs": r.macs, "params": r.params,
+                                 "speedup": r.speedup, "mac_ratio": r.mac_ratio,
+                                 "efficiency": r.efficiency})
+                print(rep.to_markdown().split("\n\n")[0].replace("original", f"{name}@{ratio}"),
+                      flush=True)
             with open(args.out, "w") as f:  # after every model: a crash keeps what was measured
                 json.dump({"env": env, "round_to": args.round_to, "rows": rows}, f, indent=1)
     print_summary(rows, env)
@@ -103,6 +121,8 @@ def main() -> int:
 
 
 TARGETS = {"ort": 0.95, "torch": 0.75}
+RUNTIMES = ("torch", "ort")
+VARIANTS = ("surgery", "surgery-latency", "torch-pruning")
 
 
 def explain_gaps(name: str, ratio: float, models: dict, rep: surgery.BenchReport,
@@ -131,8 +151,9 @@ def explain_gaps(name: str, ratio: float, models: dict, rep: surgery.BenchReport
 
 
 def print_summary(rows: list[dict], env: dict | None) -> None:
-    print("\n| model | ratio | batch | MAC ratio | torch speedup (surgery / TP) | "
-          "ORT speedup (surgery / TP) | torch eff. (surgery / TP) | ORT eff. (surgery / TP) |")
+    names = " / ".join(VARIANTS)
+    print(f"\n| model | ratio | batch | MAC ratio | torch speedup ({names}) | ORT speedup | "
+          "torch eff. | ORT eff. |")
     print("|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["model"], r["ratio"], r["batch"]) for r in rows},
                   key=lambda k: (MODELS.index(k[0]) if k[0] in MODELS else 99, k[1], k[2]))
@@ -147,18 +168,22 @@ def print_summary(rows: list[dict], env: dict | None) -> None:
     for k in keys:
         cells = [fmt(get(k, "surgery", "torch", "mac_ratio"))]
         for field in ("speedup", "efficiency"):
-            for rt in ("torch", "ort"):
-                cells.append(f"{fmt(get(k, 'surgery', rt, field))} / "
-                             f"{fmt(get(k, 'torch-pruning', rt, field))}")
+            for rt in RUNTIMES:
+                cells.append(" / ".join(fmt(get(k, v, rt, field)) for v in VARIANTS))
         print(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
-    for variant in ("surgery", "torch-pruning"):
-        for rt in ("torch", "ort"):
+    print()
+    for variant in VARIANTS:
+        for rt in RUNTIMES:
             effs = [r["efficiency"] for r in rows if r["variant"] == variant
                     and r["runtime"] == rt and r["ratio"] == 0.5 and r["batch"] == 1
                     and r["efficiency"] is not None]
+            slower = sorted({f"{r['model']}@{r['ratio']}/b{r['batch']}" for r in rows
+                             if r["variant"] == variant and r["runtime"] == rt
+                             and r["speedup"] is not None and r["speedup"] < 1})
             if effs:
                 print(f"median efficiency {variant} {rt} (ratio 0.5, batch 1): "
-                      f"{statistics.median(effs):.2f} over {len(effs)} models")
+                      f"{statistics.median(effs):.2f} over {len(effs)} models (target "
+                      f"{TARGETS[rt]}); slower than the original: {', '.join(slower) or 'none'}")
     print(f"\nMedians of alternating runs; {env}")
 
 

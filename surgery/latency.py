@@ -10,7 +10,9 @@ the uniform plan at ``ratio`` (or ``target_macs``), so the result has the same a
 uniform plan, laid out where the runtime profits. Within a group, the least important channels by
 the criterion go first, as in :func:`surgery.plan`.
 
-Per-layer cost knowledge is a registry keyed by module class (:func:`register_cost`).
+Per-layer cost knowledge is a registry keyed by module class (:func:`register_cost`): Conv2d and
+Linear (timed, with MACs), BatchNorm2d (timed in eager, free in ONNX Runtime, which folds it).
+Other layers are not modelled; their time counts as fixed.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class CostRule:
     """How one module family costs: MACs at given widths and a timed runner at given widths."""
 
     types: tuple[type[nn.Module], ...] = ()
+    #: the module rule's axis name -> "in" / "out" here
+    slot_axes: dict[str, str] = {"in": "in", "out": "out"}
 
     def widths(self, call: Call) -> dict[str, int]:
         raise NotImplementedError
@@ -60,6 +64,7 @@ class CostRule:
 
     def runner(self, call: Call, w: dict[str, int], runtime: str,
                threads: int) -> Callable[[], Any] | None:
+        """A callable that runs the layer once at widths ``w``; None: free on this runtime."""
         raise NotImplementedError
 
     def coupled(self, call: Call) -> bool:
@@ -178,6 +183,36 @@ class LinearCost(CostRule):
                                    _init("b", bias.numpy())], x.numpy(), x.ndim, threads)
 
 
+class NormCost(CostRule):
+    """BatchNorm: no MACs; folded into the conv by ONNX Runtime, a memory pass in eager."""
+
+    types = (nn.BatchNorm2d,)
+    slot_axes = {"features": "out"}
+
+    def widths(self, call: Call) -> dict[str, int]:
+        return {"in": call.module.num_features, "out": call.module.num_features}
+
+    def coupled(self, call: Call) -> bool:
+        return True
+
+    def macs(self, call: Call, w: dict[str, int]) -> float:
+        return 0.0
+
+    def runner(self, call: Call, w: dict[str, int], runtime: str,
+               threads: int) -> Callable[[], Any] | None:
+        if runtime != "torch":
+            return None
+        c = w["out"]
+        x = torch.randn(call.in_shape[0], c, *call.in_shape[2:])
+        mean, var, weight, bias = torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)
+
+        def run() -> None:
+            with torch.inference_mode():
+                F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
+        return run
+
+
+register_cost(NormCost())
 register_cost(LinearCost())
 register_cost(ConvCost())
 
@@ -206,8 +241,9 @@ def find_calls(model: nn.Module, example_inputs: Inputs, graph: ChannelGraph) ->
     def hook(m: nn.Module, args: tuple, out: Any) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             p = names[m]
-            calls.append(Call(p, m, tuple(args[0].shape), tuple(out.shape),
-                              by_path.get(p, {})))
+            axes = cost_rule(m).slot_axes  # type: ignore[union-attr]
+            slots = {axes[a]: key for a, key in by_path.get(p, {}).items() if a in axes}
+            calls.append(Call(p, m, tuple(args[0].shape), tuple(out.shape), slots))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if cost_rule(m)]
     modes = {m: m.training for m in model.modules()}
@@ -294,7 +330,8 @@ def latency_model(model: nn.Module, example_inputs: Inputs, *, runtime: str = "o
     def builtin(call: Call, w: dict[str, int]) -> float:
         rule = cost_rule(call.module)
         assert rule is not None
-        return _time_ms(rule.runner(call, w, runtime, threads))
+        run = rule.runner(call, w, runtime, threads)
+        return 0.0 if run is None else _time_ms(run)
 
     time_it = timer or builtin
     start = time.perf_counter()

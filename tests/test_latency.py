@@ -37,6 +37,8 @@ def conv_macs(call: Call, w: dict[str, int]) -> float:
 
 def slow_stem(call: Call, w: dict[str, int]) -> float:
     """A made-up runtime on which the stem costs 10x more time per MAC than the rest."""
+    if isinstance(call.module, nn.BatchNorm2d):
+        return 0.0
     return conv_macs(call, w) * (10.0 if call.path == "0" else 1.0) * 1e-6
 
 
@@ -46,6 +48,8 @@ def estimate(lat: surgery.LatencyModel, small: nn.Module) -> float:
     total = 0.0
     for call in lat.calls:
         m = mods[call.path]
+        if isinstance(m, nn.BatchNorm2d):
+            continue
         w = {"in": getattr(m, "in_channels", getattr(m, "in_features", 0)),
              "out": getattr(m, "out_channels", getattr(m, "out_features", 0))}
         total += slow_stem(call, w)
@@ -56,7 +60,7 @@ def test_budget_goes_where_time_per_mac_is_highest() -> None:
     model, x = chain(), torch.randn(1, 3, 32, 32)
     before = snapshot(model)
     lat = latency_model(model, x, timer=slow_stem)
-    assert [c.path for c in lat.calls] == ["0", "3", "6", "11"]
+    assert [c.path for c in lat.calls] == ["0", "1", "3", "4", "6", "7", "11"]
     plan = latency_plan(model, x, ratio=0.5, latency=lat)
     uniform = surgery.plan(model, x, ratio=0.5)
     small, flat = surgery.apply(model, plan), surgery.apply(model, uniform)
@@ -96,8 +100,12 @@ def test_latency_budget_keeps_more_macs_for_the_same_time() -> None:
 def test_real_timings_give_an_exact_plan_within_budget(runtime: str) -> None:
     model, x = randomize_norms(resnet20().eval()), torch.randn(1, 3, 32, 32)
     lat = latency_model(model, x, runtime=runtime, threads=1)
-    assert lat.timed > 0 and all((t.ms > 0).all() for t in lat.tables)
-    assert len(lat.calls) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+    costed = nn.Conv2d | nn.Linear | nn.BatchNorm2d
+    assert len(lat.calls) == sum(isinstance(m, costed) for m in model.modules())
+    for call, table in zip(lat.calls, lat.tables, strict=True):
+        # BatchNorm is folded into the conv by ONNX Runtime: free there, a memory pass in eager
+        free = runtime == "ort" and isinstance(call.module, nn.BatchNorm2d)
+        assert (table.ms == 0).all() if free else (table.ms > 0).all(), call.path
     plan = latency_plan(model, x, ratio=0.5, latency=lat)
     small = surgery.apply(model, plan)
     surgery.verify(model, small, plan, x)
