@@ -287,6 +287,7 @@ class LatencyModel:
     threads: int
     calls: list[Call]
     tables: list[_Table]
+    lowest: float = 0.25  # narrowest width timed, as a fraction of the original
     timed: int = 0  # distinct layer shapes timed
     seconds: float = 0.0
 
@@ -358,7 +359,8 @@ def latency_model(model: nn.Module, example_inputs: Inputs, *, runtime: str = "o
             tables.append(_Table(np.array(ins, float), np.array(outs, float), ms))
     finally:
         torch.set_num_threads(old_threads)
-    return LatencyModel(runtime, threads, calls, tables, len(cache), time.perf_counter() - start)
+    return LatencyModel(runtime, threads, calls, tables, lowest, len(cache),
+                        time.perf_counter() - start)
 
 
 @dataclass
@@ -415,7 +417,16 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     if latency is None:
         latency = latency_model(model, example_inputs, runtime=runtime, threads=threads,
                                 lowest=1 - max_ratio, graph=graph)
+    elif latency.lowest > 1 - max_ratio + 1e-9:
+        raise ConfigError(f"the latency model was timed down to {latency.lowest:g} of every "
+                          f"width but max_ratio={max_ratio:g} needs {1 - max_ratio:g}; time it "
+                          f"again with latency_model(..., lowest={1 - max_ratio:g})")
     calls = latency.calls
+    foreign = sorted({k for c in calls for k in c.slots.values() if k not in graph.slots})
+    if foreign:
+        raise ConfigError(f"the latency model was made for another model (layer axes "
+                          f"{', '.join(foreign[:3])} are not in this one); time this model with "
+                          "latency_model(model, example_inputs)")
     score = get_criterion(criterion)(model, graph, seed)
     by_slot: dict[str, list[int]] = {}
     for i, c in enumerate(calls):

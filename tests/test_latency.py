@@ -137,6 +137,16 @@ def test_bad_settings_are_refused_and_the_model_untouched(kwargs: dict, message:
     assert_unchanged(model, before)
 
 
+def test_a_latency_model_must_fit_the_model_and_the_ratio() -> None:
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    lat = latency_model(model, x, timer=slow_stem, lowest=0.5)
+    with pytest.raises(surgery.ConfigError, match="timed down to 0.5 .* needs 0.25"):
+        latency_plan(model, x, ratio=0.5, latency=lat)
+    other = resnet20().eval()
+    with pytest.raises(surgery.ConfigError, match="made for another model"):
+        latency_plan(other, x, ratio=0.5, latency=latency_model(model, x, timer=slow_stem))
+
+
 def test_prune_allocate_errors() -> None:
     model, x = chain(), torch.randn(1, 3, 32, 32)
     with pytest.raises(surgery.ConfigError, match="allocate must be 'uniform' or a runtime"):
