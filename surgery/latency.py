@@ -6,9 +6,10 @@ every conv/linear call of the model is timed alone on the target runtime (ONNX R
 PyTorch eager) at a few widths of its input and output channels; the allocator then removes
 channels step by step (``round_to`` units at a time) from the group whose next step saves the most
 estimated time per MAC removed, until the model's MACs reach the budget. The budget is the MACs of
-the uniform plan at ``ratio`` (or ``target_macs``), so the result has the same arithmetic as the
-uniform plan, laid out where the runtime profits. Within a group, the least important channels by
-the criterion go first, as in :func:`surgery.plan`.
+the uniform plan at ``ratio``, so the result has the same arithmetic as the uniform plan, laid out
+where the runtime profits (``budget="latency"``: the uniform plan's estimated time instead, reached
+with fewer MACs removed). Within a group, the least important channels by the criterion go first,
+as in :func:`surgery.plan`.
 
 Per-layer cost knowledge is a registry keyed by module class (:func:`register_cost`): Conv2d and
 Linear (timed, with MACs), BatchNorm2d (timed in eager, free in ONNX Runtime, which folds it).
