@@ -499,10 +499,17 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
         for i in st.calls:
             share.setdefault(i, []).append(st)
     while total > limit:
-        best = max(states, key=lambda s: cached[id(s)][0])
-        per, dms, dmac = cached[id(best)]
-        if per == -math.inf:
+        open_ = [s for s in states if cached[id(s)][0] > -math.inf]
+        if not open_:
             break
+        best = max(open_, key=lambda s: cached[id(s)][0])
+        if budget == "macs" and cached[id(best)][2] > total - limit:
+            # near the budget: the best step that does not remove more MACs than the uniform
+            # plan; else the smallest step, as the last one
+            fits = [s for s in open_ if cached[id(s)][2] <= total - limit]
+            best = max(fits, key=lambda s: cached[id(s)][0]) if fits else \
+                min(open_, key=lambda s: cached[id(s)][2])
+        per, dms, dmac = cached[id(best)]
         set_removed(best, best.keeps[best.at] - best.keeps[best.at + 1])
         best.at += 1
         total -= dmac if budget == "macs" else dms

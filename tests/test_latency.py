@@ -70,7 +70,7 @@ def test_budget_goes_where_time_per_mac_is_highest() -> None:
     assert small[0].out_channels == 8 and flat[0].out_channels == 16
     # same arithmetic budget: at most the uniform plan's MACs, and not far below it
     macs, budget = surgery.count_macs(small, x), surgery.count_macs(flat, x)
-    assert 0.8 * budget <= macs <= budget
+    assert 0.95 * budget <= macs <= budget
     assert estimate(lat, small) < 0.8 * estimate(lat, flat)
     assert plan.settings["allocation"] == "latency" and plan.settings["max_ratio"] == 0.75
     # a plan is data: re-applied from JSON to a fresh instance it gives the same model
