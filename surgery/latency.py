@@ -32,7 +32,7 @@ from torch import nn
 from .criteria import get_criterion
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, as_tuple, trace
-from .plan import Plan, _keep_count, make_plan, plan_removing
+from .plan import Plan, _keep_count, make_plan, per_unit, plan_removing
 
 RUNTIMES = ("ort", "torch")
 GRID = (1.0, 0.75, 0.5, 0.25)  # widths (fractions of the original) timed per axis
@@ -293,13 +293,15 @@ class LatencyModel:
     timed: int = 0  # distinct layer shapes timed
     seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.rules = [cost_rule(c.module) for c in self.calls]
+        self.full = [r.widths(c) for r, c in zip(self.rules, self.calls, strict=True)]  # type: ignore[union-attr]
+
     def ms(self, i: int, w: dict[str, int]) -> float:
         return self.tables[i](w["in"], w["out"])
 
     def macs(self, i: int, w: dict[str, int]) -> float:
-        rule = cost_rule(self.calls[i].module)
-        assert rule is not None
-        return rule.macs(self.calls[i], w)
+        return self.rules[i].macs(self.calls[i], w)  # type: ignore[union-attr]
 
 
 Timer = Callable[[Call, dict[str, int]], float]
@@ -367,7 +369,6 @@ def latency_model(model: nn.Module, example_inputs: Inputs, *, runtime: str = "o
 
 @dataclass
 class _GroupState:
-    group: Any
     order: np.ndarray  # free units, least important first
     keeps: list[int]  # candidate kept counts, descending; keeps[0] = all
     ppu: dict[str, float]  # slot key -> positions per unit
@@ -439,38 +440,33 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     for g in graph.groups:
         if not g.prunable:
             continue
-        first = graph.slot_roots(g.slots[0])
-        per_unit = max(1, int(np.isin(first, g.units).sum()) // len(g.units))
+        unit = per_unit(graph, g)
         n, fixed = len(g.units), len(g.pinned)
-        lo = _keep_count(n, fixed, per_unit, max_ratio, round_to)
-        step = round_to // math.gcd(round_to, per_unit) if round_to > 1 else 1
+        lo = _keep_count(n, fixed, unit, max_ratio, round_to)
+        step = round_to // math.gcd(round_to, unit) if round_to > 1 else 1
         keeps = [n] + [k for k in range(n - 1, lo - 1, -1) if (k + fixed) % step == 0]
         if keeps[-1] != lo and lo < n:
             keeps.append(lo)
         ppu = {key: float(np.isin(graph.slot_roots(key), g.units).sum()) / n
                for key in g.slots}
         touched = sorted({i for key in g.slots for i in by_slot.get(key, [])})
-        states.append(_GroupState(g, g.units[np.argsort(score(g), kind="stable")], keeps, ppu,
+        states.append(_GroupState(g.units[np.argsort(score(g), kind="stable")], keeps, ppu,
                                   touched))
-        uniform_removed.append(n - _keep_count(n, fixed, per_unit, ratio, round_to))
-    sizes = {key: s.size for key, s in graph.slots.items()}
-    kept = dict(sizes)
+        uniform_removed.append(n - _keep_count(n, fixed, unit, ratio, round_to))
+    kept: dict[str, float] = {key: s.size for key, s in graph.slots.items()}
 
     def widths(i: int) -> dict[str, int]:
-        c = calls[i]
-        rule = cost_rule(c.module)
-        assert rule is not None
-        full = rule.widths(c)
-        return {a: int(round(kept[c.slots[a]])) if a in c.slots else full[a] for a in full}
+        slots = calls[i].slots
+        return {a: int(round(kept[slots[a]])) if a in slots else n
+                for a, n in latency.full[i].items()}
 
     def set_removed(st: _GroupState, removed: int, sign: float = 1.0) -> None:
         for key, p in st.ppu.items():
             kept[key] -= sign * p * removed
 
     def measure_all() -> float:
-        col = 0 if budget == "macs" else 1
-        return sum((latency.macs(i, w), latency.ms(i, w))[col]
-                   for i in range(len(calls)) for w in [widths(i)])
+        cost = latency.macs if budget == "macs" else latency.ms
+        return sum(cost(i, widths(i)) for i in range(len(calls)))
 
     for st, r in zip(states, uniform_removed, strict=True):
         set_removed(st, r)

@@ -23,6 +23,7 @@ from torch import nn
 from .criteria import get_criterion
 from .errors import ConfigError, PlanError
 from .graph import ChannelGraph, Inputs, trace
+from .groups import Group
 
 FORMAT = "surgery-plan"
 VERSION = 1
@@ -157,6 +158,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def per_unit(graph: ChannelGraph, g: Group) -> int:
+    """Positions of one unit in the group's first slot (a grouped conv's unit spans its group)."""
+    first = graph.slot_roots(g.slots[0])
+    return max(1, int(np.isin(first, g.units).sum()) // len(g.units))
+
+
 def _keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to: int) -> int:
     n_keep = n_free - math.floor(ratio * n_free + 1e-9)
     if round_to > 1:
@@ -200,9 +207,8 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
     for g in graph.groups:
         if not g.prunable or ratio == 0:
             continue
-        first = graph.slot_roots(g.slots[0])
-        per_unit = max(1, int(np.isin(first, g.units).sum()) // len(g.units))
-        n_keep = _keep_count(len(g.units), len(g.pinned), per_unit, float(ratio), round_to)
+        n_keep = _keep_count(len(g.units), len(g.pinned), per_unit(graph, g), float(ratio),
+                             round_to)
         if n_keep >= len(g.units):
             continue
         order = np.argsort(score(g), kind="stable")
