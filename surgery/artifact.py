@@ -6,8 +6,11 @@
     DIR/...                  anything else the caller adds (model.onnx, report.md, report.json)
 
 ``load(DIR)`` rebuilds the original architecture from its spec, applies the plan and loads the
-weights, checking fingerprints and hashes at each step: it never executes code from the directory
-and never returns a half-loaded model. ``save`` writes a sibling temp directory and renames it, so
+weights, checking fingerprints and hashes at each step; it never returns a half-loaded model.
+Nothing in DIR is executed, and a spec that names a Python file (``/path/net.py:build``) is refused
+unless the caller passes ``trust_code=True`` (CLI: ``--trust-code``): a directory from elsewhere
+must not be able to run code by naming it. Built-in specs (torchvision, timm, our reference
+networks) need no trust. ``save`` writes a sibling temp directory and renames it, so
 an interrupted save leaves either the old DIR or the complete new one.
 """
 
@@ -27,7 +30,7 @@ from torch import nn
 from .errors import PlanError, SurgeryError
 from .graph import fingerprint
 from .plan import Plan, default_mode
-from .spec import build_model
+from .spec import build_model, canonical, code_file
 from .surgeon import apply
 
 FORMAT = "surgery-artifact"
@@ -39,6 +42,10 @@ META = "artifact.json"
 
 class ArtifactError(SurgeryError, ValueError):
     """A saved directory is missing, corrupted, or does not match its architecture."""
+
+
+class UntrustedCodeError(ArtifactError):
+    """A saved directory names a Python file to build its model and the caller did not trust it."""
 
 
 def _sha256(path: Path) -> str:
@@ -82,7 +89,7 @@ def save(directory: str | os.PathLike[str], pruned: nn.Module, plan: Plan, *, sp
             writer(tmp / name)
         meta = {
             "format": FORMAT, "version": VERSION, "surgery_version": __version__,
-            "spec": spec, "model_args": dict(model_args or {}),
+            "spec": canonical(spec), "model_args": dict(model_args or {}),
             "input_shape": list(input_shape), "original_fingerprint": plan.fingerprint,
             "pruned_fingerprint": fingerprint(pruned),
             "files": {PLAN: _sha256(tmp / PLAN), WEIGHTS: _sha256(tmp / WEIGHTS)},
@@ -121,11 +128,39 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load(directory: str | os.PathLike[str]) -> nn.Module:
-    """Rebuild a pruned model from an artifact directory (safe: no pickle, no code from DIR).
+def build_original(directory: str | os.PathLike[str], meta: Mapping[str, Any] | None = None, *,
+                   trust_code: bool = False) -> nn.Module:
+    """The unpruned model a saved directory was made from, built from its recorded spec.
+
+    A spec naming a Python file is imported only with ``trust_code=True``; otherwise
+    `UntrustedCodeError` names the file, and nothing is imported.
+    """
+    d = Path(directory)
+    meta = read_meta(d) if meta is None else meta
+    spec = meta["spec"]
+    if not isinstance(spec, str):
+        raise ArtifactError(f"{d / META}: 'spec' is not a string")
+    path = code_file(spec)
+    if path is not None and not trust_code:
+        raise UntrustedCodeError(
+            f"{d} builds its model by running {path} ({META} spec {spec!r}); refusing to run "
+            "code named by a saved directory. If you trust it, pass trust_code=True (CLI: "
+            "--trust-code)")
+    if path is not None and not path.is_file():
+        raise ArtifactError(f"{d} was saved from the model file {path}, which no longer exists; "
+                            f"put it back there or edit 'spec' in {d / META}")
+    return build_model(spec, meta.get("model_args"))
+
+
+def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
+    """Rebuild a pruned model from an artifact directory (no pickle; no code unless trusted).
+
+    ``trust_code=True`` allows importing the Python file that the directory's spec names (a
+    model of your own, ``net.py:build``); built-in specs never need it.
 
     Example:
         >>> small = surgery.load("out/r50")
+        >>> mine = surgery.load("out/mynet", trust_code=True)
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -138,7 +173,7 @@ def load(directory: str | os.PathLike[str]) -> nn.Module:
         if _sha256(d / name) != meta["files"].get(name):
             raise ArtifactError(f"{d / name} does not match the hash recorded in {META}: the "
                                 "file was modified or truncated; re-run `surgery prune`")
-    original = build_model(meta["spec"], meta.get("model_args"))
+    original = build_original(d, meta, trust_code=trust_code)
     if fingerprint(original) != meta["original_fingerprint"]:
         raise ArtifactError(f"{d} was made from a different architecture than what "
                             f"{meta['spec']!r} builds now (fingerprint "

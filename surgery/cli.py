@@ -85,11 +85,18 @@ def _step(ctx: click.Context, text: str) -> Iterator[None]:
         yield
 
 
-def _load(spec: str, model_args: Sequence[str]) -> tuple[nn.Module, dict[str, Any]]:
+def _trusted() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.obj and ctx.obj.get("trust_code"))
+
+
+def _load(spec: str, model_args: Sequence[str], trust_code: bool | None = None
+          ) -> tuple[nn.Module, dict[str, Any]]:
     """A model from a spec or a saved directory, and what is recorded about it."""
     if os.path.isdir(spec):
         meta = artifact.read_meta(spec)
-        return artifact.load(spec), meta
+        trust = _trusted() if trust_code is None else trust_code
+        return artifact.load(spec, trust_code=trust), meta
     if spec.endswith(".onnx"):
         raise UserError(f"{spec} is an ONNX file; only `surgery bench` takes ONNX files")
     kwargs = parse_kwargs(model_args)
@@ -115,8 +122,9 @@ def _emit(ctx: click.Context, text: str) -> None:
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Make conv nets physically smaller: inspect, prune, export, bench.
 
-    MODEL is torchvision:NAME, path/to/file.py:factory (with --model-arg k=v), a directory saved
-    by `surgery prune`, or one of our reference networks in models/.
+    MODEL is torchvision:NAME, timm:NAME, path/to/file.py:factory (with --model-arg k=v), a
+    directory saved by `surgery prune` (--trust-code if its model is a file.py), or one of our
+    reference networks in models/.
     """
     ctx.ensure_object(dict)
     ctx.obj.update(debug=debug, quiet=quiet)
@@ -124,6 +132,17 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 model_arg = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
                          help="Keyword argument for the model factory (repeatable).")
+
+
+def _set_trust(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.ensure_object(dict)
+    ctx.obj["trust_code"] = ctx.obj.get("trust_code", False) or value
+
+
+trust_code = click.option(
+    "--trust-code", is_flag=True, expose_value=False, callback=_set_trust,
+    help="Allow a saved DIR whose model is built by a Python file (file.py:factory) to run that "
+         "file. Off by default: a saved directory from elsewhere must not run code.")
 input_shape = click.option("--input-shape", default=None, metavar="N,C,H,W",
                            help="Example input shape (default 1,3,224,224 or the saved one).")
 
@@ -131,6 +150,7 @@ input_shape = click.option("--input-shape", default=None, metavar="N,C,H,W",
 @cli.command(help=_help("inspect", "List the coupled channel groups of MODEL."))
 @click.argument("model")
 @model_arg
+@trust_code
 @input_shape
 @click.option("--ignore", multiple=True, help="Layer name or re:regex to keep (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
@@ -167,6 +187,7 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
                                  "--out DIR."))
 @click.argument("model")
 @model_arg
+@trust_code
 @input_shape
 @click.option("--ratio", type=float, default=None, help="Fraction of each group's channels "
                                                         "to remove, in [0, 1).")
@@ -316,6 +337,7 @@ def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.
 @cli.command(help=_help("export", "Export MODEL (or a saved DIR) to ONNX, with a parity check."))
 @click.argument("model")
 @model_arg
+@trust_code
 @input_shape
 @click.option("--onnx", "onnx_path", required=True, help="Where to write the .onnx file.")
 @click.option("--static-batch", is_flag=True, help="Fix the batch size instead of dynamic.")
@@ -336,6 +358,7 @@ def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sh
                                  "alternating runs)."))
 @click.argument("models", nargs=-1, required=True)
 @model_arg
+@trust_code
 @input_shape
 @click.option("--runtime", default="torch,ort", show_default=True,
               help="Comma list of torch, cuda, ort, ort-cuda.")
@@ -365,7 +388,8 @@ def bench(ctx: click.Context, models: tuple[str, ...], model_args: tuple[str, ..
         shape = shape or tuple(meta.get("input_shape") or (1, 3, 224, 224))
         if os.path.isdir(spec):  # a saved artifact: compare with its original
             with _step(ctx, f"building the original {meta['spec']}"):
-                nets[meta["spec"]] = build_model(meta["spec"], meta.get("model_args"))
+                nets[meta["spec"]] = artifact.build_original(spec, meta,
+                                                             trust_code=_trusted())
             nets[f"{spec} (pruned)"] = net
             saved_onnx = Path(spec) / "model.onnx"
             if saved_onnx.is_file() and tuple(shape[1:]) == tuple(meta["input_shape"][1:]):
@@ -464,8 +488,8 @@ def _finetune_job(job: dict[str, Any]) -> None:
 
     import torch.distributed as dist
 
-    net, meta = _load(job["directory"], ())
-    teacher = _load(job["teacher"], ())[0] if job["teacher"] else None
+    net, meta = _load(job["directory"], (), job["trust_code"])
+    teacher = _load(job["teacher"], (), job["trust_code"])[0] if job["teacher"] else None
     _run_training(None, net, job["data"], job["size"], teacher, job["distill"],
                   job["checkpoint"], distributed=dist.is_initialized(), **job["kw"])
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -511,6 +535,7 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
 @cli.command(help=_help("finetune", "Fine-tune a saved DIR on --data (optionally distilling "
                                     "from --teacher DIR) and save it back atomically."))
 @click.argument("directory")
+@trust_code
 @data_option
 @size_option
 @click.option("--teacher", default=None, help="A saved DIR (e.g. the unpruned trained model).")
@@ -540,7 +565,8 @@ def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None
     meta = artifact.read_meta(directory)
     job = {"directory": directory, "data": data, "teacher": teacher, "checkpoint": checkpoint,
            "size": size or int(meta["input_shape"][-1]), "kw": kw,
-           "distill": distill if teacher else 0.0, "rank_hashes": rank_hashes}
+           "distill": distill if teacher else 0.0, "rank_hashes": rank_hashes,
+           "trust_code": _trusted()}
     if under_torchrun():
         if nproc != 1:
             raise UserError("under torchrun, give the process count to torchrun "
@@ -557,6 +583,7 @@ def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None
                                     "weights file; reports the real file sizes and latencies."))
 @click.argument("model")
 @model_arg
+@trust_code
 @input_shape
 @click.option("--amount", type=float, required=True, help="Fraction of weights set to zero.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default="global",
@@ -631,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return 1
-    except (SurgeryError, SpecError, FileNotFoundError, PermissionError) as e:
+    except (SurgeryError, SpecError, OSError) as e:  # the user's input or machine
         if debug:
             traceback.print_exc()
         click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
