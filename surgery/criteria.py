@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .graph import ChannelGraph
-from .groups import Group, Slot
+from .groups import Group, Slot, param_dim
 from .rules import module_rule
 
 Scorer = Callable[[Group], np.ndarray]
@@ -57,7 +57,7 @@ def slot_tensor(model: nn.Module, slot: Slot) -> torch.Tensor | None:
         return None if rule is None else rule.importance(m, slot.axis)
     t = model.get_parameter(slot.path) if _is_param(model, slot.path) else \
         model.get_buffer(slot.path)
-    return t.detach().movedim(int(slot.axis), 0).reshape(slot.size, -1)
+    return t.detach().movedim(param_dim(slot.axis), 0).reshape(slot.size, -1)
 
 
 def _is_param(model: nn.Module, path: str) -> bool:

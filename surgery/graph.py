@@ -269,19 +269,29 @@ class _Context:
         self.cross.append(atoms)
         return atoms
 
-    def bind_param(self, p: TVal, dim: int, atoms: np.ndarray,
-                   cross_channel: bool = False) -> np.ndarray | None:
-        """A parameter used directly in forward (layer scale) becomes a slot along ``dim``."""
+    def owner(self, p: Any) -> tuple[str, nn.Module, Any] | None:
+        """(path, module, rule) of the module owning parameter/buffer ``p``, if ``p`` is one."""
+        if not isinstance(p, TVal) or p.param is None or self.model is None:
+            return None
+        owner_path = p.param.rpartition(".")[0]
+        owner = self.model.get_submodule(owner_path)
+        return owner_path, owner, module_rule(owner)
+
+    def bind_param(self, p: TVal, dim: int, atoms: np.ndarray, cross_channel: bool = False,
+                   reads: bool = False) -> np.ndarray | None:
+        """A parameter used directly in forward (layer scale, ``F.conv2d(x, self.w)``) becomes a
+        slot along ``dim``: its owner's axis when the owner's rule names it, else a raw tensor
+        slice (``reads``: the dim reads channels, so the reference zeroes removed entries)."""
         assert p.param is not None and self.model is not None
         owner_path, _, name = p.param.rpartition(".")
-        owner = self.model.get_submodule(owner_path)
-        rule = module_rule(owner)
-        if rule is not None and name in rule.param_axes and rule.param_axes[name][1] == dim:
-            return self.slot(owner_path, rule.param_axes[name][0], atoms,
-                             cross_channel=cross_channel)
+        rule = module_rule(self.model.get_submodule(owner_path))
+        axis = rule.param_axis(name, dim) if rule is not None else None
+        if axis is not None:
+            return self.slot(owner_path, axis, atoms, cross_channel=cross_channel)
         if rule is not None and rule.axes:
             return None  # a ruled layer's own weight used elsewhere: leave it alone
-        return self.slot(p.param, str(dim), atoms, kind="param", cross_channel=cross_channel)
+        return self.slot(p.param, f"r{dim}" if reads else str(dim), atoms, kind="param",
+                         cross_channel=cross_channel)
 
     # -- one graph
     def run(self, model: nn.Module, graph: torch.fx.Graph, meta: dict[torch.fx.Node, Any]) -> None:

@@ -82,6 +82,17 @@ class TVal:
         return len(self.shape)
 
 
+def param_dim(axis: str) -> int:
+    """The tensor dim of a raw-parameter axis: ``"0"`` is dim 0; ``"r1"`` is dim 1, read."""
+    return int(axis[1:] if axis.startswith("r") else axis)
+
+
+def param_reads(axis: str) -> bool:
+    """A raw-parameter axis that *reads* channels (a weight's input dim, ``"r1"``): besides
+    being sliced, its removed entries are zeroed in the equivalence reference."""
+    return axis.startswith("r")
+
+
 @dataclass
 class Slot:
     """One prunable axis of one layer (``path`` a module, or a raw parameter, ``axis`` its name)."""
@@ -89,7 +100,7 @@ class Slot:
     path: str
     axis: str
     atoms: np.ndarray  # 1-D: the atom of every position along the axis
-    kind: str  # "module" (shrunk by a rule) or "param" (a tensor sliced along dim int(axis))
+    kind: str  # "module" (shrunk by a rule) or "param" (a tensor sliced along param_dim(axis))
 
     @property
     def key(self) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import PlanError, SurgeryError
 from .graph import fingerprint
+from .groups import param_dim
 from .plan import Plan
 from .rules import module_rule, set_tensor
 
@@ -45,8 +46,9 @@ def _validate(model: nn.Module, plan: Plan) -> None:
                 if rule is None or axis not in rule.axes:
                     raise PlanError(f"layer '{path}' ({type(target).__name__}) has no prunable "
                                     f"axis '{axis}'")
-            elif target.shape[int(axis)] != ap.size:
-                raise PlanError(f"tensor '{path}' has {target.shape[int(axis)]} entries on dim "
+            elif target.ndim <= param_dim(axis) or target.shape[param_dim(axis)] != ap.size:
+                raise PlanError(f"tensor '{path}' has no dim {axis} of {ap.size} entries ("
+                                f"shape {tuple(target.shape)}); the plan expects it on dim "
                                 f"{axis}, the plan expects {ap.size}")
 
 
@@ -65,7 +67,8 @@ def _build(model: nn.Module, plan: Plan) -> Built:
             else:
                 t = _tensor(model, path)
                 for axis, ap in lp.axes.items():
-                    t = t.detach().index_select(int(axis), torch.tensor(ap.keep, device=t.device))
+                    t = t.detach().index_select(param_dim(axis),
+                                                torch.tensor(ap.keep, device=t.device))
                 tensors.append((path, t))
         except SurgeryError:
             raise

@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import ExampleInputError, VerificationError
 from .graph import Inputs, _fx_trace, _Recorder, as_tuple
-from .plan import Plan
+from .groups import param_dim, param_reads
+from .plan import LayerPlan, Plan
 from .rules import module_rule
 
 
@@ -38,6 +39,7 @@ def zeroed_reference(model: nn.Module, plan: Plan) -> nn.Module:
     ref = copy.deepcopy(model)
     for path, lp in plan.layers.items():
         if lp.kind != "module":
+            _zero_read_entries(ref, path, lp)
             continue
         m = ref.get_submodule(path)
         rule = module_rule(m)
@@ -46,6 +48,18 @@ def zeroed_reference(model: nn.Module, plan: Plan) -> nn.Module:
             kept[list(ap.keep)] = True
             rule.zero_removed(m, axis, torch.nonzero(~kept).flatten())
     return ref
+
+
+def _zero_read_entries(ref: nn.Module, path: str, lp: LayerPlan) -> None:
+    """A raw weight that reads channels (``F.conv2d(x, self.w)``) stops reading the removed ones."""
+    owner, _, name = path.rpartition(".")
+    t = getattr(ref.get_submodule(owner), name)
+    for axis, ap in lp.axes.items():
+        if param_reads(axis):
+            kept = torch.zeros(ap.size, dtype=torch.bool)
+            kept[list(ap.keep)] = True
+            with torch.no_grad():
+                t.index_fill_(param_dim(axis), torch.nonzero(~kept).flatten(), 0)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

@@ -168,6 +168,120 @@ class TrainOnlyAux(nn.Module):
         return (out, aux) if self.training else out
 
 
+class NormAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with a forward of its own (timm's BatchNormAct2d)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm over one group, called functionally (timm's GroupNorm1): not exact."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(1, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GroupNormFn(nn.GroupNorm):
+    """GroupNorm with 4 groups called functionally: whole groups go."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ConvSame(nn.Conv2d):
+    """'same' padding computed in forward, then F.conv2d (timm's Conv2dSame)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 1, 0, 1))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MyConv(nn.Module):
+    """A user's own conv: raw Parameters and F.conv2d, no nn.Conv2d anywhere."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(cout, cin, 3, 3) * 0.2)
+        self.b = nn.Parameter(torch.randn(cout) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w, self.b, padding=1)
+
+
+class MyBN(nn.Module):
+    """A user's own batch norm: raw Parameter/buffers and F.batch_norm."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.beta = nn.Parameter(torch.randn(c) * 0.1)
+        self.register_buffer("mean", torch.randn(c) * 0.1)
+        self.register_buffer("var", torch.rand(c) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, self.training)
+
+
+class MyLinear(nn.Module):
+    """A user's own linear layer: F.linear on raw Parameters."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) * 0.2)
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Functional(nn.Module):
+    """Layers built from torch functions: subclasses with their own forward, raw Parameters,
+    a per-channel PReLU weight, a layer-scale gamma."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvSame(3, 16, 3, stride=2)
+        self.bn = NormAct(16)
+        self.conv = MyConv(16, 32)
+        self.mybn = MyBN(32)
+        self.alpha = nn.Parameter(torch.rand(32) * 0.3)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=8)
+        self.gn = GroupNormFn(8, 32)
+        self.gamma = nn.Parameter(torch.rand(32) + 0.5)
+        self.proj = MyConv(32, 24)
+        self.head = MyLinear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.stem(x))
+        x = F.prelu(self.mybn(self.conv(x)), self.alpha)
+        x = x + self.gamma[None, :, None, None] * self.gn(self.dw(x))
+        x = F.relu(self.proj(x))
+        return self.head(x.mean((2, 3)))
+
+
+class FunctionalGN1(nn.Module):
+    """GroupNorm over a single group (normalises over all channels): prunes, marked not exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = GroupNorm1(16)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.gelu(self.gn(self.a(x))))
+
+
 PATTERNS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "chain": (Chain, (2, 3, 16, 16)),
     "residual": (Residual, (2, 3, 16, 16)),
@@ -178,4 +292,6 @@ PATTERNS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "layer_scale": (LayerScale, (2, 3, 16, 16)),
     "conv1d3d_transpose": (Conv1d3dTranspose, (2, 2, 4, 8, 8)),
     "train_only_aux": (TrainOnlyAux, (2, 3, 16, 16)),
+    "functional": (Functional, (2, 3, 16, 16)),
+    "functional_gn1": (FunctionalGN1, (2, 3, 16, 16)),
 }

@@ -41,8 +41,18 @@ class ModuleRule:
     cross_channel: bool = False
     #: a normalisation layer whose weight is a per-channel scale (read by the bn_scale criterion)
     is_norm: bool = False
-    #: parameter name -> (axis, dim), for owners that are traced through rather than called as leaf
-    param_axes: dict[str, tuple[str, int]] = {}
+    #: parameter name -> (axis, dim) or a tuple of them: where the rule's axes sit in each tensor,
+    #: so a functional op that reads the tensor directly (an owner traced through rather than
+    #: called as a leaf) binds the owner's axis, and the owner is shrunk by this rule
+    param_axes: dict[str, Any] = {}
+
+    def param_axis(self, name: str, dim: int) -> str | None:
+        """The axis that parameter ``name``'s dim ``dim`` belongs to, if the rule says."""
+        entry = self.param_axes.get(name)
+        if entry is None:
+            return None
+        pairs = (entry,) if isinstance(entry[0], str) else entry
+        return next((axis for axis, d in pairs if d == dim), None)
 
     def propagate(self, ctx: Any, path: str, module: nn.Module, inputs: list[Any],
                   out: Any) -> Any:
@@ -166,4 +176,4 @@ def passthrough(ctx: Any, x: Any, out: Any) -> Any:
     return ctx.opaque([x], out, "changes the channel dims")
 
 
-from . import conv, functions, linear, norm, pointwise  # noqa: E402,F401  (populate registries)
+from . import conv, functions, linear, norm, param_ops, pointwise  # noqa: E402,F401,I001

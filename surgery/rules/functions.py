@@ -78,7 +78,10 @@ def broadcast(ctx: Any, operands: Sequence[Any], out: Any) -> Any:
         if all(s == 1 for s in sizes):
             continue
         if v.param is not None and len(tdims) == 1:
-            atoms = ctx.bind_param(v, tdims[0] - off, atoms)
+            bound = ctx.bind_param(v, tdims[0] - off, atoms)
+            if bound is None:
+                return ctx.opaque(tracked, out, f"uses the weight '{v.param}' of another layer")
+            atoms = bound
             continue
         return ctx.opaque(tracked, out, "combines channels with a constant of full channel size")
     return TVal(out.shape, tdims, atoms)
@@ -343,7 +346,10 @@ def _layer_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: An
         return ctx.opaque([x], out, "layer_norm over channels with other dims")
     atoms = ctx.record_cross_channel(x.atoms)
     for p in params:
-        atoms = ctx.bind_param(p, 0, atoms, cross_channel=True)
+        bound = ctx.bind_param(p, 0, atoms, cross_channel=True)
+        if bound is None:
+            return ctx.opaque([x], out, f"layer_norm with the weight '{p.param}' of another layer")
+        atoms = bound
     return TVal(out.shape, x.tdims, atoms)
 
 

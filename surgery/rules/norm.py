@@ -3,7 +3,8 @@
 Math. Per-channel norms (BatchNorm*, InstanceNorm*) keep ``weight/bias/running_mean/running_var``
 at the surviving channels; nothing else changes, so removal is exact. GroupNorm normalises within
 groups of ``C/G`` channels: the channels of a group form one unit and whole groups are removed
-(``num_groups`` shrinks, group width kept), which is also exact. LayerNorm over the channel dim
+(``num_groups`` shrinks, group width kept), which is also exact; with one group it normalises over
+all channels and, like LayerNorm, loses single channels, not exactly. LayerNorm over the channel dim
 mixes channels (mean and variance over all of them): removal is allowed but not exact, and the
 verifier knows it from ``cross_channel``.
 """
@@ -28,6 +29,7 @@ class _FeatureRule(ModuleRule):
     axes = ("features",)
     size_attr = "num_features"
     is_norm = True
+    param_axes = {name: ("features", 0) for name in _PER_CHANNEL}
 
     def channel_dim(self, m: nn.Module, x: TVal) -> int:
         return 1
@@ -76,12 +78,17 @@ class GroupNormRule(_FeatureRule):
     size_attr = "num_channels"
 
     def couple(self, ctx: Any, m: nn.Module, atoms: Any) -> None:
+        if m.num_groups == 1:  # one group normalises over all channels: like LayerNorm
+            ctx.record_cross_channel(atoms)
+            return
         width = m.num_channels // m.num_groups
         for g in range(m.num_groups):
             ctx.uf.union_all(atoms[g * width:(g + 1) * width])
 
     def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         k = keep["features"]
+        if m.num_groups == 1:
+            return super().shrink(m, keep)
         width = m.num_channels // m.num_groups
         kept_groups = torch.unique(k // width)
         if len(k) != len(kept_groups) * width:

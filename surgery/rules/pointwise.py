@@ -70,6 +70,7 @@ class ChannelShuffleRule(ModuleRule):
 class PReLURule(ModuleRule):
     types = (nn.PReLU,)
     axes = ("features",)
+    param_axes = {"weight": ("features", 0)}
 
     def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
         x = inputs[0]

@@ -1,0 +1,203 @@
+"""Functional ops that read parameters: batch/instance/group norm, conv, linear, prelu, embedding.
+
+A module that computes with torch functions instead of calling a layer (timm's ``BatchNormAct2d``
+and ``GroupNorm1``, ``Conv2dSame``, a user's own conv written with ``F.conv2d``) is traced into, and
+each of these ops binds the tensors it reads to channels:
+
+- When the tensor's owner has a rule of the same kind (a ``BatchNorm2d`` subclass with a forward of
+  its own), the owner's rule runs as if the owner had been called as a leaf: the owner is then
+  shrunk by that rule, so its class, forward and size attributes (``num_features``, ``in_channels``,
+  ``num_groups`` ...) follow the plan.
+- Otherwise each parameter is a raw slot, sliced along its channel dims: a weight's output dim is
+  produced channels, its input dim reads channels (zeroed in the verification reference).
+
+A weight computed in forward (weight standardisation) or a grouped functional conv whose owner has
+no rule is opaque: its input channels are kept, which is always safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+
+from ..groups import TVal
+from . import ModuleRule, passthrough, register_function_rule
+from .conv import ConvRule, ConvTransposeRule
+from .functions import _bind
+from .linear import LinearRule
+from .norm import BatchNormRule, GroupNormRule, InstanceNormRule
+from .pointwise import PReLURule
+
+
+def _delegate(ctx: Any, p: Any, rule_type: type[ModuleRule], names: tuple[str, ...], x: Any,
+              out: Any) -> Any | None:
+    """Run the owner's own rule when ``p`` is one of its tensors named ``names``; else None."""
+    found = ctx.owner(p)
+    if found is None:
+        return None
+    path, module, rule = found
+    if isinstance(rule, rule_type) and p.param.rpartition(".")[2] in names:
+        return rule.propagate(ctx, path, module, [x], out)
+    return None
+
+
+def _params(*tensors: Any) -> tuple[list[TVal], bool]:
+    """The tensors that are parameters/buffers, and whether any other tensor was given."""
+    given = [t for t in tensors if isinstance(t, TVal)]
+    return [t for t in given if t.param is not None], any(t.param is None for t in given)
+
+
+def _per_channel(ctx: Any, x: Any, out: Any, tensors: tuple[Any, ...], op: str) -> Any:
+    """``out[:, c] = f(x[:, c], t[c] ...)``: every per-channel tensor is sliced with channel c."""
+    if not isinstance(x, TVal) or not isinstance(out, TVal) or x.ndim < 2:
+        return ctx.opaque([x, *tensors], out)
+    params, computed = _params(*tensors)
+    if computed:
+        return ctx.opaque([x], out, f"{op} with a per-channel tensor computed in forward")
+    atoms = ctx.channels_in(x, 1, x.shape[1])
+    for p in params:
+        bound = ctx.bind_param(p, 0, atoms)
+        if bound is None:
+            return ctx.opaque([x], out, f"{op} with the weight '{p.param}' of another layer")
+        atoms = bound
+    return TVal(out.shape, (1,), atoms)
+
+
+def _batch_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"),
+              {"running_mean": None, "running_var": None, "weight": None, "bias": None})
+    tensors = (b["running_mean"], b["running_var"], b["weight"], b["bias"])
+    for t in tensors:
+        done = _delegate(ctx, t, BatchNormRule, ("running_mean", "running_var", "weight", "bias"),
+                         b["input"], out)
+        if done is not None:
+            return done
+    return _per_channel(ctx, b["input"], out, tensors, "batch_norm")
+
+
+def _instance_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"),
+              {"running_mean": None, "running_var": None, "weight": None, "bias": None})
+    tensors = (b["running_mean"], b["running_var"], b["weight"], b["bias"])
+    for t in tensors:
+        done = _delegate(ctx, t, InstanceNormRule,
+                         ("running_mean", "running_var", "weight", "bias"), b["input"], out)
+        if done is not None:
+            return done
+    return _per_channel(ctx, b["input"], out, tensors, "instance_norm")
+
+
+def _group_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "num_groups", "weight", "bias"),
+              {"weight": None, "bias": None})
+    x = b["input"]
+    for t in (b["weight"], b["bias"]):
+        found = ctx.owner(t)
+        if (found is not None and isinstance(found[2], GroupNormRule)
+                and found[1].num_groups == b["num_groups"]):
+            return found[2].propagate(ctx, found[0], found[1], [x], out)
+    if b["num_groups"] == 1:  # one group: no group structure, normalises over every channel
+        if not isinstance(x, TVal) or not x.tracked:
+            return out
+        params, computed = _params(b["weight"], b["bias"])
+        if computed or x.tdims != (1,):
+            return ctx.opaque([x], out, "group_norm with a computed weight")
+        atoms = ctx.record_cross_channel(x.atoms)
+        for p in params:
+            bound = ctx.bind_param(p, 0, atoms, cross_channel=True)
+            if bound is None:
+                return ctx.opaque([x], out, f"group_norm with the weight '{p.param}' of another "
+                                            "layer")
+            atoms = bound
+        return TVal(out.shape, (1,), atoms)
+    return ctx.opaque([x], out, f"group_norm with {b['num_groups']} groups written in the call "
+                                f"{ctx.where()} (use nn.GroupNorm so the count can change)")
+
+
+def _conv(transposed: bool) -> Any:
+    rule_type = ConvTransposeRule if transposed else ConvRule
+
+    def rule(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        names = ("input", "weight", "bias", "stride", "padding")
+        names += ("output_padding", "groups") if transposed else ("dilation", "groups")
+        b = _bind(args, kwargs, names, {"bias": None, "groups": 1})
+        x, w, bias = b["input"], b["weight"], b["bias"]
+        done = _delegate(ctx, w, rule_type, ("weight",), x, out)
+        if done is not None:
+            return done
+        op = "conv_transpose" if transposed else "conv"
+        if not isinstance(x, TVal) or not isinstance(out, TVal):
+            return ctx.opaque([x, w, bias], out)
+        if not isinstance(w, TVal) or w.param is None or ctx.owner(w)[2] is not None:
+            return ctx.opaque([x], out, f"{op} with a weight computed in forward or owned by "
+                                        "another layer")
+        if b["groups"] != 1:
+            return ctx.opaque([x], out, f"grouped functional {op} (groups={b['groups']}) of a "
+                                        "module without a rule")
+        cdim = x.ndim - (w.ndim - 2) - 1
+        in_dim, out_dim = (0, 1) if transposed else (1, 0)
+        a_in = ctx.channels_in(x, cdim, w.shape[in_dim])
+        if ctx.bind_param(w, in_dim, a_in, reads=True) is None:
+            return ctx.opaque([x], out)
+        a_out = ctx.bind_param(w, out_dim, ctx.uf.new(w.shape[out_dim]))
+        if isinstance(bias, TVal) and bias.param is not None:
+            a_out = ctx.bind_param(bias, 0, a_out)
+        elif isinstance(bias, TVal):
+            ctx.pin(a_out, f"{op} with a bias computed in forward {ctx.where()}")
+        return TVal(out.shape, (cdim,), a_out)
+
+    return rule
+
+
+def _linear(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    x, w, bias = b["input"], b["weight"], b["bias"]
+    done = _delegate(ctx, w, LinearRule, ("weight",), x, out)
+    if done is not None:
+        return done
+    if not isinstance(x, TVal) or not isinstance(out, TVal):
+        return ctx.opaque([x, w, bias], out)
+    if not isinstance(w, TVal) or w.param is None or ctx.owner(w)[2] is not None:
+        return ctx.opaque([x], out, "linear with a weight computed in forward or owned by "
+                                    "another layer")
+    last = x.ndim - 1
+    if ctx.bind_param(w, 1, ctx.channels_in(x, last, w.shape[1]), reads=True) is None:
+        return ctx.opaque([x], out)
+    a_out = ctx.bind_param(w, 0, ctx.uf.new(w.shape[0]))
+    if isinstance(bias, TVal) and bias.param is not None:
+        a_out = ctx.bind_param(bias, 0, a_out)
+    elif isinstance(bias, TVal):
+        ctx.pin(a_out, f"linear with a bias computed in forward {ctx.where()}")
+    return TVal(out.shape, (out.ndim - 1,), a_out)
+
+
+def _prelu(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "weight"), {})
+    x, w = b["input"], b["weight"]
+    if isinstance(w, TVal) and w.shape in ((), (1,)):
+        return passthrough(ctx, x, out)
+    done = _delegate(ctx, w, PReLURule, ("weight",), x, out)
+    return done if done is not None else _per_channel(ctx, x, out, (w,), "prelu")
+
+
+def _embedding(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "weight"), {})
+    w = b["weight"]
+    if not isinstance(out, TVal) or not isinstance(w, TVal) or w.param is None or w.ndim != 2:
+        return ctx.opaque([b["input"], w], out)
+    atoms = ctx.bind_param(w, 1, ctx.uf.new(w.shape[1]))
+    if atoms is None:
+        return ctx.opaque([b["input"]], out)
+    return TVal(out.shape, (out.ndim - 1,), atoms)
+
+
+register_function_rule([F.batch_norm], _batch_norm, name="batch_norm")
+register_function_rule([F.instance_norm], _instance_norm, name="instance_norm")
+register_function_rule([F.group_norm], _group_norm, name="group_norm")
+register_function_rule([F.conv1d, F.conv2d, F.conv3d], _conv(False), name="conv")
+register_function_rule([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
+                       _conv(True), name="conv_transpose")
+register_function_rule([F.linear], _linear, name="linear")
+register_function_rule([F.prelu], _prelu, name="prelu")
+register_function_rule([F.embedding], _embedding, name="embedding")
