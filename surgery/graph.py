@@ -34,7 +34,30 @@ Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class Dyn(int):
-    """An int computed in forward (e.g. from ``x.size(1)``): it follows the pruned width."""
+    """An int computed in forward (e.g. from ``x.size(1)``): it follows the pruned width.
+
+    Arithmetic with a Dyn gives a Dyn (``x.size(1) // 2``), so the executing tracer can tell a
+    size computed from a tensor from a literal written in the code.
+    """
+
+    def _wrap(op: Any) -> Any:  # noqa: N805  (builds the methods below)
+        def method(self: int, *args: Any) -> Any:
+            out = op(int(self), *args)
+            return Dyn(out) if isinstance(out, int) and not isinstance(out, bool) else out
+        return method
+
+    __add__ = _wrap(int.__add__)
+    __radd__ = _wrap(int.__radd__)
+    __sub__ = _wrap(int.__sub__)
+    __rsub__ = _wrap(int.__rsub__)
+    __mul__ = _wrap(int.__mul__)
+    __rmul__ = _wrap(int.__rmul__)
+    __floordiv__ = _wrap(int.__floordiv__)
+    __rfloordiv__ = _wrap(int.__rfloordiv__)
+    __mod__ = _wrap(int.__mod__)
+    __neg__ = _wrap(int.__neg__)
+    __pow__ = _wrap(int.__pow__)
+    del _wrap
 
 
 def as_tuple(example_inputs: Inputs) -> tuple[Any, ...]:
@@ -63,7 +86,8 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _internal(filename: str) -> bool:
-    return any(part in filename for part in ("/torch/", "/surgery/graph.py", "/surgery/rules/"))
+    return any(part in filename for part in ("/torch/", "/surgery/graph.py", "/surgery/rules/",
+                                             "/surgery/recorder.py"))
 
 
 def source_line(node: torch.fx.Node) -> str:
@@ -165,6 +189,9 @@ class ChannelGraph:
     pinned: dict[int, list[str]]
     cross: set[int] = field(default_factory=set)
     train_graph: bool = False
+    #: "fx" (symbolic) or "run" (executing: Python branches specialised to the example inputs)
+    tracer: str = "fx"
+    notes: list[str] = field(default_factory=list)
 
     def slot_roots(self, key: str) -> np.ndarray:
         return self.roots[self.slots[key].atoms]
@@ -390,6 +417,26 @@ def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
 
+def _record(model: nn.Module, inputs: tuple, opaque: Sequence[str], notes: list[str]
+            ) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any]]:
+    from .recorder import record
+
+    leaves = _Tracer(opaque)
+    graph, meta, reads = record(model, inputs, leaf=leaves.is_leaf_module, skeleton=_skeleton,
+                                dyn=Dyn, internal=_internal)
+    for file, line in reads:
+        path = file.split("site-packages/", 1)[-1]
+        note = (f"the forward reads tensor values at {path}:{line}: "
+                f"{linecache.getline(file, line).strip()} (branches there follow the example "
+                "input; verification checks the pruned model on it)")
+        if note not in notes:
+            notes.append(note)
+    return graph, meta
+
+
+TRACERS = ("auto", "fx", "run")
+
+
 def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tuple) -> None:
     gm = torch.fx.GraphModule(model, graph)
     rec = _Recorder(gm)
@@ -398,7 +445,8 @@ def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tup
     ctx.run(model, graph, rec.meta)
 
 
-def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = ()) -> ChannelGraph:
+def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (),
+          tracer: str = "auto") -> ChannelGraph:
     """Trace ``model`` into its coupled channel groups.
 
     Args:
@@ -406,6 +454,10 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
         example_inputs: a tensor or tuple of tensors the forward accepts.
         ignore: layer names (or ``re:`` regexes) to keep as they are. A layer with a rule keeps its
             output channels; any other module becomes an opaque block whose channels stay.
+        tracer: ``"fx"`` (symbolic, follows every branch), ``"run"`` (executes the forward on
+            the example inputs and records it: any Python, branches specialised to the inputs)
+            or ``"auto"``: fx, and run where fx cannot trace the model. ``graph.tracer`` says
+            which was used.
 
     Example:
         >>> graph = surgery.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
@@ -413,33 +465,91 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module but received {type(model).__name__}")
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, not {tracer!r}")
     inputs = as_tuple(example_inputs)
     ignore = tuple(ignore)
     modes = {m: m.training for m in model.modules()}
+    # symbolic tracing runs in-place updates on real buffers (``num_batches_tracked.add_(1)`` in a
+    # BatchNorm subclass's train-mode forward), and a recorded forward may too: put them back
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     ctx = _Context(ignore)
     train_graph = False
+    notes: list[str] = []
     try:
         model.eval()
-        eval_graph = _fx_trace(model, ignore)
-        _analyse(ctx, model, eval_graph, inputs)
-        model.train()
-        graph_t = _fx_trace(model, ignore) if _mode_dependent(model, eval_graph) else eval_graph
-        if _signature(graph_t) != _signature(eval_graph):
-            # train-only branches (aux heads): analyse on a copy, train-mode forward updates stats
-            train_graph = True
-            twin = copy.deepcopy(model).train()
-            doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim > 1
-                            and x.shape[0] == 1 else x for x in inputs)
+        fx_error: TraceError | None = None
+        if tracer != "run":
             try:
-                _analyse(ctx, twin, graph_t, doubled)
-            except ExampleInputError as e:
-                raise ExampleInputError(
-                    f"{type(model).__name__} has layers used only in training mode (e.g. an "
-                    f"auxiliary head) and its training-mode forward fails on the example inputs "
-                    f"(batch of 2): {e}. Use larger example inputs.") from e
+                eval_graph = _fx_trace(model, ignore)
+            except TraceError as e:
+                if tracer == "fx":
+                    raise
+                fx_error = e
+        if tracer == "run" or fx_error is not None:
+            if fx_error is not None:
+                notes.append(f"traced by running the forward (torch.fx: {fx_error})")
+            train_graph = _run_traced(ctx, model, inputs, ignore, notes)
+            tracer = "run"
+        else:
+            tracer = "fx"
+            train_graph = _fx_traced(ctx, model, eval_graph, inputs, ignore)
     finally:
         for m, mode in modes.items():
             m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+    return _finish(ctx, model, ignore, train_graph, tracer, notes)
+
+
+def _run_traced(ctx: _Context, model: nn.Module, inputs: tuple, ignore: tuple,
+                notes: list[str]) -> bool:
+    """Analyse the recorded eval forward, and the train forward where it differs."""
+    graph, meta = _record(model, inputs, ignore, notes)
+    ctx.run(model, graph, meta)
+    twin = copy.deepcopy(model).train()
+    doubled = _doubled(inputs)
+    try:
+        graph_t, meta_t = _record(twin, doubled, ignore, notes)
+    except ExampleInputError as e:
+        notes.append(f"training-mode forward not analysed: it fails on the example inputs "
+                     f"({str(e).splitlines()[0][:200]})")
+        return False
+    if _signature(graph_t) == _signature(graph):
+        return False
+    ctx.run(twin, graph_t, meta_t)
+    return True
+
+
+def _doubled(inputs: tuple) -> tuple:
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim > 1
+                 and x.shape[0] == 1 else x for x in inputs)
+
+
+def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inputs: tuple,
+               ignore: tuple) -> bool:
+    """Analyse the symbolic eval graph, and the train graph where it differs (aux heads)."""
+    _analyse(ctx, model, eval_graph, inputs)
+    model.train()
+    graph_t = _fx_trace(model, ignore) if _mode_dependent(model, eval_graph) else eval_graph
+    if _signature(graph_t) == _signature(eval_graph):
+        return False
+    # train-only branches (aux heads): analyse on a copy, train-mode forward updates stats
+    twin = copy.deepcopy(model).train()
+    try:
+        _analyse(ctx, twin, graph_t, _doubled(inputs))
+    except ExampleInputError as e:
+        raise ExampleInputError(
+            f"{type(model).__name__} has layers used only in training mode (e.g. an "
+            f"auxiliary head) and its training-mode forward fails on the example inputs "
+            f"(batch of 2): {e}. Use larger example inputs.") from e
+    return True
+
+
+def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, tracer: str,
+            notes: list[str]) -> ChannelGraph:
     for slot in ctx.slots.values():
         if slot.axis != "in" and matches(slot.path, ignore):
             ctx.pin(slot.atoms, f"'{slot.path}' is in ignore=")
@@ -453,4 +563,5 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
     cross = {r for atoms in ctx.cross for r in np.unique(roots[atoms]).tolist()}
     slots = list(ctx.slots.values())
     return ChannelGraph(type(model).__name__, fingerprint(model), {s.key: s for s in slots}, roots,
-                        build_groups(slots, roots, pinned), pinned, cross, train_graph)
+                        build_groups(slots, roots, pinned), pinned, cross, train_graph, tracer,
+                        notes)

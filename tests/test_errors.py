@@ -41,10 +41,10 @@ class Weird(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.weight = nn.Parameter(torch.randn(8, 8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, padding=1)
+        return torch.einsum("bchw,oc->bohw", x, self.weight)  # no rule for einsum
 
 
 class HasWeird(nn.Module):
@@ -68,7 +68,7 @@ def test_unknown_layer_with_channels_is_named_with_the_fix() -> None:
     assert_unchanged(model, before)
     # the fix the message suggests works: the block is kept, channels around it stay
     small = surgery.prune(model, x, ratio=0.5, ignore=["weird"])
-    assert small.a.out_channels == 8 and small.weird.weight.shape == (8, 8, 3, 3)
+    assert small.a.out_channels == 8 and small.weird.weight.shape == (8, 8)
 
 
 def test_torch_leaf_without_rule_is_named() -> None:
@@ -102,9 +102,14 @@ class DataDependent(nn.Module):
 def test_untraceable_forward_names_the_line() -> None:
     model = DataDependent()
     before = snapshot(model)
+    x = torch.randn(1, 3, 8, 8)
     with pytest.raises(surgery.TraceError, match="test_errors.py:\\d+.*if y.sum\\(\\) > 0"):
-        surgery.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+        surgery.trace(model, x, tracer="fx")
     assert_unchanged(model, before)
+    # by default the forward is run instead, and the value-dependent branch is reported
+    graph = surgery.trace(model, x)
+    assert graph.tracer == "run"
+    assert any("reads tensor values" in n and "if y.sum() > 0" in n for n in graph.notes)
 
 
 class HardCoded(nn.Module):

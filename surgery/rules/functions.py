@@ -148,7 +148,37 @@ def _split(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
                    f"split with hard-coded sizes {size!r} {ctx.where()}")
 
 
+def _stack(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """A new dim at ``dim``: channels stay where they were (shifted), shared position-wise."""
+    b = _bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
+    vals = list(b["tensors"])
+    tracked = [v for v in vals if isinstance(v, TVal) and v.tracked]
+    if not tracked or not isinstance(out, TVal):
+        return out
+    dim = b["dim"] % out.ndim
+    ref = tracked[0]
+    if len(tracked) != len(vals) or any(v.tdims != ref.tdims or v.atoms.shape != ref.atoms.shape
+                                        for v in tracked):
+        return ctx.opaque(tracked, out, "stacks tensors whose channels differ")
+    for v in tracked[1:]:
+        ctx.uf.union_arrays(ref.atoms, v.atoms)
+    return TVal(out.shape, tuple(t + (t >= dim) for t in ref.tdims), ref.atoms)
+
+
+def _unbind(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "dim"), {"dim": 0})
+    x = b["input"]
+    if not isinstance(x, TVal) or not x.tracked:
+        return out
+    dim = b["dim"] % x.ndim
+    if dim in x.tdims:
+        return ctx.opaque([x], out, "unbinds the channel dim")
+    return tuple(TVal(o.shape, tuple(t - (t > dim) for t in x.tdims), x.atoms) for o in out)
+
+
 register_function_rule([torch.cat, torch.concat, torch.concatenate], _cat, name="cat")
+register_function_rule([torch.stack], _stack, name="stack")
+register_function_rule([torch.unbind, "unbind"], _unbind, name="unbind")
 register_function_rule([torch.chunk, "chunk"], _chunk, name="chunk")
 register_function_rule([torch.split, "split"], _split, name="split")
 

@@ -1,0 +1,240 @@
+"""The executing tracer: run the model once and record what it does, as an fx graph.
+
+torch.fx's symbolic tracing cannot follow Python that looks at tensor values or shapes (``if
+x.shape[-1] % 2``, iterating over a tensor, a detector's per-image loop). This tracer runs the real
+forward on the example inputs instead, under a ``TorchFunctionMode`` that sees every torch function
+and tensor method, and with module hooks that turn calls of layers with a rule into single
+``call_module`` nodes. The result is the same kind of graph the symbolic tracer makes (placeholder,
+get_attr for parameters found by identity, call_function / call_method / call_module, output), with
+every node's value skeleton, so the channel rules read it unchanged.
+
+Python branches are specialised to the example inputs. Sizes read from a tensor (``x.shape``,
+``x.size(1)``, ``x.numel()``) are returned as ``Dyn`` ints, which stay ``Dyn`` through arithmetic,
+so a size computed from them follows the pruned width while a literal written in the code (or read
+from an attribute) is still detected as hard-coded.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import ExampleInputError
+
+#: tensor dunder methods -> (fx function, whether the operands are swapped)
+_DUNDER: dict[str, tuple[Callable[..., Any], bool]] = {
+    "__getitem__": (operator.getitem, False), "__add__": (operator.add, False),
+    "__radd__": (operator.add, True), "__iadd__": (operator.iadd, False),
+    "__sub__": (operator.sub, False), "__rsub__": (operator.sub, True),
+    "__isub__": (operator.isub, False), "__mul__": (operator.mul, False),
+    "__rmul__": (operator.mul, True), "__imul__": (operator.imul, False),
+    "__truediv__": (operator.truediv, False), "__rtruediv__": (operator.truediv, True),
+    "__itruediv__": (operator.itruediv, False), "__neg__": (operator.neg, False),
+    "__pow__": (operator.pow, False), "__rpow__": (operator.pow, True),
+    "__matmul__": (operator.matmul, False), "__rmatmul__": (operator.matmul, True),
+}
+_SIZES = {"size", "numel"}
+#: methods that turn a tensor's values into Python (a branch on them is specialised)
+_VALUE_READS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__"}
+
+
+class DynSize(tuple):
+    """``x.shape`` as recorded: a tuple of ``Dyn`` sizes (with ``numel`` like ``torch.Size``)."""
+
+    def numel(self) -> int:
+        n = 1
+        for s in self:
+            n *= s
+        return n
+
+
+def _is_tensor_method(func: Any) -> str | None:
+    qual = getattr(func, "__qualname__", "") or ""
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return qual.split(".", 1)[1]
+    return None
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.rec.depth == 0:
+            out = self.rec.record_call(func, args, kwargs, out)
+        return out
+
+
+class Recorder:
+    """Builds the graph while the forward runs; ``run`` returns (graph, value skeletons)."""
+
+    def __init__(self, model: nn.Module, leaf: Callable[[nn.Module, str], bool],
+                 skeleton: Callable[[Any], Any], dyn: type[int],
+                 internal: Callable[[str], bool]) -> None:
+        self.model = model
+        self.graph = torch.fx.Graph()
+        self.meta: dict[torch.fx.Node, Any] = {}
+        self.nodes: dict[int, torch.fx.Node] = {}  # id(tensor) -> node that produced it
+        self.alive: list[Any] = []  # keep recorded tensors alive so their ids stay unique
+        self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.paths = {id(m): n for n, m in model.named_modules()}
+        self.leaf = leaf
+        self.skeleton = skeleton
+        self.dyn = dyn
+        self.internal = internal
+        self.depth = 0
+        #: (file, line) where the forward read tensor values into Python (``if y.sum() > 0``)
+        self.value_reads: list[tuple[str, int]] = []
+
+    # -- values
+    def _node_for(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            node = self.nodes.get(id(v))
+            if node is not None:
+                return node
+            name = self.params.get(id(v))
+            if name is not None:
+                node = self._add("get_attr", name, (), {}, v)
+                self.nodes[id(v)] = node
+                return node
+            return self.skeleton(v)  # a tensor from outside the recorded calls: a constant
+        if isinstance(v, tuple | list):
+            mapped = [self._node_for(x) for x in v]
+            return tuple(mapped) if isinstance(v, tuple) else mapped
+        if isinstance(v, dict):
+            return {k: self._node_for(x) for k, x in v.items()}
+        return v
+
+    def _bind_outputs(self, node: torch.fx.Node, out: Any) -> None:
+        """Tensors inside a tuple/list/dict result get getitem nodes of their own."""
+        if isinstance(out, torch.Tensor):
+            self.nodes[id(out)] = node
+            self.alive.append(out)
+        elif isinstance(out, tuple | list | dict):
+            items = out.items() if isinstance(out, dict) else enumerate(out)
+            for k, v in items:
+                if isinstance(v, torch.Tensor | tuple | list | dict):
+                    child = self._add("call_function", operator.getitem, (node, k), {}, v)
+                    self._bind_outputs(child, v)
+
+    def _where(self) -> tuple[str, int] | None:
+        frame = sys._getframe(2)
+        while frame is not None and self.internal(frame.f_code.co_filename):
+            frame = frame.f_back
+        return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+
+    def _add(self, op: str, target: Any, args: tuple, kwargs: dict, value: Any) -> torch.fx.Node:
+        node = self.graph.create_node(op, target, args, kwargs)
+        loc = self._where()
+        if loc is not None:
+            node.meta["surgery_loc"] = loc
+        self.meta[node] = self.skeleton(value)
+        return node
+
+    def _dynamic(self, out: Any) -> Any:
+        if isinstance(out, torch.Size):
+            return DynSize(self.dyn(s) for s in out)
+        if isinstance(out, int) and not isinstance(out, bool):
+            return self.dyn(out)
+        return out
+
+    # -- calls
+    def record_call(self, func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+        method = _is_tensor_method(func)
+        if method in _VALUE_READS and isinstance(args[0], torch.Tensor) \
+                and id(args[0]) in self.nodes:
+            loc = self._where()
+            if loc is not None and loc not in self.value_reads:
+                self.value_reads.append(loc)
+            return out
+        attr = None
+        if method is None and getattr(func, "__name__", "") == "__get__":
+            attr = getattr(getattr(func, "__self__", None), "__name__", None)
+        if attr is not None:  # a tensor property: x.shape, x.ndim, x.dtype, x.T ...
+            if attr == "shape":
+                out = self._dynamic(out)
+            if not isinstance(out, torch.Tensor):
+                return out  # sizes need no node: Dyn carries what the rules need
+            node = self._add("call_function", getattr,
+                             (self._node_for(args[0]), attr), {}, out)
+        elif method in _DUNDER:
+            fn, swapped = _DUNDER[method]
+            a = tuple(self._node_for(x) for x in args)
+            node = self._add("call_function", fn, a[::-1] if swapped else a, {}, out)
+        elif method is not None:
+            if method in _SIZES:
+                return self._dynamic(out)
+            node = self._add("call_method", method, tuple(self._node_for(x) for x in args),
+                             self._node_for(kwargs), out)
+        else:
+            node = self._add("call_function", func, tuple(self._node_for(x) for x in args),
+                             self._node_for(kwargs), out)
+        self._bind_outputs(node, out)
+        return out
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        path = self.paths.get(id(module))
+        if self.depth == 0 and path is not None and self.leaf(module, path):
+            self._pending.append((path, self._node_for(args), self._node_for(kwargs)))
+            self.depth += 1
+        elif self.depth > 0:
+            self.depth += 1
+            self._pending.append(None)
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        path = self.paths.get(id(module))
+        if self.depth == 0 or not self._pending:
+            return
+        entry = self._pending.pop()
+        self.depth -= 1
+        if entry is not None:
+            p, a, kw = entry
+            node = self._add("call_module", p, tuple(a), dict(kw), out)
+            self._bind_outputs(node, out)
+        del path
+
+    def run(self, inputs: Sequence[Any]) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any]]:
+        placeholders = []
+        for i, x in enumerate(inputs):
+            node = self._add("placeholder", f"input_{i}", (), {}, x)
+            self._bind_outputs(node, x)
+            placeholders.append(node)
+        self._pending: list[Any] = []
+        pre = nn.modules.module.register_module_forward_pre_hook(
+            lambda m, a: self._pre(m, a, {}))
+        post = nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: self._post(m, a, {}, o))
+        try:
+            with torch.no_grad(), _Mode(self):
+                out = self.model(*inputs)
+        except Exception as e:
+            raise ExampleInputError(
+                f"{type(self.model).__name__} fails on the example inputs: {type(e).__name__}: "
+                f"{e}. Check the shape, dtype and device of example_inputs (they must be what "
+                "the model's forward expects).") from e
+        finally:
+            pre.remove()
+            post.remove()
+        self.graph.output(self._node_for(out))
+        return self.graph, self.meta
+
+
+def record(model: nn.Module, inputs: Sequence[Any], *, leaf: Callable[[nn.Module, str], bool],
+           skeleton: Callable[[Any], Any], dyn: type[int], internal: Callable[[str], bool]
+           ) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any], list[tuple[str, int]]]:
+    """Run ``model(*inputs)`` once: its recorded graph, every node's skeleton, and where the
+    forward read tensor values into Python."""
+    rec = Recorder(model, leaf, skeleton, dyn, internal)
+    graph, meta = rec.run(inputs)
+    return graph, meta, rec.value_reads

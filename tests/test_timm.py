@@ -1,0 +1,83 @@
+"""timm models, built with pretrained=False at their default input size, prune as whole models.
+
+The list is a sample of the architectures timm users bring (BatchNormAct2d, Conv2dSame, GroupNorm1,
+layer scale, SE/ECA/GC gates, CSP splits, RepVGG-style blocks, MobileViT, halo attention ...): the
+point is the mechanism (rules on the tensors functional ops read, and the executing tracer where
+fx cannot trace), not the list.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+
+import surgery
+
+timm = pytest.importorskip("timm")
+
+TIMM_40 = ["seresnext26d_32x4d", "ecaresnet26t", "gcresnet33ts", "resnetaa50d", "resnetblur18",
+    "regnetz_b16", "regnetv_040", "tf_efficientnetv2_b0", "efficientnet_lite0",
+    "mobilenetv4_conv_small", "mobilenetv2_050", "mnasnet_100", "spnasnet_100", "semnasnet_075",
+    "fbnetv3_b", "ghostnetv2_100", "repghostnet_050", "hgnet_tiny", "hgnetv2_b0", "cs3darknet_s",
+    "darknet53", "vovnet39a", "dla46_c", "res2next50", "resnest26d", "repvit_m0_9", "starnet_s1",
+    "fasternet_t0", "mambaout_femto", "rdnet_tiny", "tresnet_m", "legacy_seresnet18",
+    "nf_regnet_b0", "dm_nfnet_f0", "inception_v3", "convnextv2_atto", "convformer_s18",
+    "visformer_tiny", "mobilevitv2_050", "halonet26t"]
+
+#: the default suite: small ones covering each mechanism (tf_efficientnetv2_b0 and
+#: mobilevitv2_050 need the executing tracer)
+DEFAULT = ["mobilenetv2_050", "efficientnet_lite0", "tf_efficientnetv2_b0", "mobilevitv2_050",
+           "hgnetv2_b0", "cs3darknet_s", "repvit_m0_9", "starnet_s1", "convnextv2_atto",
+           "legacy_seresnet18"]
+
+PARAMS = [pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in TIMM_40]
+
+
+def test_default_subset_is_in_the_list() -> None:
+    assert set(DEFAULT) <= set(TIMM_40) and len(DEFAULT) == 10 and len(TIMM_40) == 40
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_timm_model_prunes(name: str) -> None:
+    torch.set_num_threads(1)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    before = snapshot(model)
+    graph = surgery.trace(model, x)
+    plan = surgery.plan(model, x, ratio=0.5)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed
+    # exact wherever no cross-channel norm (LayerNorm, GroupNorm over one group) is on a pruned axis
+    assert report.exact_checked == plan.exact
+    if plan.exact:
+        assert report.max_rel_error < 1e-6
+    assert_unchanged(model, before)
+    assert type(small) is type(model)
+    assert surgery.count_params(small) < 0.9 * surgery.count_params(model), graph.tracer
+    small.train()
+    out = small(torch.randn(2, *x.shape[1:]))
+    out.float().pow(2).mean().backward()
+
+
+def test_executing_tracer_is_used_only_where_fx_fails() -> None:
+    fx_ok = timm.create_model("mobilenetv2_050", pretrained=False)
+    needs_run = timm.create_model("tf_efficientnetv2_b0", pretrained=False)  # Conv2dSame pads
+    x = torch.randn(1, 3, 64, 64)
+    assert surgery.trace(fx_ok, x).tracer == "fx"
+    graph = surgery.trace(needs_run, x)
+    assert graph.tracer == "run" and "torch.fx" in graph.notes[0]
+    # both tracers agree where both work
+    a, b = surgery.trace(fx_ok, x, tracer="fx"), surgery.trace(fx_ok, x, tracer="run")
+    assert [(g.slots, len(g.units)) for g in a.groups] == [(g.slots, len(g.units))
+                                                          for g in b.groups]
+
+
+def test_timm_spec_builds_without_downloading() -> None:
+    model = surgery.spec.build_model("timm:resnet18", {"num_classes": 7})
+    assert model.fc.out_features == 7
+    with pytest.raises(surgery.spec.SpecError, match="no model 'nonet'"):
+        surgery.spec.build_model("timm:nonet")
+    with pytest.raises(surgery.spec.SpecError, match="pretrained must stay False"):
+        surgery.spec.build_model("timm:resnet18", {"pretrained": True})
