@@ -231,4 +231,7 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
         lp = layers.setdefault(slot.path, LayerPlan(slot.kind, cls, {}))
         lp.axes[slot.axis] = AxisPlan(slot.size, tuple(keep.tolist()))
     exact = not (set(gone.tolist()) & graph.cross)
+    settings = {**settings, "tracer": graph.tracer}
+    if graph.notes:
+        settings["trace_notes"] = list(graph.notes)
     return Plan(graph.model_class, graph.fingerprint, layers, exact, settings)

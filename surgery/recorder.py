@@ -86,6 +86,7 @@ class Recorder:
         self.graph = torch.fx.Graph()
         self.meta: dict[torch.fx.Node, Any] = {}
         self.nodes: dict[int, torch.fx.Node] = {}  # id(tensor) -> node that produced it
+        self.data: set[int] = set()  # ids of tensors computed from the inputs or parameters
         self.alive: list[Any] = []  # keep recorded tensors alive so their ids stay unique
         self.params = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
         self.paths = {id(m): n for n, m in model.named_modules()}
@@ -153,7 +154,7 @@ class Recorder:
     def record_call(self, func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         method = _is_tensor_method(func)
         if method in _VALUE_READS and isinstance(args[0], torch.Tensor) \
-                and id(args[0]) in self.nodes:
+                and id(args[0]) in self.data:
             loc = self._where()
             if loc is not None and loc not in self.value_reads:
                 self.value_reads.append(loc)
@@ -181,7 +182,28 @@ class Recorder:
             node = self._add("call_function", func, tuple(self._node_for(x) for x in args),
                              self._node_for(kwargs), out)
         self._bind_outputs(node, out)
+        if self._reads_data(args) or self._reads_data(kwargs):
+            self._mark_data(out)
         return out
+
+    def _reads_data(self, v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return id(v) in self.data or id(v) in self.params
+        if isinstance(v, tuple | list):
+            return any(self._reads_data(x) for x in v)
+        if isinstance(v, dict):
+            return any(self._reads_data(x) for x in v.values())
+        return False
+
+    def _mark_data(self, v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            self.data.add(id(v))
+        elif isinstance(v, tuple | list):
+            for x in v:
+                self._mark_data(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                self._mark_data(x)
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         path = self.paths.get(id(module))
@@ -202,6 +224,7 @@ class Recorder:
             p, a, kw = entry
             node = self._add("call_module", p, tuple(a), dict(kw), out)
             self._bind_outputs(node, out)
+            self._mark_data(out)
         del path
 
     def run(self, inputs: Sequence[Any]) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any]]:
@@ -209,6 +232,7 @@ class Recorder:
         for i, x in enumerate(inputs):
             node = self._add("placeholder", f"input_{i}", (), {}, x)
             self._bind_outputs(node, x)
+            self._mark_data(x)
             placeholders.append(node)
         self._pending: list[Any] = []
         pre = nn.modules.module.register_module_forward_pre_hook(

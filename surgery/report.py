@@ -80,20 +80,27 @@ def prune_report(original: nn.Module, pruned: nn.Module, plan: Plan, x: torch.Te
         "layers": {name: {"before": before[name], "after": after.get(name)}
                    for name in before if before[name] != after.get(name)},
         "verification": {"passed": check.passed, "exact": check.exact_checked,
-                         "max_rel_error": check.max_rel_error,
+                         "max_rel_error": check.max_rel_error, "checked": check.checked,
                          "output_shapes": [list(s) for s in check.output_shapes]},
     }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     p, m, v = report["params"], report["macs"], report["verification"]
+    settings = {k: val for k, val in report["settings"].items() if k != "trace_notes"}
     lines = [f"# surgery prune report: {report['model']}", "",
-             f"settings: {report['settings']}", "",
+             f"settings: {settings}", ""]
+    notes = report["settings"].get("trace_notes", [])
+    if settings.get("tracer") == "run":
+        lines += ["traced by running the forward on the example input (torch.fx could not "
+                  "trace it): Python branches follow that input", ""]
+    lines += [f"- note: {n}" for n in notes] + ([""] if notes else [])
+    lines += [
              "| | before | after | ratio |", "|---|---|---|---|",
              f"| params | {p['before']:,} | {p['after']:,} | {p['before'] / p['after']:.2f}x |",
              f"| MACs | {m['before']:,} | {m['after']:,} | {m['before'] / m['after']:.2f}x |", "",
-             "verification: " + ("exact, max relative error "
-                                 f"{v['max_rel_error']:.1e}" if v["exact"] else
+             "verification: " + (f"exact, max relative error {v['max_rel_error']:.1e} "
+                                 f"({v.get('checked', 'outputs')})" if v["exact"] else
                                  "output shapes only (a removed channel passed a cross-channel "
                                  "normalisation)") + ("" if v["passed"] else " FAILED"), ""]
     if "onnx" in report:

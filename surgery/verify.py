@@ -32,6 +32,22 @@ class VerifyReport:
     output_shapes: tuple[tuple[int, ...], ...]
     dtype: str
     message: str = ""
+    #: inner module outputs whose shape the pruning kept, compared as well (head logits before a
+    #: detector's NMS, features entering a zero-initialised classifier ...)
+    layers_compared: int = 0
+    #: the model's outputs carry no signal (empty, or constant like a zero-initialised head):
+    #: equality there proves nothing, so the inner outputs are what was checked
+    degenerate_outputs: bool = False
+
+    @property
+    def checked(self) -> str:
+        """What the equivalence check compared, in words."""
+        if not self.exact_checked:
+            return "output shapes only (a cross-channel norm is on a pruned axis)"
+        inner = f"{self.layers_compared} inner layer outputs"
+        if self.degenerate_outputs:
+            return f"{inner} (the outputs are empty or constant, so they prove nothing)"
+        return f"outputs and {inner}"
 
 
 def zeroed_reference(model: nn.Module, plan: Plan) -> nn.Module:
@@ -72,13 +88,67 @@ def _leaves(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None) -> list[torch.Tensor]:
+def _cast(v: Any, dtype: torch.dtype) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, tuple | list):
+        return type(v)(_cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: _cast(x, dtype) for k, x in v.items()}
+    return v
+
+
+Inner = dict[str, list[list[torch.Tensor]]]
+
+
+def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
+         inner: Inner | None = None) -> list[torch.Tensor]:
+    """Eval-mode outputs; with ``inner``, every module's tensor outputs too, by path and call."""
     if dtype is not None:
         model = model.to(dtype)
-        inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                       else x for x in inputs)
-    with torch.no_grad():
-        return _leaves(model.eval()(*inputs))
+        inputs = _cast(inputs, dtype)
+    hooks = []
+    if inner is not None:
+        for path, m in model.named_modules():
+            hooks.append(m.register_forward_hook(
+                lambda _m, _a, out, path=path: inner.setdefault(path, []).append(_leaves(out))))
+    try:
+        with torch.no_grad():
+            return _leaves(model.eval()(*inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    if not b.numel():
+        return 0.0
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _has_signal(outputs: list[torch.Tensor]) -> bool:
+    """Some floating output with more than one distinct value."""
+    return any(t.is_floating_point() and t.numel() > 1 and bool(t.max() != t.min())
+               for t in outputs)
+
+
+def _compare_inner(want: Inner, got: Inner, rtol: float) -> tuple[int, float, str]:
+    """Compare every module output whose shape survived pruning; (count, max error, worst)."""
+    count, worst, where = 0, 0.0, ""
+    for path, calls in want.items():
+        for i, (a_list, b_list) in enumerate(zip(calls, got.get(path, []), strict=False)):
+            for a, b in zip(a_list, b_list, strict=False):
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    continue
+                err = _rel_error(b, a)
+                count += 1
+                if err > worst:
+                    worst, where = err, f"'{path or '<root>'}' (call {i})"
+    return count, worst, where
 
 
 def locate_failure(model: nn.Module, inputs: tuple) -> str:
@@ -101,7 +171,10 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
            rtol: float = 1e-6, raise_on_failure: bool = True) -> VerifyReport:
     """Check ``pruned`` against ``original`` with the removed inputs zeroed; neither is modified.
 
-    Output shapes are always compared; values are compared when ``plan.exact``.
+    Output shapes are always compared; values are compared when ``plan.exact``: the outputs and
+    every module output whose shape the pruning kept (so a detector's head logits before NMS, or
+    the features entering a zero-initialised classifier, are checked even when the outputs are
+    empty or constant; ``report.checked`` says what was compared).
 
     Example:
         >>> report = surgery.verify(model, small, plan, x)
@@ -119,32 +192,42 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
             "or keep that layer with ignore=[...]. The original model is unchanged.") from e
     ref = zeroed_reference(original, plan)
     dtype = torch.float64
+    inner_want: Inner = {}
+    inner_got: Inner = {}
     try:
-        want, got = _run(ref, inputs, dtype), _run(small, inputs, dtype)
+        want = _run(ref, inputs, dtype, inner_want if plan.exact else None)
+        got = _run(small, inputs, dtype, inner_got if plan.exact else None)
     except Exception:  # an op without float64 kernels: compare in the model's own dtype
         dtype = None
+        inner_want, inner_got = {}, {}
         ref, small = zeroed_reference(original, plan), copy.deepcopy(pruned)
-        want, got = _run(ref, inputs, None), _run(small, inputs, None)
+        want = _run(ref, inputs, None, inner_want if plan.exact else None)
+        got = _run(small, inputs, None, inner_got if plan.exact else None)
         rtol = max(rtol, 1e-4)
     shapes = tuple(tuple(t.shape) for t in got)
     message = ""
     err = 0.0
+    layers = 0
+    degenerate = not _has_signal(want)
     if shapes != tuple(tuple(t.shape) for t in want):
         message = (f"output shapes differ: pruned {shapes}, original "
                    f"{tuple(tuple(t.shape) for t in want)}")
     elif plan.exact:
         for a, b in zip(got, want, strict=True):
-            if a.is_floating_point():
-                scale = b.abs().max().item() if b.numel() else 0.0
-                diff = (a - b).abs().max().item() if b.numel() else 0.0
-                err = max(err, diff / scale if scale > 0 else diff)
-            elif not torch.equal(a, b):
-                err = float("inf")
+            err = max(err, _rel_error(a, b))
+        layers, inner_err, where = _compare_inner(inner_want, inner_got, rtol)
         if not err <= rtol:
             message = (f"pruned outputs differ from the zeroed original: max relative error "
                        f"{err:.3g} > {rtol:g}")
+        elif not inner_err <= rtol:
+            message = (f"the output of {where} differs from the zeroed original: relative error "
+                       f"{inner_err:.3g} > {rtol:g}")
+        elif degenerate and layers == 0:
+            message = ("the outputs are empty or constant on the example inputs, and no inner "
+                       "layer output could be compared: give example inputs that produce output")
+        err = max(err, inner_err)
     report = VerifyReport(not message, plan.exact, err, shapes,
-                          str(dtype or got[0].dtype if got else ""), message)
+                          str(dtype or got[0].dtype if got else ""), message, layers, degenerate)
     if message and raise_on_failure:
         raise VerificationError(f"verification failed: {message}. Please report this model; "
                                 "the original model is unchanged.")
