@@ -217,6 +217,15 @@ class ChannelGraph:
             lines += [f"  in {g!r}" for g in groups[:3]]
         return "\n".join(lines)
 
+    def pin_summary(self, top: int = 3) -> list[tuple[str, int]]:
+        """The reasons that keep the most channels, with how many channel units each keeps."""
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            for r in g.pinned.tolist():
+                reasons = self.pinned.get(r) or ["?"]
+                counts[reasons[0]] = counts.get(reasons[0], 0) + 1
+        return sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+
     def __str__(self) -> str:
         rows = [f"ChannelGraph of {self.model_class}: {len(self.groups)} groups, "
                 f"{sum(g.prunable for g in self.groups)} prunable"]
@@ -255,7 +264,10 @@ class _Context:
     def opaque(self, inputs: Iterable[Any], out: Any, why: str = "") -> Any:
         """Pin the channels of every tensor input; the output carries none."""
         target = getattr(self.node.target, "__name__", self.node.target) if self.node else "?"
-        reason = f"{why or 'no rule for op'} `{target}` {self.where()}".strip()
+        where = self.where()
+        reason = f"`{target}`: {why}" if why else f"no rule for `{target}`"
+        if where and where not in reason:
+            reason = f"{reason} {where}"
         for v in _walk(list(inputs)):
             if v.tracked:
                 self.pin(v.atoms, reason)
@@ -267,8 +279,8 @@ class _Context:
             return x.atoms
         if isinstance(x, TVal) and x.tracked:
             self.opaque([x], None, f"channels arrive on dims {x.tdims}, not dim {dim}, at")
-        return self.pinned_atoms(n, f"fixed input channels (network input or a constant) "
-                                    f"{self.where()}")
+        return self.pinned_atoms(n, "fixed input channels (the network input, a constant, or "
+                                    f"the output of an op that was not followed) {self.where()}")
 
     def is_computed(self, v: Any) -> bool:
         if isinstance(v, tuple | list):
@@ -310,6 +322,11 @@ class _Context:
         slot along ``dim``: its owner's axis when the owner's rule names it, else a raw tensor
         slice (``reads``: the dim reads channels, so the reference zeroes removed entries)."""
         assert p.param is not None and self.model is not None
+        if p.param_dims is not None:  # a view of the parameter: its own dim
+            real = dict(p.param_dims).get(dim)
+            if real is None:
+                return None
+            dim = real
         owner_path, _, name = p.param.rpartition(".")
         rule = module_rule(self.model.get_submodule(owner_path))
         axis = rule.param_axis(name, dim) if rule is not None else None
@@ -365,7 +382,10 @@ class _Context:
     def _function(self, node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
         rule = function_rule(node.target)
         if rule is not None:
-            return rule.propagate(self, args, kwargs, out)
+            result = rule.propagate(self, args, kwargs, out)
+            if rule.name in _POSITIONWISE:
+                result = _param_lineage([args, kwargs], result)
+            return result
         if not any(True for _ in _walk(out)):
             return _dyn(out)  # sizes, dims, dtypes: follow the pruned model at run time
         params = [v for v in _walk([args, kwargs]) if v.param is not None]
@@ -380,6 +400,33 @@ class _Context:
                     f"surgery rule knows: register a module rule for {cls} "
                     f"(surgery.register_module_rule), or pass ignore=['{owner}'] to keep it.")
         return self.opaque([args, kwargs], out)
+
+
+#: rules of ops that keep each position's value where it was, or compute it from that position
+#: alone (reshapes, transposes, elementwise with scalars): a parameter passed through them is
+#: still that parameter, sliced the same way
+_POSITIONWISE = {"unary", "view", "flatten", "getitem", "permute", "transpose", "broadcast"}
+
+
+def _nonsingleton(v: TVal) -> list[int]:
+    return [d for d, s in enumerate(v.shape) if s != 1]
+
+
+def _param_lineage(inputs: Any, result: Any) -> Any:
+    """``gamma.view(1, -1, 1, 1)``: the result is still parameter ``gamma`` along one dim."""
+    if not isinstance(result, TVal) or result.tracked or result.param is not None:
+        return result
+    sources = list(_walk(inputs))
+    if len(sources) != 1 or sources[0].param is None or sources[0].tracked:
+        return result
+    src = sources[0]
+    d_src, d_out = _nonsingleton(src), _nonsingleton(result)
+    if len(d_src) != 1 or len(d_out) != 1 or src.shape[d_src[0]] != result.shape[d_out[0]]:
+        return result
+    own = dict(src.param_dims).get(d_src[0]) if src.param_dims is not None else d_src[0]
+    if own is None:
+        return result
+    return TVal(result.shape, param=src.param, param_dims=((d_out[0], own),))
 
 
 def _fx_trace(model: nn.Module, opaque: Sequence[str]) -> torch.fx.Graph:

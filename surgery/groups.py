@@ -72,6 +72,9 @@ class TVal:
     tdims: tuple[int, ...] = ()
     atoms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     param: str | None = None
+    #: for a tensor computed position by position from parameter ``param`` (``gamma.view(1, -1,
+    #: 1, 1)``, ``sigmoid(gate)``): (dim here, dim of the parameter) of its non-singleton dims
+    param_dims: tuple[tuple[int, int], ...] | None = None
 
     @property
     def tracked(self) -> bool:

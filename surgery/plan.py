@@ -214,9 +214,24 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
         order = np.argsort(score(g), kind="stable")
         removed.append(g.units[order[:len(g.units) - n_keep]])
     gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
-    settings = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
-                "ignore": list(ignore), "seed": seed}
+    settings: dict[str, Any] = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
+                                "ignore": list(ignore), "seed": seed}
+    little = _removes_little(graph, len(gone), ratio)
+    if little:
+        warnings.warn(little, stacklevel=2)
+        settings["warnings"] = [little]
     return plan_removing(model, graph, gone, settings)
+
+
+def _removes_little(graph: ChannelGraph, n_gone: int, ratio: float) -> str:
+    """A warning when the plan removes far less than ``ratio`` asked, naming what pinned it."""
+    total = sum(len(g.units) + len(g.pinned) for g in graph.groups)
+    if ratio <= 0 or total == 0 or n_gone >= 0.25 * ratio * total:
+        return ""
+    top = "; ".join(f"{reason} ({n} channels)" for reason, n in graph.pin_summary())
+    return (f"this plan removes only {n_gone} of {total} channels ({n_gone / total:.1%}) where "
+            f"ratio {ratio} asked for about {ratio:.0%}: most are kept because of: {top}. "
+            "Register a rule for those ops, or see graph.explain(layer).")
 
 
 def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,

@@ -174,3 +174,20 @@ def test_malformed_plan_json() -> None:
 def test_not_a_module() -> None:
     with pytest.raises(TypeError, match="expected an nn.Module but received str"):
         surgery.trace("resnet", torch.randn(1))  # type: ignore[arg-type]
+
+
+def test_a_plan_that_removes_almost_nothing_says_why() -> None:
+    class Erf(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 32, 3)
+            self.b = nn.Conv2d(32, 32, 3)
+            self.c = nn.Conv2d(32, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.special.erf(self.a(x))  # no rule for erf: a's channels stay
+            return self.c(torch.special.erf(self.b(x)))
+
+    with pytest.warns(UserWarning, match="removes only 0 of .*`special_erf`.*32 channels"):
+        plan = surgery.plan(Erf(), torch.randn(1, 3, 12, 12), ratio=0.5)
+    assert "test_errors.py" in plan.settings["warnings"][0]

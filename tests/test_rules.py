@@ -99,7 +99,7 @@ def test_registering_a_rule_makes_a_new_layer_prunable() -> None:
             self.w = nn.Parameter(torch.rand(c) + 0.5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * self.w.view(1, -1, 1, 1)
+            return torch.einsum("bchw,c->bchw", x, self.w)  # no rule knows einsum
 
     class ScaleRule(surgery.ModuleRule):
         types = (Scale,)
@@ -117,8 +117,9 @@ def test_registering_a_rule_makes_a_new_layer_prunable() -> None:
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), Scale(8), nn.Conv2d(8, 2, 1))
     x = torch.randn(1, 3, 4, 4)
-    # traced into, the parameter is used by `view` then `mul`: an opaque use, pinned
-    assert surgery.prune(model, x, ratio=0.5, round_to=1)[0].out_channels == 8
+    # traced into, the parameter is read by an op no rule knows: refused, naming the layer
+    with pytest.raises(surgery.UnsupportedLayerError, match="'1' \\(Scale\\).*einsum"):
+        surgery.prune(model, x, ratio=0.5, round_to=1)
     surgery.register_module_rule(ScaleRule())
     small = surgery.prune(model, x, ratio=0.5, round_to=1)
     assert small[0].out_channels == 4 and small[1].w.shape == (4,) and small[1].c == 4

@@ -1,0 +1,41 @@
+"""Property: every generated network prunes exactly (or, with a cross-channel norm, with verified
+shapes) and still trains, or is refused with a clear error and left unchanged. Never a wrong,
+broken or untrainable model, never a modified original."""
+
+from __future__ import annotations
+
+from generated import check, specs
+from hypothesis import HealthCheck, given, settings
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(specs())
+def test_generated_networks_prune_or_are_refused(spec: dict) -> None:
+    outcome = check(spec)
+    assert not outcome.startswith("BUG"), f"{outcome}\nspec: {spec}"
+
+
+BASE = {"dims": 2, "in_channels": 3, "size": 6, "two_inputs": False, "two_outputs": False,
+        "flatten_head": False, "classes": 3, "ratio": 0.5, "criterion": "l2", "round_to": 1}
+
+
+def test_regression_layer_scale_through_a_view() -> None:
+    """``x + gamma.view(1, -1, 1, 1) * f(x)`` pinned the whole residual (found by the fuzzer)."""
+    import torch
+    from generated import build
+
+    import surgery
+
+    spec = {**BASE, "blocks": [("layer_scale", 16, 0)]}
+    assert check(spec) == "exact"
+    model, x = build(spec)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert plan.layers["blocks.0.scale"].axes["0"].size == 16
+    assert len(plan.layers["blocks.0.scale"].axes["0"].keep) == 8
+    assert torch.is_tensor(surgery.apply(model, plan).blocks[0].scale)
+
+
+def test_regression_refused_layer_leaves_the_model_unchanged() -> None:
+    spec = {**BASE, "blocks": [("conv", 8, 0), ("unknown", 8, 0)]}
+    assert check(spec) == "refused: UnsupportedLayerError"
