@@ -18,6 +18,7 @@ from .criteria import criteria, register_criterion
 from .errors import (
     ConfigError,
     ExampleInputError,
+    NothingToPruneError,
     PlanError,
     SurgeryError,
     TraceError,
@@ -63,6 +64,7 @@ __all__ = [
     "from_masks",
     "load",
     "MaskReport",
+    "NothingToPruneError",
     "Measurement",
     "ModuleRule",
     "Plan",

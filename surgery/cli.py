@@ -646,9 +646,18 @@ def sparsify(ctx: click.Context, model: str, model_args: tuple[str, ...],
 
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if not debug:
+        import warnings
+
+        warnings.showwarning = _show_warning
     try:
         rv = cli.main(args=args, prog_name="surgery", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -29,3 +29,7 @@ class PlanError(SurgeryError, ValueError):
 
 class VerificationError(SurgeryError, RuntimeError):
     """The pruned model does not behave like the original with the removed channels zeroed."""
+
+
+class NothingToPruneError(SurgeryError, ValueError):
+    """No coupled group of the model has channels that may be removed."""

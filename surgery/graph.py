@@ -14,6 +14,7 @@ import functools
 import hashlib
 import inspect
 import linecache
+import os
 import re
 import sys
 import traceback
@@ -85,9 +86,23 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _internal(filename: str) -> bool:
-    return any(part in filename for part in ("/torch/", "/surgery/graph.py", "/surgery/rules/",
-                                             "/surgery/recorder.py"))
+    """Frames of torch and of the recorder: a node's source line is the first frame outside,
+    unless that frame is surgery's own (a layer called by torch, e.g. nn.Sequential: no line)."""
+    return "/torch/" in filename or filename.endswith(("recorder.py", "recorder.pyc")) and \
+        os.path.abspath(filename).startswith(_PACKAGE)
+
+
+def user_frame(frame: Any) -> tuple[str, int] | None:
+    """(file, line) of the first frame outside torch and the recorder, if it is the user's."""
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None or os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        return None
+    return frame.f_code.co_filename, frame.f_lineno
 
 
 def source_line(node: torch.fx.Node) -> str:
@@ -111,11 +126,9 @@ class _Tracer(torch.fx.Tracer):
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
-        frame = sys._getframe(1)
-        while frame is not None and _internal(frame.f_code.co_filename):
-            frame = frame.f_back
-        if frame is not None:
-            node.meta["surgery_loc"] = (frame.f_code.co_filename, frame.f_lineno)
+        loc = user_frame(sys._getframe(1))
+        if loc is not None:
+            node.meta["surgery_loc"] = loc
         return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -470,7 +483,7 @@ def _record(model: nn.Module, inputs: tuple, opaque: Sequence[str], notes: list[
 
     leaves = _Tracer(opaque)
     graph, meta, reads = record(model, inputs, leaf=leaves.is_leaf_module, skeleton=_skeleton,
-                                dyn=Dyn, internal=_internal)
+                                dyn=Dyn, where=user_frame)
     for file, line in reads:
         path = file.split("site-packages/", 1)[-1]
         note = (f"the forward reads tensor values at {path}:{line}: "

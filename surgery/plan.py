@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from .criteria import get_criterion
-from .errors import ConfigError, PlanError
+from .errors import ConfigError, NothingToPruneError, PlanError
 from .graph import ChannelGraph, Inputs, trace
 from .groups import Group
 
@@ -198,11 +198,18 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
     scorer_factory = get_criterion(criterion)
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore)
+    if ratio > 0 and not any(g.prunable for g in graph.groups):
+        top = "; ".join(f"{reason} ({n} channels)" for reason, n in graph.pin_summary())
+        raise NothingToPruneError(
+            f"{graph.model_class} has no channels that can be removed: every coupled group is "
+            f"kept, because of: {top or 'no layer with channels'}. See surgery.trace(model, "
+            "x).explain(layer) for a layer, or register a rule for the ops named.")
     score = scorer_factory(model, graph, seed)
+    notes: list[str] = []
     hard = sorted({w for ws in graph.pinned.values() for w in ws if "hard-coded" in w})
     if hard:
-        warnings.warn("channels kept because forward hard-codes their count: " + "; ".join(hard),
-                      stacklevel=2)
+        notes.append("channels kept because the forward hard-codes their count: "
+                     + "; ".join(hard))
     removed: list[np.ndarray] = []
     for g in graph.groups:
         if not g.prunable or ratio == 0:
@@ -218,8 +225,11 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
                                 "ignore": list(ignore), "seed": seed}
     little = _removes_little(graph, len(gone), ratio)
     if little:
-        warnings.warn(little, stacklevel=2)
-        settings["warnings"] = [little]
+        notes.append(little)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    if notes:
+        settings["warnings"] = notes
     return plan_removing(model, graph, gone, settings)
 
 

@@ -81,7 +81,7 @@ class Recorder:
 
     def __init__(self, model: nn.Module, leaf: Callable[[nn.Module, str], bool],
                  skeleton: Callable[[Any], Any], dyn: type[int],
-                 internal: Callable[[str], bool]) -> None:
+                 where: Callable[[Any], tuple[str, int] | None]) -> None:
         self.model = model
         self.graph = torch.fx.Graph()
         self.meta: dict[torch.fx.Node, Any] = {}
@@ -93,7 +93,7 @@ class Recorder:
         self.leaf = leaf
         self.skeleton = skeleton
         self.dyn = dyn
-        self.internal = internal
+        self.where = where
         self.depth = 0
         #: (file, line) where the forward read tensor values into Python (``if y.sum() > 0``)
         self.value_reads: list[tuple[str, int]] = []
@@ -130,10 +130,7 @@ class Recorder:
                     self._bind_outputs(child, v)
 
     def _where(self) -> tuple[str, int] | None:
-        frame = sys._getframe(2)
-        while frame is not None and self.internal(frame.f_code.co_filename):
-            frame = frame.f_back
-        return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+        return self.where(sys._getframe(2))
 
     def _add(self, op: str, target: Any, args: tuple, kwargs: dict, value: Any) -> torch.fx.Node:
         node = self.graph.create_node(op, target, args, kwargs)
@@ -207,6 +204,8 @@ class Recorder:
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         path = self.paths.get(id(module))
+        if path is not None:
+            self.stack.append(path)
         if self.depth == 0 and path is not None and self.leaf(module, path):
             self._pending.append((path, self._node_for(args), self._node_for(kwargs)))
             self.depth += 1
@@ -216,6 +215,8 @@ class Recorder:
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         path = self.paths.get(id(module))
+        if path is not None and self.stack:
+            self.stack.pop()
         if self.depth == 0 or not self._pending:
             return
         entry = self._pending.pop()
@@ -235,6 +236,7 @@ class Recorder:
             self._mark_data(x)
             placeholders.append(node)
         self._pending: list[Any] = []
+        self.stack: list[str] = []  # paths of the model's modules being run, innermost last
         pre = nn.modules.module.register_module_forward_pre_hook(
             lambda m, a: self._pre(m, a, {}))
         post = nn.modules.module.register_module_forward_hook(
@@ -243,10 +245,14 @@ class Recorder:
             with torch.no_grad(), _Mode(self):
                 out = self.model(*inputs)
         except Exception as e:
+            inside = (f" in module '{self.stack[-1]}' "
+                      f"({type(self.model.get_submodule(self.stack[-1])).__name__})"
+                      if self.stack and self.stack[-1] else "")
             raise ExampleInputError(
-                f"{type(self.model).__name__} fails on the example inputs: {type(e).__name__}: "
-                f"{e}. Check the shape, dtype and device of example_inputs (they must be what "
-                "the model's forward expects).") from e
+                f"{type(self.model).__name__} fails on the example inputs{inside}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check the "
+                "shape, dtype and device of example_inputs (they must be what the model's "
+                "forward expects).") from e
         finally:
             pre.remove()
             post.remove()
@@ -255,10 +261,11 @@ class Recorder:
 
 
 def record(model: nn.Module, inputs: Sequence[Any], *, leaf: Callable[[nn.Module, str], bool],
-           skeleton: Callable[[Any], Any], dyn: type[int], internal: Callable[[str], bool]
+           skeleton: Callable[[Any], Any], dyn: type[int],
+           where: Callable[[Any], tuple[str, int] | None]
            ) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any], list[tuple[str, int]]]:
     """Run ``model(*inputs)`` once: its recorded graph, every node's skeleton, and where the
     forward read tensor values into Python."""
-    rec = Recorder(model, leaf, skeleton, dyn, internal)
+    rec = Recorder(model, leaf, skeleton, dyn, where)
     graph, meta = rec.run(inputs)
     return graph, meta, rec.value_reads

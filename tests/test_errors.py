@@ -50,12 +50,13 @@ class Weird(nn.Module):
 class HasWeird(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
+        self.pre = nn.Conv2d(3, 16, 1)
+        self.a = nn.Conv2d(16, 8, 1)
         self.weird = Weird()
         self.b = nn.Conv2d(8, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.weird(self.a(x)))
+        return self.b(self.weird(self.a(self.pre(x))))
 
 
 def test_unknown_layer_with_channels_is_named_with_the_fix() -> None:
@@ -68,7 +69,8 @@ def test_unknown_layer_with_channels_is_named_with_the_fix() -> None:
     assert_unchanged(model, before)
     # the fix the message suggests works: the block is kept, channels around it stay
     small = surgery.prune(model, x, ratio=0.5, ignore=["weird"])
-    assert small.a.out_channels == 8 and small.weird.weight.shape == (8, 8)
+    assert small.pre.out_channels == 8 and small.a.out_channels == 8
+    assert small.weird.weight.shape == (8, 8)
 
 
 def test_torch_leaf_without_rule_is_named() -> None:
@@ -183,11 +185,19 @@ def test_a_plan_that_removes_almost_nothing_says_why() -> None:
             self.a = nn.Conv2d(3, 32, 3)
             self.b = nn.Conv2d(32, 32, 3)
             self.c = nn.Conv2d(32, 8, 3)
+            self.d = nn.Conv2d(8, 4, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.special.erf(self.a(x))  # no rule for erf: a's channels stay
-            return self.c(torch.special.erf(self.b(x)))
+            return self.d(self.c(torch.special.erf(self.b(x))))
 
     with pytest.warns(UserWarning, match="removes only 0 of .*`special_erf`.*32 channels"):
         plan = surgery.plan(Erf(), torch.randn(1, 3, 12, 12), ratio=0.5)
     assert "test_errors.py" in plan.settings["warnings"][0]
+
+
+def test_a_model_with_nothing_to_prune_is_refused_clearly() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(surgery.NothingToPruneError, match="no channels that can be removed.*"
+                                                           "model output"):
+        surgery.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
