@@ -1,10 +1,15 @@
-"""Time trace + plan + apply for every torchvision conv net, ours vs Torch-Pruning, same run.
+"""Time trace + plan + apply, ours vs Torch-Pruning, same run: the torchvision conv nets, the timm
+sample of tests/test_timm.py and the torchvision detectors as whole models.
 
 Both tools prune at the same ratio with L2 magnitude, in turns (ours, theirs, ours, theirs …) on
 fresh model instances; the table shows medians. Torch-Pruning prunes in place, so its time is
-DependencyGraph + MetaPruner + step(); ours is surgery.plan + surgery.apply (a new model).
+DependencyGraph + MetaPruner + step(); ours is surgery.plan + surgery.apply (a new model). Each
+tool keeps the classifier (and, for detectors, the layers whose outputs reach the detections, as
+surgery finds them; found outside the timed region). Per-model ratios are summarised (median, how
+many faster/slower) beside the totals, which a few large models dominate.
 
-    ./run python benchmarks/prune_time.py [--size 224] [--repeats 3] [--models resnet18 ...]
+    ./run python benchmarks/prune_time.py [--zoo torchvision timm detectors] [--repeats 3]
+                                          [--models resnet18 ...]
 """
 
 from __future__ import annotations
@@ -25,31 +30,63 @@ import surgery
 from surgery.bench import environment
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from zoo import conv_nets  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from detectors import kept_outputs  # noqa: E402
+from zoo import DETECTORS, TIMM_40, conv_nets  # noqa: E402
 
 
-def build(name: str) -> torch.nn.Module:
+def build(zoo: str, name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if zoo == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False).eval()
+    if zoo == "detectors":
+        return torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
     kw = {"aux_logits": True, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     return torchvision.models.get_model(name, weights=None, **kw).eval()
 
 
-def ours(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> float:
+def example(zoo: str, name: str, model: torch.nn.Module, size: int) -> tuple:
+    if zoo == "detectors":
+        return ([torch.rand(3, 256, 256)],)
+    if zoo == "timm":
+        return (torch.randn(1, *model.pretrained_cfg["input_size"]),)
+    s = 299 if name == "inception_v3" else size
+    return (torch.randn(1, 3, s, s),)
+
+
+def ours(model: torch.nn.Module, x: tuple, ratio: float) -> float:
     t = time.perf_counter()
-    surgery.apply(model, surgery.plan(model, x, ratio=ratio))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        surgery.apply(model, surgery.plan(model, x, ratio=ratio))
     return time.perf_counter() - t
 
 
-def theirs(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> float:
+def heads(zoo: str, model: torch.nn.Module, x: tuple) -> list[torch.nn.Module]:
+    """What Torch-Pruning must keep: the classifier, or a detector's output layers."""
+    if zoo == "detectors":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return kept_outputs(model, surgery.trace(model, x))
+    if zoo == "timm":
+        return [model.get_classifier()] if isinstance(model.get_classifier(), torch.nn.Module) \
+            else []
+    return [m for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m.out_features == 1000
+            or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]
+
+
+def theirs(zoo: str, model: torch.nn.Module, x: tuple, ratio: float) -> float:
     import torch_pruning as tp
 
-    heads = [m for m in model.modules()
-             if isinstance(m, torch.nn.Linear) and m.out_features == 1000
-             or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]
+    keep = heads(zoo, model, x)
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
-                             pruning_ratio=ratio, ignored_layers=heads).step()
+                             pruning_ratio=ratio, ignored_layers=keep).step()
     return time.perf_counter() - t
 
 
@@ -60,47 +97,63 @@ def main() -> int:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--zoo", nargs="*", default=["torchvision", "timm", "detectors"],
+                    choices=["torchvision", "timm", "detectors"])
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "prune_time.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.models or conv_nets()
-    warm = torch.randn(1, 3, 64, 64)  # first-call costs (imports, lazy init) are not pruning
-    ours(build("resnet18"), warm, args.ratio)
-    theirs(build("resnet18"), warm, args.ratio)
+    zoos = {"torchvision": conv_nets(), "timm": TIMM_40, "detectors": DETECTORS}
+    todo = [(z, n) for z in args.zoo for n in zoos[z] if not args.models or n in args.models]
+    warm = (torch.randn(1, 3, 64, 64),)  # first-call costs (imports, lazy init) are not pruning
+    ours(build("torchvision", "resnet18"), warm, args.ratio)
+    theirs("torchvision", build("torchvision", "resnet18"), warm, args.ratio)
     rows = []
-    print("| model | surgery s | Torch-Pruning s | TP / surgery |\n|---|---|---|---|", flush=True)
-    for name in names:
-        size = 299 if name == "inception_v3" else args.size
-        x = torch.randn(1, 3, size, size)
+    print("| zoo | model | surgery s | Torch-Pruning s | TP / surgery |\n|---|---|---|---|---|",
+          flush=True)
+    for zoo, name in todo:
         a, b, err = [], [], ""
         for _ in range(args.repeats):
-            torch.manual_seed(0)
-            a.append(ours(build(name), x, args.ratio))
+            model = build(zoo, name)
+            x = example(zoo, name, model, args.size)
+            a.append(ours(model, x, args.ratio))
             try:
-                b.append(theirs(build(name), x, args.ratio))
+                b.append(theirs(zoo, build(zoo, name), x, args.ratio))
             except Exception as e:  # Torch-Pruning cannot prune this model
                 err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 break
-        row = {"model": name, "ours_s": statistics.median(a),
+        row = {"zoo": zoo, "model": name, "ours_s": statistics.median(a),
                "tp_s": statistics.median(b) if b and not err else None, "tp_error": err}
         rows.append(row)
         tp_s = f"{row['tp_s']:.2f}" if row["tp_s"] else f"failed ({err})"
         ratio = f"{row['tp_s'] / row['ours_s']:.2f}" if row["tp_s"] else ""
-        print(f"| {name} | {row['ours_s']:.2f} | {tp_s} | {ratio} |", flush=True)
-    both = [r for r in rows if r["tp_s"]]
-    tot_a, tot_b = sum(r["ours_s"] for r in both), sum(r["tp_s"] for r in both)
-    print(f"| **total ({len(both)} models both prune)** | {tot_a:.1f} | {tot_b:.1f} | "
-          f"{tot_b / tot_a:.2f} |")
+        print(f"| {zoo} | {name} | {row['ours_s']:.2f} | {tp_s} | {ratio} |", flush=True)
+    summary = {}
+    for zoo in [*args.zoo, "all"]:
+        both = [r for r in rows if r["tp_s"] and zoo in (r["zoo"], "all")]
+        if not both:
+            continue
+        ratios = [r["tp_s"] / r["ours_s"] for r in both]
+        summary[zoo] = {
+            "models": len(both), "tp_failed": sum(1 for r in rows if not r["tp_s"]
+                                                  and zoo in (r["zoo"], "all")),
+            "total_ours_s": sum(r["ours_s"] for r in both),
+            "total_tp_s": sum(r["tp_s"] for r in both),
+            "median_tp_over_ours": statistics.median(ratios),
+            "ours_faster": sum(q > 1 for q in ratios), "ours_slower": sum(q < 1 for q in ratios)}
+        s = summary[zoo]
+        print(f"| **{zoo}: total of {s['models']} both prune** | {s['total_ours_s']:.1f} | "
+              f"{s['total_tp_s']:.1f} | {s['total_tp_s'] / s['total_ours_s']:.2f} (per model: "
+              f"median {s['median_tp_over_ours']:.2f}, we are faster on {s['ours_faster']}, "
+              f"slower on {s['ours_slower']}; TP failed on {s['tp_failed']}) |")
     env = {"cpu": environment(args.threads, ())["cpu"],
            "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
            "python": platform.python_version(), "size": args.size, "ratio": args.ratio,
            "repeats": args.repeats}
     print(f"\nMedians of {args.repeats} alternating runs; {env}")
     with open(args.out, "w") as f:
-        json.dump({"env": env, "rows": rows, "total_ours_s": tot_a, "total_tp_s": tot_b}, f,
-                  indent=1)
+        json.dump({"env": env, "rows": rows, "summary": summary}, f, indent=1)
     return 0
 
 

@@ -27,11 +27,12 @@ from .errors import (
 )
 from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
 from .graph import ChannelGraph, fingerprint, trace
+from .groups import TVal
 from .latency import LatencyModel, latency_model, latency_plan, register_cost
 from .masks import MaskReport, from_masks
 from .plan import Plan
 from .plan import make_plan as plan
-from .rules import ModuleRule, register_function_rule, register_module_rule
+from .rules import ModuleRule, RuleContext, register_function_rule, register_module_rule
 from .stats import count_macs, count_params
 from .surgeon import apply, apply_
 from .verify import VerifyReport, verify
@@ -76,12 +77,14 @@ __all__ = [
     "register_criterion",
     "register_function_rule",
     "register_module_rule",
+    "RuleContext",
     "RuntimeMissingError",
     "save",
     "sparse",
     "SurgeryError",
     "trace",
     "TraceError",
+    "TVal",
     "UnsupportedLayerError",
     "VerificationError",
     "verify",

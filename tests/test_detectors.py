@@ -10,14 +10,10 @@ import pytest
 import torch
 import torchvision
 from conftest import assert_unchanged, snapshot
+from zoo import DETECTORS
 
 import surgery
 
-DETECTORS = ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large",
-             "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
-             "fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn",
-             "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
-             "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn"]
 DEFAULT = DETECTORS[:2]
 PARAMS = [pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in DETECTORS]
 

@@ -123,3 +123,44 @@ def test_registering_a_rule_makes_a_new_layer_prunable() -> None:
     surgery.register_module_rule(ScaleRule())
     small = surgery.prune(model, x, ratio=0.5, round_to=1)
     assert small[0].out_channels == 4 and small[1].w.shape == (4,) and small[1].c == 4
+
+
+def test_readme_worked_example_a_rule_for_your_own_layer() -> None:
+    """The README's example, verbatim in spirit: a user's layer that no rule knows."""
+    from surgery import ModuleRule, TVal, register_module_rule
+    from surgery.rules import clone_module, set_tensor
+
+    class Affine(nn.Module):  # y = x * scale[c] + shift[c]
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.c = c
+            self.scale = nn.Parameter(torch.rand(c) + 0.5)
+            self.shift = nn.Parameter(torch.randn(c))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.addcmul(self.shift[:, None, None], x, self.scale[:, None, None])
+
+    class AffineRule(ModuleRule):
+        types, axes = (Affine,), ("features",)
+
+        def propagate(self, ctx, path, m, inputs, out):  # type: ignore[no-untyped-def]
+            atoms = ctx.slot(path, "features", ctx.channels_in(inputs[0], 1, m.c))
+            return TVal(out.shape, (1,), atoms)  # output channel c is input channel c
+
+        def shrink(self, m, keep):  # type: ignore[no-untyped-def]
+            new = clone_module(m)
+            for name in ("scale", "shift"):
+                set_tensor(new, name, getattr(m, name).detach()[keep["features"]])
+            new.c = len(keep["features"])
+            return new
+
+        def importance(self, m, axis):  # type: ignore[no-untyped-def]
+            return m.scale.detach().reshape(-1, 1)
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), Affine(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(surgery.UnsupportedLayerError, match="'1' \\(Affine\\).*addcmul"):
+        surgery.prune(model, x, ratio=0.5)
+    register_module_rule(AffineRule())
+    small = surgery.prune(model, x, ratio=0.5)  # verified exact inside
+    assert small[1].c == 8 and small[1].scale.shape == (8,) and small[0].out_channels == 8

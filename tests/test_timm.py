@@ -11,19 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
+from zoo import TIMM_40
 
 import surgery
 
 timm = pytest.importorskip("timm")
-
-TIMM_40 = ["seresnext26d_32x4d", "ecaresnet26t", "gcresnet33ts", "resnetaa50d", "resnetblur18",
-    "regnetz_b16", "regnetv_040", "tf_efficientnetv2_b0", "efficientnet_lite0",
-    "mobilenetv4_conv_small", "mobilenetv2_050", "mnasnet_100", "spnasnet_100", "semnasnet_075",
-    "fbnetv3_b", "ghostnetv2_100", "repghostnet_050", "hgnet_tiny", "hgnetv2_b0", "cs3darknet_s",
-    "darknet53", "vovnet39a", "dla46_c", "res2next50", "resnest26d", "repvit_m0_9", "starnet_s1",
-    "fasternet_t0", "mambaout_femto", "rdnet_tiny", "tresnet_m", "legacy_seresnet18",
-    "nf_regnet_b0", "dm_nfnet_f0", "inception_v3", "convnextv2_atto", "convformer_s18",
-    "visformer_tiny", "mobilevitv2_050", "halonet26t"]
 
 #: the default suite: small ones covering each mechanism (tf_efficientnetv2_b0 and
 #: mobilevitv2_050 need the executing tracer)

@@ -30,3 +30,21 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     size = INPUT_SIZE.get(name, 64)
     return model, torch.randn(1, 3, size, size)
+
+
+#: a sample of timm architectures users bring (tests/test_timm.py, benchmarks/prune_time.py)
+TIMM_40 = ["seresnext26d_32x4d", "ecaresnet26t", "gcresnet33ts", "resnetaa50d", "resnetblur18",
+    "regnetz_b16", "regnetv_040", "tf_efficientnetv2_b0", "efficientnet_lite0",
+    "mobilenetv4_conv_small", "mobilenetv2_050", "mnasnet_100", "spnasnet_100", "semnasnet_075",
+    "fbnetv3_b", "ghostnetv2_100", "repghostnet_050", "hgnet_tiny", "hgnetv2_b0", "cs3darknet_s",
+    "darknet53", "vovnet39a", "dla46_c", "res2next50", "resnest26d", "repvit_m0_9", "starnet_s1",
+    "fasternet_t0", "mambaout_femto", "rdnet_tiny", "tresnet_m", "legacy_seresnet18",
+    "nf_regnet_b0", "dm_nfnet_f0", "inception_v3", "convnextv2_atto", "convformer_s18",
+    "visformer_tiny", "mobilevitv2_050", "halonet26t"]
+
+#: torchvision detectors, pruned as whole models (tests/test_detectors.py, benchmarks/)
+DETECTORS = ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large",
+             "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+             "fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn",
+             "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
+             "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn"]

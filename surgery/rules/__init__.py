@@ -3,7 +3,8 @@
 Two registries: module rules keyed by ``nn.Module`` class (looked up along the MRO) and function
 rules keyed by the fx call target (``torch.cat``, ``operator.add``) or method name (``"view"``).
 The tracer, the criteria, the surgeon and the verifier all read these tables and nothing else.
-Adding support for a layer is one ``register_module_rule`` call.
+Adding support for a layer is one ``register_module_rule`` call. Rules program against
+:class:`RuleContext` (``surgery/rules/context.py``), a typed protocol.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch
 from torch import nn
 
 from ..groups import TVal
+from .context import RuleContext
 
 __all__ = [
     "FunctionRule",
     "ModuleRule",
+    "RuleContext",
     "clone_module",
     "function_rule",
     "leaf_rule",
@@ -32,8 +35,16 @@ __all__ = [
 class ModuleRule:
     """How one family of leaf modules passes, couples, scores and loses channels.
 
-    Subclasses set ``types`` and ``axes`` and implement the methods they need. ``keep`` maps an
-    axis to the sorted indices that survive (an axis that is absent keeps everything).
+    Subclasses set ``types`` (the classes it covers, subclasses included) and ``axes`` (the names
+    of the module's channel axes, e.g. ``("in", "out")``) and implement:
+
+    - ``propagate(ctx, path, module, inputs, out)``: read the inputs' channels from ``inputs``
+      (``TVal``), tie them to the module's axes with ``ctx.slot``, return the output ``TVal``;
+    - ``shrink(module, keep)``: a copy keeping only ``keep[axis]`` positions (same class, with its
+      size attributes updated; ``clone_module`` and ``set_tensor`` help);
+    - ``importance(module, axis)``: the weights of each position as rows (for the criteria);
+    - ``zero_removed(module, axis, idx)``: zero what reads removed input positions (the
+      verification reference).
     """
 
     types: tuple[type[nn.Module], ...] = ()
@@ -54,7 +65,7 @@ class ModuleRule:
         pairs = (entry,) if isinstance(entry[0], str) else entry
         return next((axis for axis, d in pairs if d == dim), None)
 
-    def propagate(self, ctx: Any, path: str, module: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, module: nn.Module, inputs: list[Any],
                   out: Any) -> Any:
         raise NotImplementedError
 
@@ -76,7 +87,8 @@ class FunctionRule:
         self.fn = fn
         self.name = name
 
-    def propagate(self, ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  out: Any) -> Any:
         return self.fn(ctx, args, kwargs, out)
 
     def __repr__(self) -> str:
@@ -165,7 +177,7 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None
         raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
 
 
-def passthrough(ctx: Any, x: Any, out: Any) -> Any:
+def passthrough(ctx: RuleContext, x: Any, out: Any) -> Any:
     """Output keeps the input's channel atoms when its channel dims are unchanged; else pin."""
     if not isinstance(x, TVal) or not isinstance(out, TVal):
         return ctx.opaque([x], out)

@@ -18,9 +18,10 @@ from torch import nn
 from ..errors import PlanError
 from ..groups import TVal
 from . import ModuleRule, clone_module, register_module_rule, set_tensor
+from .context import RuleContext
 
 
-def couple_groups(ctx: Any, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
+def couple_groups(ctx: RuleContext, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
     """Union all input and output channels of each group into one unit."""
     if groups == 1:
         return
@@ -45,7 +46,8 @@ class _ConvBase(ModuleRule):
     axes = ("in", "out")
     transposed = False
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         cdim = x.ndim - len(m.kernel_size) - 1
         a_in = ctx.slot(path, "in", ctx.channels_in(x, cdim, m.in_channels))

@@ -18,6 +18,7 @@ import torchvision
 
 from ..groups import TVal
 from . import passthrough, register_function_rule
+from .context import RuleContext
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str],
@@ -30,7 +31,7 @@ def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str],
 
 # --- unary, channel-preserving --------------------------------------------------------------------
 
-def _unary(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _unary(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     return passthrough(ctx, args[0], out)
 
 
@@ -55,7 +56,7 @@ register_function_rule(_UNARY_FUNCS + _UNARY_METHODS, _unary, name="unary")
 
 # --- elementwise with broadcasting ----------------------------------------------------------------
 
-def broadcast(ctx: Any, operands: Sequence[Any], out: Any) -> Any:
+def broadcast(ctx: RuleContext, operands: Sequence[Any], out: Any) -> Any:
     """Align operands from the right; tracked channel dims must match (their units are coupled)."""
     vals = [v for v in operands if isinstance(v, TVal)]
     tracked = [v for v in vals if v.tracked]
@@ -87,7 +88,7 @@ def broadcast(ctx: Any, operands: Sequence[Any], out: Any) -> Any:
     return TVal(out.shape, tdims, atoms)
 
 
-def _binary(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _binary(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     operands = list(args[:2]) + [v for k, v in kwargs.items() if k == "other"]
     return broadcast(ctx, operands, out)
 
@@ -103,7 +104,7 @@ register_function_rule(_BINARY, _binary, name="broadcast")
 
 # --- concatenation and splitting ------------------------------------------------------------------
 
-def _cat(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
     vals = list(b["tensors"])
     dim = b["dim"] % out.ndim
@@ -119,7 +120,7 @@ def _cat(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> A
     return ctx.opaque(tracked, out, "cat along a dim that mixes channel layouts")
 
 
-def _pieces(ctx: Any, x: Any, dim: int, out: Any, equal_at_runtime: bool, why: str) -> Any:
+def _pieces(ctx: RuleContext, x: Any, dim: int, out: Any, equal_at_runtime: bool, why: str) -> Any:
     if not isinstance(x, TVal) or not x.tracked:
         return out
     dim %= x.ndim
@@ -134,12 +135,12 @@ def _pieces(ctx: Any, x: Any, dim: int, out: Any, equal_at_runtime: bool, why: s
     return tuple(TVal(o.shape, (dim,), p) for o, p in zip(out, pieces, strict=True))
 
 
-def _chunk(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _chunk(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "chunks", "dim"), {"dim": 0})
     return _pieces(ctx, b["input"], b["dim"], out, True, "chunk into uneven pieces")
 
 
-def _split(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _split(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("tensor", "split_size_or_sections", "dim"), {"dim": 0})
     size = b.get("split_size_or_sections", b.get("split_size"))
     # a size computed in forward (e.g. x.size(1) // 2) follows the pruned width; a literal does not
@@ -148,7 +149,7 @@ def _split(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
                    f"split with hard-coded sizes {size!r} {ctx.where()}")
 
 
-def _stack(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _stack(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     """A new dim at ``dim``: channels stay where they were (shifted), shared position-wise."""
     b = _bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
     vals = list(b["tensors"])
@@ -165,7 +166,7 @@ def _stack(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
     return TVal(out.shape, tuple(t + (t >= dim) for t in ref.tdims), ref.atoms)
 
 
-def _unbind(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _unbind(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "dim"), {"dim": 0})
     x = b["input"]
     if not isinstance(x, TVal) or not x.tracked:
@@ -183,7 +184,7 @@ register_function_rule([torch.chunk, "chunk"], _chunk, name="chunk")
 register_function_rule([torch.split, "split"], _split, name="split")
 
 
-def _getitem(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _getitem(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     obj, idx = args
     if isinstance(obj, tuple | list):
         return obj[idx]
@@ -250,7 +251,7 @@ def _blocks(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[in
     return blocks
 
 
-def reshape(ctx: Any, x: Any, out: Any, literal: Sequence[bool] | None, op: str) -> Any:
+def reshape(ctx: RuleContext, x: Any, out: Any, literal: Sequence[bool] | None, op: str) -> Any:
     """Channels through a reshape. ``literal[k]``: out dim k was written as a constant in forward.
 
     Channels may spread over several output dims (a channel shuffle views C as (g, C/g)). An output
@@ -291,17 +292,17 @@ def _sizes(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(args[0]) if len(args) == 1 and isinstance(args[0], tuple | list) else args
 
 
-def _view(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _view(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     sizes = _sizes(args[1:]) if args[1:] else _sizes((kwargs.get("shape", kwargs.get("size")),))
     literal = [isinstance(s, int) and not ctx.is_computed(s) and s != -1 for s in sizes]
     return reshape(ctx, args[0], out, literal if len(literal) == out.ndim else None, "view/reshape")
 
 
-def _flatten(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _flatten(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     return reshape(ctx, args[0], out, None, "flatten")
 
 
-def _permute(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _permute(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     x = args[0]
     dims = _sizes(args[1:]) if args[1:] else tuple(kwargs["dims"])
     return permute(x, [d % x.ndim for d in dims], out)
@@ -315,7 +316,7 @@ def permute(x: Any, dims: Sequence[int], out: Any) -> Any:
     return TVal(out.shape, tuple(new_t), np.ascontiguousarray(x.atoms.transpose(order)))
 
 
-def _transpose(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _transpose(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "dim0", "dim1"), {})
     x = b["input"]
     dims = list(range(x.ndim))
@@ -333,7 +334,7 @@ register_function_rule([torch.transpose, "transpose"], _transpose, name="transpo
 
 # --- reductions and channel-wise normalisations ---------------------------------------------------
 
-def _reduce(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _reduce(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
     x, dim = b["input"], b["dim"]
     if not isinstance(x, TVal) or not x.tracked:
@@ -351,7 +352,7 @@ register_function_rule([torch.mean, torch.sum, torch.amax, torch.amin, "mean", "
                         "amin"], _reduce, name="reduce")
 
 
-def _softmax(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _softmax(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "dim"), {"dim": None})
     x = b["input"]
     if isinstance(x, TVal) and x.tracked and (b["dim"] is None or b["dim"] % x.ndim in x.tdims):
@@ -363,7 +364,7 @@ register_function_rule([F.softmax, F.log_softmax, torch.softmax, torch.log_softm
                         "log_softmax"], _softmax, name="softmax")
 
 
-def _layer_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _layer_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
               {"weight": None, "bias": None})
     x, n = b["input"], len(b["normalized_shape"])

@@ -15,13 +15,15 @@ from torch import nn
 
 from ..groups import TVal
 from . import ModuleRule, clone_module, register_module_rule, set_tensor
+from .context import RuleContext
 
 
 class LinearRule(ModuleRule):
     types = (nn.Linear,)
     axes = ("in", "out")
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         last = x.ndim - 1
         ctx.slot(path, "in", ctx.channels_in(x, last, m.in_features))

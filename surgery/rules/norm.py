@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import PlanError
 from ..groups import TVal
 from . import ModuleRule, clone_module, passthrough, register_module_rule, set_tensor
+from .context import RuleContext
 
 _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
@@ -34,10 +35,11 @@ class _FeatureRule(ModuleRule):
     def channel_dim(self, m: nn.Module, x: TVal) -> int:
         return 1
 
-    def couple(self, ctx: Any, m: nn.Module, atoms: Any) -> None:
+    def couple(self, ctx: RuleContext, m: nn.Module, atoms: Any) -> None:
         pass
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         cdim = self.channel_dim(m, x)
         atoms = ctx.channels_in(x, cdim, getattr(m, self.size_attr))
@@ -77,7 +79,7 @@ class GroupNormRule(_FeatureRule):
     types = (nn.GroupNorm,)
     size_attr = "num_channels"
 
-    def couple(self, ctx: Any, m: nn.Module, atoms: Any) -> None:
+    def couple(self, ctx: RuleContext, m: nn.Module, atoms: Any) -> None:
         if m.num_groups == 1:  # one group normalises over all channels: like LayerNorm
             ctx.record_cross_channel(atoms)
             return
@@ -104,7 +106,8 @@ class LayerNormRule(_FeatureRule):
     cross_channel = True
     param_axes = {"weight": ("features", 0), "bias": ("features", 0)}
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         n = len(m.normalized_shape)
         if x.tracked and max(x.tdims) < x.ndim - n:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..groups import TVal
 from . import ModuleRule, passthrough, register_function_rule
+from .context import RuleContext
 from .conv import ConvRule, ConvTransposeRule
 from .functions import _bind
 from .linear import LinearRule
@@ -30,7 +31,7 @@ from .norm import BatchNormRule, GroupNormRule, InstanceNormRule
 from .pointwise import PReLURule
 
 
-def _delegate(ctx: Any, p: Any, rule_type: type[ModuleRule], names: tuple[str, ...], x: Any,
+def _delegate(ctx: RuleContext, p: Any, rule_type: type[ModuleRule], names: tuple[str, ...], x: Any,
               out: Any) -> Any | None:
     """Run the owner's own rule when ``p`` is one of its tensors named ``names``; else None."""
     found = ctx.owner(p)
@@ -48,7 +49,7 @@ def _params(*tensors: Any) -> tuple[list[TVal], bool]:
     return [t for t in given if t.param is not None], any(t.param is None for t in given)
 
 
-def _per_channel(ctx: Any, x: Any, out: Any, tensors: tuple[Any, ...], op: str) -> Any:
+def _per_channel(ctx: RuleContext, x: Any, out: Any, tensors: tuple[Any, ...], op: str) -> Any:
     """``out[:, c] = f(x[:, c], t[c] ...)``: every per-channel tensor is sliced with channel c."""
     if not isinstance(x, TVal) or not isinstance(out, TVal) or x.ndim < 2:
         return ctx.opaque([x, *tensors], out)
@@ -64,7 +65,7 @@ def _per_channel(ctx: Any, x: Any, out: Any, tensors: tuple[Any, ...], op: str) 
     return TVal(out.shape, (1,), atoms)
 
 
-def _batch_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _batch_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"),
               {"running_mean": None, "running_var": None, "weight": None, "bias": None})
     tensors = (b["running_mean"], b["running_var"], b["weight"], b["bias"])
@@ -76,7 +77,8 @@ def _batch_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: An
     return _per_channel(ctx, b["input"], out, tensors, "batch_norm")
 
 
-def _instance_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _instance_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"),
               {"running_mean": None, "running_var": None, "weight": None, "bias": None})
     tensors = (b["running_mean"], b["running_var"], b["weight"], b["bias"])
@@ -88,7 +90,7 @@ def _instance_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out:
     return _per_channel(ctx, b["input"], out, tensors, "instance_norm")
 
 
-def _group_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "num_groups", "weight", "bias"),
               {"weight": None, "bias": None})
     x = b["input"]
@@ -118,7 +120,7 @@ def _group_norm(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: An
 def _conv(transposed: bool) -> Any:
     rule_type = ConvTransposeRule if transposed else ConvRule
 
-    def rule(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         names = ("input", "weight", "bias", "stride", "padding")
         names += ("output_padding", "groups") if transposed else ("dilation", "groups")
         b = _bind(args, kwargs, names, {"bias": None, "groups": 1})
@@ -150,7 +152,7 @@ def _conv(transposed: bool) -> Any:
     return rule
 
 
-def _linear(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _linear(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     x, w, bias = b["input"], b["weight"], b["bias"]
     done = _delegate(ctx, w, LinearRule, ("weight",), x, out)
@@ -172,7 +174,7 @@ def _linear(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -
     return TVal(out.shape, (out.ndim - 1,), a_out)
 
 
-def _prelu(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _prelu(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "weight"), {})
     x, w = b["input"], b["weight"]
     if isinstance(w, TVal) and w.shape in ((), (1,)):
@@ -181,7 +183,7 @@ def _prelu(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
     return done if done is not None else _per_channel(ctx, x, out, (w,), "prelu")
 
 
-def _embedding(ctx: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _embedding(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("input", "weight"), {})
     w = b["weight"]
     if not isinstance(out, TVal) or not isinstance(w, TVal) or w.param is None or w.ndim != 2:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..groups import TVal
 from . import ModuleRule, clone_module, passthrough, register_module_rule, set_tensor
+from .context import RuleContext
 from .functions import reshape
 
 
@@ -30,21 +31,24 @@ class PassthroughRule(ModuleRule):
         nn.ReplicationPad3d,
     )
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         return passthrough(ctx, inputs[0], out)
 
 
 class FlattenRule(ModuleRule):
     types = (nn.Flatten,)
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         return reshape(ctx, inputs[0], out, None, "nn.Flatten")
 
 
 class SoftmaxRule(ModuleRule):
     types = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         if isinstance(x, TVal) and x.tracked and (m.dim is None or m.dim % x.ndim in x.tdims):
             return ctx.opaque([x], out, "softmax over channels")
@@ -56,7 +60,8 @@ class ChannelShuffleRule(ModuleRule):
 
     types = (nn.ChannelShuffle,)
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         if not isinstance(x, TVal) or x.tdims != (1,):
             return passthrough(ctx, x, out)
@@ -72,7 +77,8 @@ class PReLURule(ModuleRule):
     axes = ("features",)
     param_axes = {"weight": ("features", 0)}
 
-    def propagate(self, ctx: Any, path: str, m: nn.Module, inputs: list[Any], out: Any) -> Any:
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
         x = inputs[0]
         if m.num_parameters == 1:
             return passthrough(ctx, x, out)
