@@ -11,9 +11,10 @@ where the runtime profits (``budget="latency"``: the uniform plan's estimated ti
 with fewer MACs removed). Within a group, the least important channels by the criterion go first,
 as in :func:`surgery.plan`.
 
-Per-layer cost knowledge is a registry keyed by module class (:func:`register_cost`): Conv2d and
-Linear (timed, with MACs), BatchNorm2d (timed in eager, free in ONNX Runtime, which folds it).
-Other layers are not modelled; their time counts as fixed.
+Per-layer cost knowledge lives with each layer's module rule (``ModuleRule.cost``, models in
+``surgery/rules/cost.py``): Conv2d and Linear (timed, with MACs), BatchNorm2d (timed in eager, free
+in ONNX Runtime, which folds it). :func:`register_cost` adds or overrides one. Other layers are not
+modelled; their time counts as fixed.
 """
 
 from __future__ import annotations
@@ -26,195 +27,45 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .criteria import get_criterion
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, as_tuple, trace
 from .plan import Plan, _keep_count, make_plan, per_unit, plan_removing
+from .rules import module_rule
+from .rules.cost import Call, CostRule
 
 RUNTIMES = ("ort", "torch")
 GRID = (1.0, 0.75, 0.5, 0.25)  # widths (fractions of the original) timed per axis
 
 
-@dataclass
-class Call:
-    """One call of a costed leaf module: its input shape and the slots of its channel axes."""
-
-    path: str
-    module: nn.Module
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    slots: dict[str, str]  # axis ("in"/"out") -> slot key
-
-
-class CostRule:
-    """How one module family costs: MACs at given widths and a timed runner at given widths."""
-
-    types: tuple[type[nn.Module], ...] = ()
-    #: the module rule's axis name -> "in" / "out" here
-    slot_axes: dict[str, str] = {"in": "in", "out": "out"}
-
-    def widths(self, call: Call) -> dict[str, int]:
-        raise NotImplementedError
-
-    def macs(self, call: Call, w: dict[str, int]) -> float:
-        raise NotImplementedError
-
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any] | None:
-        """A callable that runs the layer once at widths ``w``; None: free on this runtime."""
-        raise NotImplementedError
-
-    def coupled(self, call: Call) -> bool:
-        """True when in and out shrink together (grouped convs lose whole groups)."""
-        return False
-
-
 _COSTS: list[CostRule] = []
 
 
-def register_cost(rule: CostRule) -> None:
-    """Add a cost rule; later registrations win for the same module class."""
+def register_cost(rule: CostRule, *, replace: bool = False) -> CostRule:
+    """Give module classes a cost model (one without a module rule, or to override the rule's).
+
+    Raises on a class that already has one unless ``replace``; the usual place for a cost model
+    is the module rule itself (``ModuleRule.cost``).
+    """
+    for t in rule.types:
+        existing = cost_rule(t)
+        if existing is not None and not replace:
+            raise ValueError(f"{t.__qualname__} already has a cost model "
+                             f"({type(existing).__name__}); pass replace=True to override")
     _COSTS.insert(0, rule)
+    return rule
 
 
-def cost_rule(m: nn.Module) -> CostRule | None:
-    return next((r for r in _COSTS if isinstance(m, r.types)), None)
-
-
-def _ort_runner(nodes: list[Any], inits: list[Any], x: np.ndarray, out_rank: int,
-                threads: int) -> Callable[[], Any]:
-    """A one-layer ONNX graph in an ONNX Runtime session (same options as the benchmark)."""
-    from onnx import TensorProto, helper
-
-    from .export import ort_session
-
-    graph = helper.make_graph(
-        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    sess = ort_session(model.SerializeToString(), threads=threads)
-    feed = {"x": x}
-    return lambda: sess.run(None, feed)
-
-
-def _init(name: str, a: np.ndarray) -> Any:
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(a.astype(np.float32), name)
-
-
-class ConvCost(CostRule):
-    types = (nn.Conv2d,)
-
-    def widths(self, call: Call) -> dict[str, int]:
-        m = call.module
-        return {"in": m.in_channels, "out": m.out_channels}
-
-    def coupled(self, call: Call) -> bool:
-        return call.module.groups > 1
-
-    def _shape(self, call: Call, w: dict[str, int]) -> tuple[int, int, int]:
-        m = call.module
-        if m.groups > 1:  # whole groups go: per-group widths stay
-            opg = m.out_channels // m.groups
-            g = max(1, w["out"] // opg)
-            return g * (m.in_channels // m.groups), g * opg, g
-        return w["in"], w["out"], 1
-
-    def macs(self, call: Call, w: dict[str, int]) -> float:
-        m = call.module
-        cin, cout, g = self._shape(call, w)
-        hw = math.prod(call.out_shape[2:])
-        return call.out_shape[0] * hw * math.prod(m.kernel_size) * cout * (cin // g)
-
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any]:
-        m = call.module
-        cin, cout, g = self._shape(call, w)
-        x = torch.randn(call.in_shape[0], cin, *call.in_shape[2:])
-        weight = torch.randn(cout, cin // g, *m.kernel_size)
-        bias = torch.randn(cout)
-        if isinstance(m.padding, str):
-            pad = [0, 0] if m.padding == "valid" else \
-                [d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)]
-        else:
-            pad = list(m.padding)
-        if runtime == "torch":
-            def run() -> None:
-                with torch.inference_mode():
-                    F.conv2d(x, weight, bias, m.stride, pad, m.dilation, g)
-            return run
-        from onnx import helper
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=list(m.stride),
-                                pads=pad + pad, dilations=list(m.dilation), group=g,
-                                kernel_shape=list(m.kernel_size))
-        return _ort_runner([node], [_init("w", weight.numpy()), _init("b", bias.numpy())],
-                           x.numpy(), 4, threads)
-
-
-class LinearCost(CostRule):
-    types = (nn.Linear,)
-
-    def widths(self, call: Call) -> dict[str, int]:
-        m = call.module
-        return {"in": m.in_features, "out": m.out_features}
-
-    def macs(self, call: Call, w: dict[str, int]) -> float:
-        return math.prod(call.in_shape[:-1]) * w["in"] * w["out"]
-
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any]:
-        x = torch.randn(*call.in_shape[:-1], w["in"])
-        weight = torch.randn(w["out"], w["in"])
-        bias = torch.randn(w["out"])
-        if runtime == "torch":
-            def run() -> None:
-                with torch.inference_mode():
-                    F.linear(x, weight, bias)
-            return run
-        from onnx import helper
-        nodes = [helper.make_node("MatMul", ["x", "wt"], ["xw"]),
-                 helper.make_node("Add", ["xw", "b"], ["y"])]
-        return _ort_runner(nodes, [_init("wt", weight.T.contiguous().numpy()),
-                                   _init("b", bias.numpy())], x.numpy(), x.ndim, threads)
-
-
-class NormCost(CostRule):
-    """BatchNorm: no MACs; folded into the conv by ONNX Runtime, a memory pass in eager."""
-
-    types = (nn.BatchNorm2d,)
-    slot_axes = {"features": "out"}
-
-    def widths(self, call: Call) -> dict[str, int]:
-        return {"in": call.module.num_features, "out": call.module.num_features}
-
-    def coupled(self, call: Call) -> bool:
-        return True
-
-    def macs(self, call: Call, w: dict[str, int]) -> float:
-        return 0.0
-
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any] | None:
-        if runtime != "torch":
-            return None
-        c = w["out"]
-        x = torch.randn(call.in_shape[0], c, *call.in_shape[2:])
-        mean, var, weight, bias = torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)
-
-        def run() -> None:
-            with torch.inference_mode():
-                F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
-        return run
-
-
-register_cost(NormCost())
-register_cost(LinearCost())
-register_cost(ConvCost())
+def cost_rule(m: nn.Module | type) -> CostRule | None:
+    """The cost model of a module (or class): a registered one, else its module rule's."""
+    cls = m if isinstance(m, type) else type(m)
+    found = next((r for r in _COSTS if issubclass(cls, r.types)), None)
+    if found is not None:
+        return found
+    cost = getattr(module_rule(cls), "cost", None)
+    return cost if cost is not None and issubclass(cls, cost.types) else None
 
 
 def _time_ms(fn: Callable[[], Any], budget_s: float = 0.06, reps: int = 50) -> float:

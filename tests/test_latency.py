@@ -153,3 +153,15 @@ def test_prune_allocate_errors() -> None:
         surgery.prune(model, x, ratio=0.5, allocate="tensorrt")
     with pytest.raises(surgery.ConfigError, match="target_macs= works with allocate='uniform'"):
         surgery.prune(model, x, target_macs=0.5, allocate="ort")
+
+
+def test_costs_live_with_the_rules_and_duplicates_are_refused() -> None:
+    from surgery.latency import cost_rule
+    from surgery.rules import module_rule
+    from surgery.rules.cost import ConvCost
+
+    assert cost_rule(torch.nn.Conv2d(1, 1, 1)) is module_rule(torch.nn.Conv2d).cost
+    assert isinstance(cost_rule(torch.nn.Conv2d), ConvCost)
+    assert cost_rule(torch.nn.Conv1d) is None  # the 2-d cost model does not claim Conv1d
+    with pytest.raises(ValueError, match="Conv2d already has a cost model"):
+        surgery.register_cost(ConvCost())

@@ -56,6 +56,9 @@ class ModuleRule:
     #: so a functional op that reads the tensor directly (an owner traced through rather than
     #: called as a leaf) binds the owner's axis, and the owner is shrunk by this rule
     param_axes: dict[str, Any] = {}
+    #: the layer's cost model (a ``surgery.rules.cost.CostRule``: MACs at given widths and a
+    #: one-layer runner per runtime), read by latency-aware allocation; None: not modelled
+    cost: Any = None
 
     def param_axis(self, name: str, dim: int) -> str | None:
         """The axis that parameter ``name``'s dim ``dim`` belongs to, if the rule says."""

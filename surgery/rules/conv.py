@@ -19,6 +19,7 @@ from ..errors import PlanError
 from ..groups import TVal
 from . import ModuleRule, clone_module, register_module_rule, set_tensor
 from .context import RuleContext
+from .cost import ConvCost
 
 
 def couple_groups(ctx: RuleContext, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
@@ -103,6 +104,7 @@ class _ConvBase(ModuleRule):
 
 class ConvRule(_ConvBase):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    cost = ConvCost()  # MACs and a one-layer runner (latency-aware allocation)
 
 
 class ConvTransposeRule(_ConvBase):

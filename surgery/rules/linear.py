@@ -16,10 +16,12 @@ from torch import nn
 from ..groups import TVal
 from . import ModuleRule, clone_module, register_module_rule, set_tensor
 from .context import RuleContext
+from .cost import LinearCost
 
 
 class LinearRule(ModuleRule):
     types = (nn.Linear,)
+    cost = LinearCost()  # MACs and a one-layer runner (latency-aware allocation)
     axes = ("in", "out")
 
     def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],

@@ -20,6 +20,7 @@ from ..errors import PlanError
 from ..groups import TVal
 from . import ModuleRule, clone_module, passthrough, register_module_rule, set_tensor
 from .context import RuleContext
+from .cost import NormCost
 
 _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
@@ -64,6 +65,7 @@ class _FeatureRule(ModuleRule):
 
 class BatchNormRule(_FeatureRule):
     types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    cost = NormCost()  # MACs and a one-layer runner (latency-aware allocation)
 
 
 class InstanceNormRule(_FeatureRule):
