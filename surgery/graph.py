@@ -442,10 +442,25 @@ def _param_lineage(inputs: Any, result: Any) -> Any:
     return TVal(result.shape, param=src.param, param_dims=((d_out[0], own),))
 
 
-def _fx_trace(model: nn.Module, opaque: Sequence[str]) -> torch.fx.Graph:
+def _defaults(model: nn.Module, n_inputs: int | None) -> dict[str, Any] | None:
+    """Forward parameters beyond the given inputs that have defaults (``return_features=False``,
+    ``y=None``): fx traces with those values instead of guessing at a Proxy."""
+    if n_inputs is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    plain = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    bound = {p.name: p.default for p in plain[n_inputs:] if p.default is not p.empty}
+    return bound or None
+
+
+def _fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = None
+              ) -> torch.fx.Graph:
     tracer = _Tracer(opaque)
     try:
-        return tracer.trace(model)
+        return tracer.trace(model, concrete_args=_defaults(model, n_inputs))
     except Exception as e:
         frames = [f for f in traceback.extract_tb(e.__traceback__)
                   if "/torch/" not in f.filename and "/surgery/" not in f.filename]
@@ -541,7 +556,7 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
         fx_error: TraceError | None = None
         if tracer != "run":
             try:
-                eval_graph = _fx_trace(model, ignore)
+                eval_graph = _fx_trace(model, ignore, len(inputs))
             except TraceError as e:
                 if tracer == "fx":
                     raise
@@ -593,7 +608,8 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
     """Analyse the symbolic eval graph, and the train graph where it differs (aux heads)."""
     _analyse(ctx, model, eval_graph, inputs)
     model.train()
-    graph_t = _fx_trace(model, ignore) if _mode_dependent(model, eval_graph) else eval_graph
+    graph_t = _fx_trace(model, ignore, len(inputs)) if _mode_dependent(model, eval_graph) \
+        else eval_graph
     if _signature(graph_t) == _signature(eval_graph):
         return False
     # train-only branches (aux heads): analyse on a copy, train-mode forward updates stats

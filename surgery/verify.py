@@ -156,7 +156,7 @@ def locate_failure(model: nn.Module, inputs: tuple) -> str:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        _Recorder(torch.fx.GraphModule(model, _fx_trace(model, ()))).run(*inputs)
+        _Recorder(torch.fx.GraphModule(model, _fx_trace(model, (), len(inputs)))).run(*inputs)
     except ExampleInputError as e:
         return str(e).split(". Check the shape")[0]
     except Exception as e:  # the failure is reported by the caller; this only adds a location

@@ -101,3 +101,27 @@ def test_model_that_fails_on_its_input_is_named() -> None:
                        match="Branchy fails on the example inputs in module 'stem.0' \\(Conv2d\\)"):
         surgery.trace(model, torch.randn(1, 4, 8, 8))
     assert_unchanged(model, before)
+
+
+class Defaults(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.b = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, scale: float = 1.0,
+                return_features: bool = False) -> torch.Tensor:
+        x = F.relu(self.a(x))
+        if y is not None:
+            x = x + y
+        return x if return_features else self.b(x * scale)
+
+
+def test_forward_arguments_with_defaults_are_bound_to_them() -> None:
+    model = Defaults()
+    x = torch.randn(1, 3, 8, 8)
+    graph = surgery.trace(model, x)
+    assert graph.tracer == "fx"  # no fallback needed: the defaults were bound
+    small = surgery.prune(model, x, ratio=0.5)
+    assert small.a.out_channels == 8
+    assert small(x, return_features=True).shape == (1, 8, 8, 8)
