@@ -26,6 +26,7 @@ import torch
 import torchvision
 
 import surgery
+from surgery.bench import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from zoo import DETECTORS  # noqa: E402
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{tp_row.get('runs', '-')} | {mine['max_rel_error']:.0e} ({mine['checked']}) | "
               f"{mine['onnx'][:90]} |", flush=True)
     if args.json:
-        env = surgery.bench.environment(torch.get_num_threads(), ("torch", "ort"))
+        env = environment(torch.get_num_threads(), ("torch", "ort"))
         Path(args.json).write_text(json.dumps({"environment": env,
                                                "rows": rows}, indent=1, default=str))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -57,12 +58,18 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
     return small
 
 
+#: a MAC target is met when the plan keeps at most the target and at most this much below it
+LANDING = 0.05
+
+
 def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: float,
                   criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
                   seed: int = 0, tolerance: float = 0.01) -> Plan:
     """The plan with the smallest uniform ratio whose model keeps at most ``target_macs`` of the
-    original MACs (e.g. 0.5 = half), found by bisection on the ratio. ``round_to`` makes the
-    steps coarse on narrow nets (16 channels round to 8 or 16): pass 1 to land closer.
+    original MACs (e.g. 0.5 = half), found by bisection on the ratio. Where ``round_to`` makes
+    the steps too coarse to land within 5 points below the target (16 channels round to 8 or 16),
+    it is retried with ``round_to=1``; where it still lands further below, the plan's
+    ``settings["warnings"]`` says how far and why (``settings["macs_kept"]``: what it keeps).
 
     Example:
         >>> plan = surgery.plan_for_macs(model, x, target_macs=0.5)
@@ -77,18 +84,43 @@ def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: floa
                       round_to=round_to, ignore=ignore, seed=seed, graph=graph)
         return p, count_macs(apply(model, p), example_inputs) / full
 
-    lo, hi = 0.0, 0.99
-    best, kept = attempt(hi)
-    if kept > target_macs:
-        raise ConfigError(f"even ratio {hi} keeps {kept:.2f} of the MACs, more than the target "
-                          f"{target_macs}; the rest is in layers that cannot be pruned "
-                          "(see surgery.trace(...).explain)")
-    while hi - lo > tolerance:
-        mid = (lo + hi) / 2
-        p, kept = attempt(mid)
-        if kept <= target_macs:
-            best, hi = p, mid
-        else:
-            lo = mid
-    return Plan(best.model_class, best.fingerprint, best.layers, best.exact,
-                {**best.settings, "target_macs": target_macs})
+    def search(step: int) -> tuple[Plan, float]:
+        nonlocal round_to
+        round_to = step
+        lo, hi = 0.0, 0.99
+        best, best_kept = attempt(hi)
+        if best_kept > target_macs:
+            raise ConfigError(f"even ratio {hi} keeps {best_kept:.2f} of the MACs, more than the "
+                              f"target {target_macs}; the rest is in layers that cannot be "
+                              "pruned (see surgery.trace(...).explain)")
+        while hi - lo > tolerance:
+            mid = (lo + hi) / 2
+            p, kept = attempt(mid)
+            if kept <= target_macs:
+                best, best_kept, hi = p, kept, mid
+            else:
+                lo = mid
+        return best, best_kept
+
+    asked = round_to
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the intermediate plans' warnings are not the answer's
+        best, kept = search(asked)
+        notes = []
+        if target_macs - kept > LANDING and asked > 1:  # the rounding steps are too coarse here
+            finer, finer_kept = search(1)
+            if finer_kept > kept:
+                notes.append(f"round_to={asked} could only reach {kept:.1%} of the MACs for "
+                             f"target_macs={target_macs}; used round_to=1 (finer steps), "
+                             f"reaching {finer_kept:.1%}")
+                best, kept = finer, finer_kept
+    if target_macs - kept > LANDING:
+        notes.append(f"target_macs={target_macs} landed at {kept:.1%} of the MACs (more than "
+                     f"{LANDING:.0%} below): the channel steps of this model's groups are that "
+                     "coarse")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    settings = {**best.settings, "target_macs": target_macs, "macs_kept": round(kept, 4)}
+    if notes:
+        settings["warnings"] = [*settings.get("warnings", []), *notes]
+    return Plan(best.model_class, best.fingerprint, best.layers, best.exact, settings)

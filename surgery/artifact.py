@@ -5,28 +5,29 @@
     DIR/weights.safetensors  the pruned model's parameters and buffers
     DIR/...                  anything else the caller adds (model.onnx, report.md, report.json)
 
+``save`` swaps the new directory in atomically (``surgery.atomic_dir``): a kill at any moment
+leaves the old DIR or the complete new one, and the next save cleans what a killed one left.
 ``load(DIR)`` rebuilds the original architecture from its spec, applies the plan and loads the
 weights, checking fingerprints and hashes at each step; it never returns a half-loaded model.
 Nothing in DIR is executed, and a spec that names a Python file (``/path/net.py:build``) is refused
 unless the caller passes ``trust_code=True`` (CLI: ``--trust-code``): a directory from elsewhere
 must not be able to run code by naming it. Built-in specs (torchvision, timm, our reference
-networks) need no trust. ``save`` writes a sibling temp directory and renames it, so
-an interrupted save leaves either the old DIR or the complete new one.
+networks) need no trust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .atomic_dir import recover, replacing
 from .errors import PlanError, SurgeryError
 from .graph import fingerprint
 from .plan import Plan, default_mode
@@ -73,6 +74,7 @@ def save(directory: str | os.PathLike[str], pruned: nn.Module, plan: Plan, *, sp
     from . import __version__
 
     target = Path(directory)
+    recover(target)
     if target.exists() and (not target.is_dir() or (any(target.iterdir())
                                                     and not is_artifact(target))):
         raise ArtifactError(f"{target} exists and is not a surgery artifact directory; choose "
@@ -80,9 +82,8 @@ def save(directory: str | os.PathLike[str], pruned: nn.Module, plan: Plan, *, sp
     parent = target.parent.resolve()
     if not parent.is_dir():
         parent.mkdir(parents=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
-    default_mode(tmp, directory=True)
-    try:
+    with replacing(parent / target.name) as tmp:
+        default_mode(tmp, directory=True)
         plan.save(tmp / PLAN)
         save_model(pruned, str(tmp / WEIGHTS))
         for name, writer in (extra or {}).items():
@@ -97,21 +98,14 @@ def save(directory: str | os.PathLike[str], pruned: nn.Module, plan: Plan, *, sp
         (tmp / META).write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
             default_mode(f)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "x")
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     d = Path(directory)
+    if not d.exists():
+        with contextlib.suppress(OSError):
+            recover(d)  # a save killed mid-swap left the old directory aside: put it back
     if not d.is_dir():
         raise ArtifactError(f"{d} is not a directory saved by `surgery prune`")
     try:

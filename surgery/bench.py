@@ -52,6 +52,8 @@ class Measurement:
     speedup: float | None = None
     mac_ratio: float | None = None
     efficiency: float | None = None
+    speedup_p10: float | None = None  # the speedup's spread over the alternating rounds
+    speedup_p90: float | None = None
 
 
 @dataclass
@@ -79,11 +81,45 @@ class BenchReport:
         for r in self.rows:
             opt = [f"{v:.2f}" if v is not None else "" for v in (r.speedup, r.mac_ratio,
                                                                  r.efficiency)]
+            if r.speedup is not None and r.speedup_p10 is not None:
+                opt[0] += f" ({r.speedup_p10:.2f}–{r.speedup_p90:.2f})"
+            if r.efficiency is not None and r.mac_ratio and r.speedup_p10 is not None:
+                opt[2] += (f" ({r.speedup_p10 / r.mac_ratio:.2f}–"
+                           f"{r.speedup_p90 / r.mac_ratio:.2f})")
             lines.append(f"| {r.model} | {r.runtime} | {r.batch} | {r.median_ms:.2f} | "
                          f"{r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.throughput:.1f} | "
                          f"{r.params / 1e6:.2f}M | {r.macs / 1e6:.0f}M | " + " | ".join(opt) + " |")
-        env = ", ".join(f"{k}={v}" for k, v in self.env.items())
-        return "\n".join(lines) + f"\n\nMedians of alternating runs. Environment: {env}\n"
+        env = ", ".join(f"{k}={v}" for k, v in self.env.items() if k != "warning")
+        text = "\n".join(lines) + ("\n\nMedians of alternating runs; speedup and efficiency "
+                                   "with their 10th–90th percentile over the rounds. "
+                                   f"Environment: {env}\n")
+        if "warning" in self.env:
+            text = f"**warning**: {self.env['warning']}\n\n{text}"
+        return text
+
+
+def busy_cores(seconds: float = 0.25) -> float:
+    """How many cores other processes keep busy right now (from /proc/stat over ``seconds``;
+    the 1-minute load average where /proc/stat is missing). This process sleeps meanwhile."""
+    def read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)
+
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return float(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0.0
+    if total1 <= total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def free_threads() -> tuple[int, float]:
+    """Threads that fit the cores other processes leave free, and how many cores were busy."""
+    busy = busy_cores()
+    return max(1, (os.cpu_count() or 1) - round(busy)), busy
 
 
 def environment(threads: int, runtimes: Sequence[str]) -> dict[str, Any]:
@@ -175,7 +211,8 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
 
     Args:
         baseline: the name every other model is compared with (default: the first).
-        threads: CPU threads for PyTorch and ONNX Runtime (default: all cores).
+        threads: CPU threads for PyTorch and ONNX Runtime (default: the cores other processes
+            leave free; the report warns when the machine was busy).
         rounds: turns of A B A B …; each turn runs each model for at least ``min_round_ms``.
         onnx_files: already exported (and parity-checked) ONNX files by model name; the others
             are exported to a temporary folder.
@@ -187,11 +224,18 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
     if not models:
         raise ConfigError("bench needs at least one model")
     _check_runtimes(runtimes)
-    threads = threads or os.cpu_count() or 1
+    auto, busy = free_threads()
+    threads = threads or auto
     baseline = baseline or next(iter(models))
     if baseline not in models:
         raise ConfigError(f"baseline {baseline!r} is not among the models {list(models)}")
     report = BenchReport(environment(threads, runtimes))
+    report.env["busy_cores_before"] = round(busy, 2)
+    if busy + threads > (os.cpu_count() or 1) + 0.5:
+        report.env["warning"] = (
+            f"other processes kept {busy:.1f} of {os.cpu_count()} cores busy while {threads} "
+            "threads were asked for: these timings are unreliable; run on a quiet machine or "
+            "with fewer --threads")
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     tmpdir = tempfile.TemporaryDirectory(dir=workdir)
@@ -228,15 +272,34 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
                     rel = name != baseline and base is not None
                     speedup = base / med if rel else None
                     mac_ratio = stats[baseline][1] / macs if rel and macs else None
+                    spread = _spread(times[baseline], t, rounds) if rel else (None, None)
                     report.rows.append(Measurement(
                         name, rt, b, threads, med, float(np.percentile(t, 90)),
                         float(np.percentile(t, 99)), b * 1e3 / med, len(t), params, macs,
                         onnx_bytes.get(name) if rt.startswith("ort") else None, speedup,
-                        mac_ratio, speedup / mac_ratio if speedup and mac_ratio else None))
+                        mac_ratio, speedup / mac_ratio if speedup and mac_ratio else None,
+                        *spread))
     finally:
         torch.set_num_threads(old_threads)
         tmpdir.cleanup()
+    after = busy_cores(0.1)
+    report.env["busy_cores_after"] = round(after, 2)
+    if "warning" not in report.env and after > 0.75:
+        report.env["warning"] = (f"other processes kept {after:.1f} cores busy by the end of the "
+                                 "run: these timings may be unreliable")
     return report
+
+
+def _spread(base: Sequence[float], t: Sequence[float], rounds: int
+            ) -> tuple[float | None, float | None]:
+    """10th-90th percentile of the speedup over rounds (each round times both models in turn,
+    each a few times: the round's median of each is compared)."""
+    if rounds < 3 or len(base) % rounds or len(t) % rounds:
+        return None, None
+    a = np.median(np.asarray(base).reshape(rounds, -1), axis=1)
+    b = np.median(np.asarray(t).reshape(rounds, -1), axis=1)
+    ratios = a / b
+    return float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
 
 
 def _onnx_weights(path: str) -> int:

@@ -32,6 +32,8 @@ EXAMPLES = {
               "  surgery export torchvision:mobilenet_v2 --onnx mnv2.onnx",
     "bench": "surgery bench out/r50 --runtime torch,ort --batch 1,8\n"
              "  surgery bench torchvision:resnet18 model.onnx --runtime ort --json out.json",
+    "apply": "surgery apply torchvision:resnet50 out/r50/plan.json --out out/r50-again\n"
+             "  surgery apply my_net.py:build plan.json --model-arg width=32 --out out/mine",
     "train": "surgery train resnet20 --data digits --epochs 30 --out out/r20",
     "finetune": "surgery prune out/r20 --ratio 0.5 --input-shape 1,3,32,32 --out out/r20-half\n"
                 "  surgery finetune out/r20-half --data digits --teacher out/r20 --epochs 10\n"
@@ -46,7 +48,8 @@ EXAMPLES = {
 
 
 def _help(cmd: str, text: str) -> str:
-    return f"{text}\n\nExamples:\n\n  {EXAMPLES[cmd]}"
+    """The command's help with its examples kept one per line (click's \\b: no rewrapping)."""
+    return f"{text}\n\nExamples:\n\n\b\n  {EXAMPLES[cmd]}"
 
 
 class UserError(SurgeryError, ValueError):
@@ -101,6 +104,19 @@ def _load(spec: str, model_args: Sequence[str], trust_code: bool | None = None
         raise UserError(f"{spec} is an ONNX file; only `surgery bench` takes ONNX files")
     kwargs = parse_kwargs(model_args)
     return build_model(spec, kwargs), {"spec": spec, "model_args": kwargs}
+
+
+def _check_output(flag: str, path: str | None) -> None:
+    """Refuse an output file that cannot be written, before any work is done."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {p.parent} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {p.parent} is not writable")
 
 
 def _default_shape(meta: dict[str, Any], given: str | None) -> tuple[int, ...]:
@@ -334,6 +350,36 @@ def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.
         click.echo(str(target))
 
 
+@cli.command("apply", help=_help("apply", "Apply a saved PLAN (plan.json) to a fresh MODEL of "
+                                          "the architecture it was made for; verify, and write "
+                                          "the same files as `prune` to --out DIR."))
+@click.argument("model")
+@click.argument("plan_path", metavar="PLAN")
+@model_arg
+@input_shape
+@click.option("--out", "out_dir", required=True, help="Output directory (replaced atomically).")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export.")
+@click.pass_context
+def apply_cmd(ctx: click.Context, model: str, plan_path: str, model_args: tuple[str, ...],
+              input_shape: str | None, out_dir: str, no_onnx: bool) -> None:
+    from .surgeon import apply
+    from .verify import verify
+
+    if os.path.isdir(model):
+        raise UserError(f"{model} is a saved DIR; `surgery apply` takes the original model spec "
+                        f"(a saved DIR's plan is {model}/plan.json)")
+    plan = Plan.load(plan_path)
+    net, meta = _load(model, model_args)
+    shape = _default_shape(meta, input_shape)
+    x = torch.randn(shape)
+    with _step(ctx, "rebuilding layers"):
+        small = apply(net, plan)
+    with _step(ctx, "verifying"):
+        check = verify(net, small, plan, x)
+    _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir, no_onnx, False,
+                  False)
+
+
 @cli.command(help=_help("export", "Export MODEL (or a saved DIR) to ONNX, with a parity check."))
 @click.argument("model")
 @model_arg
@@ -344,6 +390,7 @@ def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.
 @click.pass_context
 def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
            onnx_path: str, static_batch: bool) -> None:
+    _check_output("--onnx", onnx_path)
     from .export import export_onnx
 
     net, meta = _load(model, model_args)
@@ -363,8 +410,10 @@ def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sh
 @click.option("--runtime", default="torch,ort", show_default=True,
               help="Comma list of torch, cuda, ort, ort-cuda.")
 @click.option("--batch", default="1", show_default=True, help="Comma list of batch sizes.")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("--rounds", type=int, default=20, show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="CPU threads (default: the cores other processes leave free).")
+@click.option("--rounds", type=int, default=20, show_default=True,
+              help="Timed runs per model, runtime and batch (alternating between models).")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--csv", "csv_path", default=None, help="Write the report as CSV here.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG plot here.")
@@ -375,6 +424,8 @@ def bench(ctx: click.Context, models: tuple[str, ...], model_args: tuple[str, ..
     from .bench import bench as run_bench
     from .report import plot
 
+    for flag, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
+        _check_output(flag, path)
     nets: dict[str, nn.Module | None] = {}
     onnx_files: dict[str, str] = {}
     shape: tuple[int, ...] | None = _shape(input_shape) if input_shape else None
@@ -651,9 +702,17 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     click.echo(f"warning: {message}", err=True)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp files go, outputs stay whole
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if argv is None:
+        import signal
+
+        signal.signal(signal.SIGTERM, _terminate)
     if not debug:
         import warnings
 

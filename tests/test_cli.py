@@ -38,9 +38,28 @@ def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_help_has_examples() -> None:
     res = run("--help")
     assert res.returncode == 0 and "inspect" in res.stdout and "bench" in res.stdout
-    for cmd in ("inspect", "prune", "export", "bench"):
+    for cmd in ("inspect", "prune", "export", "bench", "apply"):
         res = run(cmd, "--help")
         assert res.returncode == 0 and "Examples:" in res.stdout, cmd
+        # one example per line, not rewrapped into one run-together paragraph
+        first = cli.EXAMPLES[cmd].splitlines()[0]
+        assert any(line.strip() == first.strip() for line in res.stdout.splitlines()), cmd
+    assert "Timed runs per model" in run("bench", "--help").stdout
+
+
+def test_apply_a_saved_plan_to_a_fresh_model(artifact_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    res = run("apply", "resnet20", str(artifact_dir / "plan.json"), *SHAPE, "--out", str(out),
+              "--no-onnx")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "artifact.json").read_text())
+    assert meta["pruned_fingerprint"] == json.loads(
+        (artifact_dir / "artifact.json").read_text())["pruned_fingerprint"]
+    assert json.loads((out / "report.json").read_text())["verification"]["exact"]
+    res = run("apply", "resnet56", str(artifact_dir / "plan.json"), *SHAPE, "--out",
+              str(tmp_path / "wrong"))
+    assert res.returncode == 1 and "made for another architecture" in res.stderr
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_prune_writes_a_complete_safe_artifact(artifact_dir: Path) -> None:
@@ -96,6 +115,10 @@ def test_bench_export_inspect(artifact_dir: Path, tmp_path: Path) -> None:
     (["bench", "resnet20", "--runtime", "cuda", *SHAPE], "no CUDA GPU"),
     (["prune", "resnet20", "--target-macs", "0.5", "--allocate", "ort", *SHAPE, "--out", "OUT"],
      "--allocate ort needs --ratio"),
+    (["bench", "resnet20", *SHAPE, "--json", "missing/b.json"], "folder missing does not exist"),
+    (["bench", "resnet20", *SHAPE, "--plot", "."], "--plot . is a folder"),
+    (["export", "resnet20", *SHAPE, "--onnx", "."], "--onnx . is a folder"),
+    (["apply", "resnet20", "missing.json", *SHAPE, "--out", "OUT"], "cannot read plan file"),
 ])
 def test_user_errors(args: list[str], message: str, tmp_path: Path) -> None:
     if "cuda" in args and torch.cuda.is_available():

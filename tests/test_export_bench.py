@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import onnx
 import pytest
@@ -135,3 +138,27 @@ def test_missing_onnxruntime_is_a_clear_error(pair, monkeypatch: pytest.MonkeyPa
         surgery.bench({"m": model}, (3, 64, 64), runtimes=("ort",))
     with pytest.raises(surgery.RuntimeMissingError, match="onnxruntime is not installed"):
         surgery.export.ort_session("whatever.onnx")
+
+
+def test_bench_under_a_busy_core_warns_and_fits_the_free_cores() -> None:
+    """A spinning process on one core: the default thread count leaves it that core, the
+    report records the load and warns when the threads asked for do not fit."""
+    from surgery.bench import bench, busy_cores
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while busy_cores(0.2) < 0.7 and time.monotonic() < deadline:
+            pass
+        cores = os.cpu_count() or 1
+        quiet_threads = bench({"m": model}, (3, 16, 16), runtimes=("torch",), rounds=3)
+        assert quiet_threads.env["busy_cores_before"] >= 0.7
+        assert quiet_threads.rows[0].threads == max(1, cores - 1)
+        crowded = bench({"m": model}, (3, 16, 16), runtimes=("torch",), rounds=3,
+                        threads=cores)
+        assert "unreliable" in crowded.env["warning"]
+        assert crowded.to_markdown().startswith("**warning**")
+    finally:
+        spin.kill()
+        spin.wait()

@@ -1,0 +1,95 @@
+"""Replace a directory with a freshly written one so that a kill at any moment leaves the old or
+the complete new one, and leftovers of killed runs are cleaned by the next one.
+
+The new directory is written as a hidden sibling ``.NAME.tmp-PID-XXXX`` and swapped in with one
+``renameat2(RENAME_EXCHANGE)`` (Linux): the name never points at nothing. Where the exchange is not
+available, two renames are used and a directory left aside (``.NAME.old-PID-XXXX``) is put back by
+the next run. Siblings named after a process that no longer runs are ours and stale: removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                     _RENAME_EXCHANGE) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ours(target: Path) -> Iterator[tuple[Path, str, int]]:
+    """Our siblings of ``target``: (path, "tmp" or "old", pid)."""
+    prefix = f".{target.name}."
+    for p in target.parent.glob(f"{prefix}*"):
+        kind, _, rest = p.name[len(prefix):].partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit():
+            yield p, kind, int(pid)
+
+
+def recover(target: str | os.PathLike[str]) -> None:
+    """Put back a directory a killed swap left aside, and remove stale temp dirs of ours."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for p, kind, pid in sorted(_ours(target)):
+        if _alive(pid) and pid != os.getpid():
+            continue
+        if kind == "old" and not target.exists() and (p / "x").is_dir():
+            os.replace(p / "x", target)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replacing(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh hidden sibling directory to write; on success it becomes ``target``.
+
+    On any error (or KeyboardInterrupt / SIGTERM turned into one) the sibling is removed and
+    ``target`` is untouched.
+    """
+    target = Path(target)
+    recover(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
+    try:
+        yield tmp
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old directory
+            return
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent,
+                                        prefix=f".{target.name}.old-{os.getpid()}-"))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
