@@ -6,87 +6,109 @@
     small = surgery.prune(model, x, ratio=0.5)  # plan + apply + verify
     plan  = surgery.latency_plan(model, x, ratio=0.5, runtime="ort")  # same MACs, laid out
                                                 # where ONNX Runtime saves the most time
+
+The public names load on first use (importing torch takes seconds; `surgery --help` should not).
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from . import sparse
-from .api import plan_for_macs, prune
-from .artifact import ArtifactError, load, save
-from .bench import BenchReport, Measurement, bench
-from .criteria import criteria, register_criterion
-from .errors import (
-    ConfigError,
-    ExampleInputError,
-    NothingToPruneError,
-    PlanError,
-    SurgeryError,
-    TraceError,
-    UnsupportedLayerError,
-    VerificationError,
-)
-from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
-from .graph import ChannelGraph, fingerprint, trace
-from .groups import TVal
-from .latency import LatencyModel, latency_model, latency_plan, register_cost
-from .masks import MaskReport, from_masks
-from .plan import Plan
-from .plan import make_plan as plan
-from .rules import ModuleRule, RuleContext, register_function_rule, register_module_rule
-from .stats import count_macs, count_params
-from .surgeon import apply, apply_
-from .verify import VerifyReport, verify
+import importlib
+import sys
+import types
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("surgery")
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
-__all__ = [
-    "__version__",
-    "apply",
-    "apply_",
-    "ArtifactError",
-    "bench",
-    "BenchReport",
-    "ChannelGraph",
-    "ConfigError",
-    "count_macs",
-    "count_params",
-    "criteria",
-    "ExampleInputError",
-    "export_onnx",
-    "ExportError",
-    "ExportReport",
-    "fingerprint",
-    "LatencyModel",
-    "latency_model",
-    "latency_plan",
-    "from_masks",
-    "load",
-    "MaskReport",
-    "NothingToPruneError",
-    "Measurement",
-    "ModuleRule",
-    "Plan",
-    "plan",
-    "plan_for_macs",
-    "PlanError",
-    "prune",
-    "register_cost",
-    "register_criterion",
-    "register_function_rule",
-    "register_module_rule",
-    "RuleContext",
-    "RuntimeMissingError",
-    "save",
-    "sparse",
-    "SurgeryError",
-    "trace",
-    "TraceError",
-    "TVal",
-    "UnsupportedLayerError",
-    "VerificationError",
-    "verify",
-    "VerifyReport",
-]
+#: public name -> (module, attribute); attribute None: the module itself
+_PUBLIC: dict[str, tuple[str, str | None]] = {
+    "apply": ("surgeon", "apply"), "apply_": ("surgeon", "apply_"),
+    "ArtifactError": ("artifact", "ArtifactError"), "bench": ("bench", "bench"),
+    "BenchReport": ("bench", "BenchReport"), "ChannelGraph": ("graph", "ChannelGraph"),
+    "ConfigError": ("errors", "ConfigError"), "count_macs": ("stats", "count_macs"),
+    "count_params": ("stats", "count_params"), "criteria": ("criteria", "criteria"),
+    "ExampleInputError": ("errors", "ExampleInputError"),
+    "export_onnx": ("export", "export_onnx"), "ExportError": ("export", "ExportError"),
+    "ExportReport": ("export", "ExportReport"), "fingerprint": ("graph", "fingerprint"),
+    "LatencyModel": ("latency", "LatencyModel"), "latency_model": ("latency", "latency_model"),
+    "latency_plan": ("latency", "latency_plan"), "from_masks": ("masks", "from_masks"),
+    "load": ("artifact", "load"), "MaskReport": ("masks", "MaskReport"),
+    "NothingToPruneError": ("errors", "NothingToPruneError"),
+    "Measurement": ("bench", "Measurement"), "ModuleRule": ("rules", "ModuleRule"),
+    "Plan": ("plan", "Plan"), "plan": ("plan", "make_plan"),
+    "plan_for_macs": ("api", "plan_for_macs"), "PlanError": ("errors", "PlanError"),
+    "prune": ("api", "prune"), "register_cost": ("latency", "register_cost"),
+    "register_criterion": ("criteria", "register_criterion"),
+    "register_function_rule": ("rules", "register_function_rule"),
+    "register_module_rule": ("rules", "register_module_rule"),
+    "RuleContext": ("rules", "RuleContext"),
+    "RuntimeMissingError": ("export", "RuntimeMissingError"), "save": ("artifact", "save"),
+    "sparse": ("sparse", None), "SurgeryError": ("errors", "SurgeryError"),
+    "trace": ("graph", "trace"), "TraceError": ("errors", "TraceError"),
+    "TVal": ("groups", "TVal"), "UnsupportedLayerError": ("errors", "UnsupportedLayerError"),
+    "VerificationError": ("errors", "VerificationError"), "verify": ("verify", "verify"),
+    "VerifyReport": ("verify", "VerifyReport"),
+}
+__all__ = ["__version__", *_PUBLIC]
+
+#: public functions that share their name with a submodule: the function wins, as it would with
+#: eager imports (the import system would otherwise bind the submodule once it is imported)
+_SHADOWED = {name for name, (mod, attr) in _PUBLIC.items() if name == mod and attr is not None}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        mod, attr = _PUBLIC[name]
+        module = importlib.import_module(f".{mod}", __name__)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    try:  # a submodule not imported yet: surgery.spec, surgery.rules ...
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same names
+    from . import sparse
+    from .api import plan_for_macs, prune
+    from .artifact import ArtifactError, load, save
+    from .bench import BenchReport, Measurement, bench
+    from .criteria import criteria, register_criterion
+    from .errors import (
+        ConfigError,
+        ExampleInputError,
+        NothingToPruneError,
+        PlanError,
+        SurgeryError,
+        TraceError,
+        UnsupportedLayerError,
+        VerificationError,
+    )
+    from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
+    from .graph import ChannelGraph, fingerprint, trace
+    from .groups import TVal
+    from .latency import LatencyModel, latency_model, latency_plan, register_cost
+    from .masks import MaskReport, from_masks
+    from .plan import Plan
+    from .plan import make_plan as plan
+    from .rules import ModuleRule, RuleContext, register_function_rule, register_module_rule
+    from .stats import count_macs, count_params
+    from .surgeon import apply, apply_
+    from .verify import VerifyReport, verify

@@ -12,16 +12,16 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-from torch import nn
 
-from . import artifact
 from .errors import SurgeryError
-from .plan import Plan
-from .spec import SpecError, build_model, parse_kwargs
+from .spec import SpecError, parse_kwargs
+
+if TYPE_CHECKING:  # torch is imported where a command needs it: `surgery --help` stays fast
+    import torch
+    from torch import nn
 
 EXAMPLES = {
     "inspect": "surgery inspect torchvision:resnet18\n"
@@ -54,6 +54,18 @@ def _help(cmd: str, text: str) -> str:
 
 class UserError(SurgeryError, ValueError):
     """A bad command-line argument."""
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    from .spec import build_model as build
+
+    return build(spec, kwargs)
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -96,6 +108,7 @@ def _trusted() -> bool:
 def _load(spec: str, model_args: Sequence[str], trust_code: bool | None = None
           ) -> tuple[nn.Module, dict[str, Any]]:
     """A model from a spec or a saved directory, and what is recorded about it."""
+    from . import artifact
     if os.path.isdir(spec):
         meta = artifact.read_meta(spec)
         trust = _trusted() if trust_code is None else trust_code
@@ -176,7 +189,7 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
     from .report import group_table
 
     net, meta = _load(model, model_args)
-    x = torch.randn(_default_shape(meta, input_shape))
+    x = _torch().randn(_default_shape(meta, input_shape))
     with _step(ctx, f"tracing {model}"):
         from .graph import trace
 
@@ -260,7 +273,7 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
         raise UserError(f"--threads must be at least 1 but received {threads}")
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
-    x = torch.randn(shape)
+    x = _torch().randn(shape)
     if steps > 1:
         plan, small, check = _prune_in_steps(ctx, net, x, ratio, steps, data, epochs,  # type: ignore[arg-type]
                                              criterion=criterion, round_to=round_to,
@@ -313,6 +326,8 @@ def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.
                   small: nn.Module, plan: Any, x: torch.Tensor, shape: tuple[int, ...],
                   check: Any, out_dir: str | None, no_onnx: bool, dry_run: bool,
                   as_json: bool) -> None:
+    from . import artifact
+    from .plan import Plan
     from .report import prune_report, to_markdown
 
     report = prune_report(net, small, plan, x, check, spec=model)
@@ -362,6 +377,7 @@ def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.
 @click.pass_context
 def apply_cmd(ctx: click.Context, model: str, plan_path: str, model_args: tuple[str, ...],
               input_shape: str | None, out_dir: str, no_onnx: bool) -> None:
+    from .plan import Plan
     from .surgeon import apply
     from .verify import verify
 
@@ -371,7 +387,7 @@ def apply_cmd(ctx: click.Context, model: str, plan_path: str, model_args: tuple[
     plan = Plan.load(plan_path)
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
-    x = torch.randn(shape)
+    x = _torch().randn(shape)
     with _step(ctx, "rebuilding layers"):
         small = apply(net, plan)
     with _step(ctx, "verifying"):
@@ -394,7 +410,7 @@ def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sh
     from .export import export_onnx
 
     net, meta = _load(model, model_args)
-    x = torch.randn(_default_shape(meta, input_shape))
+    x = _torch().randn(_default_shape(meta, input_shape))
     with _step(ctx, "exporting ONNX and checking parity"):
         rep = export_onnx(net, x, onnx_path, dynamic_batch=not static_batch)
     _emit(ctx, f"wrote {rep.path}: {rep.file_bytes / 1e6:.2f} MB, {rep.onnx_weights:,} weights, "
@@ -421,6 +437,7 @@ def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sh
 def bench(ctx: click.Context, models: tuple[str, ...], model_args: tuple[str, ...],
           input_shape: str | None, runtime: str, batch: str, threads: int | None, rounds: int,
           json_path: str | None, csv_path: str | None, plot_path: str | None) -> None:
+    from . import artifact
     from .bench import bench as run_bench
     from .report import plot
 
@@ -490,7 +507,7 @@ def _run_training(ctx: click.Context | None, net: nn.Module, data: str, size: in
     from .finetune import FinetuneConfig, finetune
 
     train, val = load_data(data, size=size)
-    torch.manual_seed(kw["seed"])
+    _torch().manual_seed(kw["seed"])
     cfg = FinetuneConfig(epochs=kw["epochs"], lr=kw["lr"], optimizer=kw["optimizer"],
                          batch_size=kw["batch_size"], seed=kw["seed"], distill=distill)
 
@@ -539,6 +556,9 @@ def _finetune_job(job: dict[str, Any]) -> None:
 
     import torch.distributed as dist
 
+    from . import artifact
+    from .plan import Plan
+
     net, meta = _load(job["directory"], (), job["trust_code"])
     teacher = _load(job["teacher"], (), job["trust_code"])[0] if job["teacher"] else None
     _run_training(None, net, job["data"], job["size"], teacher, job["distill"],
@@ -569,7 +589,9 @@ def _finetune_job(job: dict[str, Any]) -> None:
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str,
           size: int | None, out_dir: str, checkpoint: str | None, **kw: Any) -> None:
+    from . import artifact
     from .graph import fingerprint
+    from .plan import Plan
 
     if os.path.isdir(model):
         raise UserError(f"{model} is a saved model; use `surgery finetune {model}` instead")
@@ -603,6 +625,7 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], data: str
 def finetune_cmd(ctx: click.Context, directory: str, data: str, size: int | None,
                  teacher: str | None, distill: float, checkpoint: str | None, nproc: int,
                  rank_hashes: str | None, **kw: Any) -> None:
+    from . import artifact
     from .finetune import check_nproc, launch, resolve_device, run_under_torchrun, under_torchrun
 
     if not os.path.isdir(directory):

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                           progress=lambda s: print(f"... {s}", flush=True))
     print()
     print(bench.to_markdown())
+    print(f"plan and ONNX files: {os.path.abspath(args.out)} "
+          f"({sum(os.path.getsize(f) for f in files.values()) / 1e6:.0f} MB; --out to move)")
     return 0
 
 

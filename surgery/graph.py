@@ -421,6 +421,19 @@ class _Context:
 _POSITIONWISE = {"unary", "view", "flatten", "getitem", "permute", "transpose", "broadcast"}
 
 
+def _literal_ints(v: Any) -> set[int]:
+    """Ints written in a call's arguments (not computed from a tensor's shape)."""
+    if isinstance(v, bool | Dyn):
+        return set()
+    if isinstance(v, int):
+        return {v}
+    if isinstance(v, tuple | list):
+        return set().union(*(_literal_ints(x) for x in v)) if v else set()
+    if isinstance(v, dict):
+        return _literal_ints(list(v.values()))
+    return set()
+
+
 def _nonsingleton(v: TVal) -> list[int]:
     return [d for d, s in enumerate(v.shape) if s != 1]
 
@@ -436,6 +449,9 @@ def _param_lineage(inputs: Any, result: Any) -> Any:
     d_src, d_out = _nonsingleton(src), _nonsingleton(result)
     if len(d_src) != 1 or len(d_out) != 1 or src.shape[d_src[0]] != result.shape[d_out[0]]:
         return result
+    if src.shape[d_src[0]] in _literal_ints(inputs):
+        return result  # gamma.view(self.shape): the size is written down; it would not follow
+
     own = dict(src.param_dims).get(d_src[0]) if src.param_dims is not None else d_src[0]
     if own is None:
         return result

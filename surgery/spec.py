@@ -23,11 +23,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import SurgeryError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class SpecError(SurgeryError, ValueError):
@@ -139,6 +140,8 @@ def _call(factory: Any, kwargs: Mapping[str, Any], what: str) -> nn.Module:
                         f"{e}") from e
     except ValueError:  # no signature to check (a builtin): let the call say
         pass
+    from torch import nn
+
     try:
         model = factory(**kwargs)
     except Exception as e:  # the user's factory failed: their error, named as theirs

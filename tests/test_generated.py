@@ -39,3 +39,28 @@ def test_regression_layer_scale_through_a_view() -> None:
 def test_regression_refused_layer_leaves_the_model_unchanged() -> None:
     spec = {**BASE, "blocks": [("conv", 8, 0), ("unknown", 8, 0)]}
     assert check(spec) == "refused: UnsupportedLayerError"
+
+
+def test_regression_layer_scale_viewed_to_a_written_shape_is_kept() -> None:
+    """``x * self.scale.view(self.shape)`` with ``self.shape = (C, 1, 1)`` written down (timm's
+    metaformer Scale): slicing the parameter would break the view, so its channels stay."""
+    import torch
+    from torch import nn
+
+    import surgery
+
+    class Scale(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.shape = (c, 1, 1)
+            self.scale = nn.Parameter(torch.rand(c) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale.view(self.shape)
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), Scale(16), nn.ReLU(), nn.Conv2d(16, 32, 3),
+                          nn.ReLU(), nn.Conv2d(32, 4, 1))
+    x = torch.randn(1, 3, 12, 12)
+    small = surgery.prune(model, x, ratio=0.5, round_to=1)  # verified inside
+    assert small[0].out_channels == 16 and small[1].scale.shape == (16,)
+    assert small[3].out_channels == 16
