@@ -48,11 +48,11 @@ def kept_outputs(model: torch.nn.Module, graph: surgery.ChannelGraph) -> list[to
     return keep
 
 
-def ours(name: str, x: tuple) -> dict:
+def ours(name: str, x: tuple, round_to: int = 8, onnx: bool = True) -> dict:
     model = build(name)
     t = time.perf_counter()
     graph = surgery.trace(model, x)
-    plan = surgery.plan(model, x, ratio=0.5, graph=graph)
+    plan = surgery.plan(model, x, ratio=0.5, graph=graph, round_to=round_to)
     small = surgery.apply(model, plan)
     seconds = time.perf_counter() - t
     report = surgery.verify(model, small, plan, x)
@@ -61,6 +61,9 @@ def ours(name: str, x: tuple) -> dict:
            "params_after": surgery.count_params(small), "checked": report.checked,
            "max_rel_error": report.max_rel_error}
     with tempfile.TemporaryDirectory() as d:
+        if not onnx:
+            row["onnx"] = "not tried"
+            return row, kept_outputs(build(name), graph), graph
         try:
             e = surgery.export_onnx(small, x, Path(d) / "m.onnx", dynamic_batch=False)
             row["onnx"] = f"ok, ORT max relative error {e.max_rel_error:.1e}"
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=DETECTORS)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--round-to", type=int, default=8, help="surgery's rounding (Torch-Pruning: 1)")
+    ap.add_argument("--no-onnx", action="store_true")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     x = ([torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0))],)
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
           "runs | verified | ONNX |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
-        mine, _, graph = ours(name, x)
+        mine, _, graph = ours(name, x, args.round_to, not args.no_onnx)
         tp_row = theirs(name, x, graph)
         rows[name] = {"surgery": mine, "torch_pruning": tp_row}
         share = 1 - mine["params_after"] / mine["params_before"]

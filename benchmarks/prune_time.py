@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -78,15 +79,31 @@ def heads(zoo: str, model: torch.nn.Module, x: tuple) -> list[torch.nn.Module]:
             or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]
 
 
-def theirs(zoo: str, model: torch.nn.Module, x: tuple, ratio: float) -> float:
+class TooSlow(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise TooSlow
+
+
+def theirs(zoo: str, model: torch.nn.Module, x: tuple, ratio: float, limit: int) -> float:
     import torch_pruning as tp
 
     keep = heads(zoo, model, x)
     t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
-                             pruning_ratio=ratio, ignored_layers=keep).step()
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                 pruning_ratio=ratio, ignored_layers=keep).step()
+    except TooSlow:
+        raise TooSlow(f"stopped after {limit} s") from None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     return time.perf_counter() - t
 
 
@@ -100,6 +117,8 @@ def main() -> int:
     ap.add_argument("--zoo", nargs="*", default=["torchvision", "timm", "detectors"],
                     choices=["torchvision", "timm", "detectors"])
     ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--tp-limit", type=int, default=60,
+                    help="seconds after which a Torch-Pruning run is stopped (counted as failed)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "prune_time.json"))
     args = ap.parse_args()
@@ -108,7 +127,7 @@ def main() -> int:
     todo = [(z, n) for z in args.zoo for n in zoos[z] if not args.models or n in args.models]
     warm = (torch.randn(1, 3, 64, 64),)  # first-call costs (imports, lazy init) are not pruning
     ours(build("torchvision", "resnet18"), warm, args.ratio)
-    theirs("torchvision", build("torchvision", "resnet18"), warm, args.ratio)
+    theirs("torchvision", build("torchvision", "resnet18"), warm, args.ratio, args.tp_limit)
     rows = []
     print("| zoo | model | surgery s | Torch-Pruning s | TP / surgery |\n|---|---|---|---|---|",
           flush=True)
@@ -119,13 +138,15 @@ def main() -> int:
             x = example(zoo, name, model, args.size)
             a.append(ours(model, x, args.ratio))
             try:
-                b.append(theirs(zoo, build(zoo, name), x, args.ratio))
+                b.append(theirs(zoo, build(zoo, name), x, args.ratio, args.tp_limit))
             except Exception as e:  # Torch-Pruning cannot prune this model
                 err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 break
         row = {"zoo": zoo, "model": name, "ours_s": statistics.median(a),
                "tp_s": statistics.median(b) if b and not err else None, "tp_error": err}
         rows.append(row)
+        with open(args.out, "w") as f:  # after every model: a stopped run keeps what it measured
+            json.dump({"rows": rows, "partial": True}, f, indent=1)
         tp_s = f"{row['tp_s']:.2f}" if row["tp_s"] else f"failed ({err})"
         ratio = f"{row['tp_s'] / row['ours_s']:.2f}" if row["tp_s"] else ""
         print(f"| {zoo} | {name} | {row['ours_s']:.2f} | {tp_s} | {ratio} |", flush=True)

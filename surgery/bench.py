@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ExampleInputError
 from .export import RuntimeMissingError, export_onnx, ort_session
 from .stats import count_macs, count_params
 
@@ -245,7 +245,7 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
         for name, m in models.items():
             if m is None and name not in onnx_paths:
                 raise ConfigError(f"model {name!r} is None but has no file in onnx_files")
-        stats = {n: (count_params(m), count_macs(m, sample)) if m is not None else
+        stats = {n: (count_params(m), _macs(n, m, sample)) if m is not None else
                  (_onnx_weights(onnx_paths[n]), 0) for n, m in models.items()}
         onnx_bytes = {n: os.path.getsize(p) for n, p in onnx_paths.items()}
         if any(rt.startswith("ort") for rt in runtimes):
@@ -288,6 +288,17 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
         report.env["warning"] = (f"other processes kept {after:.1f} cores busy by the end of the "
                                  "run: these timings may be unreliable")
     return report
+
+
+def _macs(name: str, model: nn.Module, sample: torch.Tensor) -> int:
+    """MACs of one forward, or a clear error when the model does not take this input."""
+    try:
+        return count_macs(model, sample)
+    except Exception as e:  # the model's own error on a wrong input: the user's input
+        raise ExampleInputError(
+            f"model {name!r} fails on an input of shape {tuple(sample.shape)}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; give the input "
+            "shape it expects (--input-shape N,C,H,W)") from e
 
 
 def _spread(base: Sequence[float], t: Sequence[float], rounds: int

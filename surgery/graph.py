@@ -505,7 +505,13 @@ def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:
 
 
 def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
-    return [(n.op, str(n.target)) for n in graph.nodes]
+    """The ops that compute the outputs. Side effects that feed nothing (a BatchNorm subclass's
+    train-mode ``num_batches_tracked.add_(1)``) do not make a train graph worth analysing."""
+    needed: set[torch.fx.Node] = set()
+    for n in reversed(graph.nodes):
+        if n.op == "output" or any(u in needed for u in n.users):
+            needed.add(n)
+    return [(n.op, str(n.target)) for n in graph.nodes if n in needed]
 
 
 def _record(model: nn.Module, inputs: tuple, opaque: Sequence[str], notes: list[str]

@@ -119,6 +119,8 @@ def test_bench_export_inspect(artifact_dir: Path, tmp_path: Path) -> None:
     (["bench", "resnet20", *SHAPE, "--plot", "."], "--plot . is a folder"),
     (["export", "resnet20", *SHAPE, "--onnx", "."], "--onnx . is a folder"),
     (["apply", "resnet20", "missing.json", *SHAPE, "--out", "OUT"], "cannot read plan file"),
+    (["bench", "resnet20", "--input-shape", "1,4,32,32", "--runtime", "torch"],
+     "fails on an input of shape (1, 4, 32, 32)"),
 ])
 def test_user_errors(args: list[str], message: str, tmp_path: Path) -> None:
     if "cuda" in args and torch.cuda.is_available():
