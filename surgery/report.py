@@ -89,9 +89,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     p, m, v = report["params"], report["macs"], report["verification"]
     settings = {k: val for k, val in report["settings"].items()
                 if k not in ("trace_notes", "warnings")}
-    lines = [f"# surgery prune report: {report['model']}", ""]
-    lines += [f"**warning**: {w}" for w in report["settings"].get("warnings", [])]
-    lines += ["", f"settings: {settings}", ""]
+    warned = [f"**warning**: {w}" for w in report["settings"].get("warnings", [])]
+    lines = [f"# surgery prune report: {report['model']}", "", *warned, *([""] if warned else [])]
+    lines += [f"settings: {settings}", ""]
     notes = report["settings"].get("trace_notes", [])
     if settings.get("tracer") == "run":
         lines += ["traced by running the forward on the example input (torch.fx could not "
