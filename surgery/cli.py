@@ -250,8 +250,6 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
     from .api import plan_for_macs
     from .latency import latency_plan
     from .plan import make_plan
-    from .surgeon import apply
-    from .verify import verify
 
     if not dry_run and not out_dir:
         raise UserError("--out DIR is required (or pass --dry-run)")
@@ -292,12 +290,8 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
         else:
             plan = make_plan(net, x, ratio=ratio, criterion=criterion, round_to=round_to,
                              ignore=ignore)
-    with _step(ctx, "rebuilding layers"):
-        small = apply(net, plan)
-    with _step(ctx, "verifying"):
-        check = verify(net, small, plan, x)
-    _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir, no_onnx, dry_run,
-                  as_json)
+    _rebuild_and_finish(ctx, model, meta, net, plan, x, shape, out_dir, no_onnx, dry_run,
+                        as_json)
 
 
 def _prune_in_steps(ctx: click.Context, net: nn.Module, x: torch.Tensor, ratio: float,
@@ -320,6 +314,21 @@ def _prune_in_steps(ctx: click.Context, net: nn.Module, x: torch.Tensor, ratio: 
                           lr=0.01, optimizer="sgd", batch_size=64, seed=k)
         current = small
     return total, current, check
+
+
+def _rebuild_and_finish(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.Module,
+                        plan: Any, x: torch.Tensor, shape: tuple[int, ...], out_dir: str | None,
+                        no_onnx: bool, dry_run: bool, as_json: bool) -> None:
+    """Apply the plan, verify, and report / save (shared by prune and apply)."""
+    from .surgeon import apply
+    from .verify import verify
+
+    with _step(ctx, "rebuilding layers"):
+        small = apply(net, plan)
+    with _step(ctx, "verifying"):
+        check = verify(net, small, plan, x)
+    _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir, no_onnx, dry_run,
+                  as_json)
 
 
 def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.Module,
@@ -378,8 +387,6 @@ def _finish_prune(ctx: click.Context, model: str, meta: dict[str, Any], net: nn.
 def apply_cmd(ctx: click.Context, model: str, plan_path: str, model_args: tuple[str, ...],
               input_shape: str | None, out_dir: str, no_onnx: bool) -> None:
     from .plan import Plan
-    from .surgeon import apply
-    from .verify import verify
 
     if os.path.isdir(model):
         raise UserError(f"{model} is a saved DIR; `surgery apply` takes the original model spec "
@@ -388,12 +395,7 @@ def apply_cmd(ctx: click.Context, model: str, plan_path: str, model_args: tuple[
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = _torch().randn(shape)
-    with _step(ctx, "rebuilding layers"):
-        small = apply(net, plan)
-    with _step(ctx, "verifying"):
-        check = verify(net, small, plan, x)
-    _finish_prune(ctx, model, meta, net, small, plan, x, shape, check, out_dir, no_onnx, False,
-                  False)
+    _rebuild_and_finish(ctx, model, meta, net, plan, x, shape, out_dir, no_onnx, False, False)
 
 
 @cli.command(help=_help("export", "Export MODEL (or a saved DIR) to ONNX, with a parity check."))
