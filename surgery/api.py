@@ -79,23 +79,21 @@ def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: floa
     graph = trace(model, example_inputs, ignore=ignore)
     full = count_macs(model, example_inputs)
 
-    def attempt(ratio: float) -> tuple[Plan, float]:
+    def attempt(ratio: float, step: int) -> tuple[Plan, float]:
         p = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
-                      round_to=round_to, ignore=ignore, seed=seed, graph=graph)
+                      round_to=step, ignore=ignore, seed=seed, graph=graph)
         return p, count_macs(apply(model, p), example_inputs) / full
 
     def search(step: int) -> tuple[Plan, float]:
-        nonlocal round_to
-        round_to = step
         lo, hi = 0.0, 0.99
-        best, best_kept = attempt(hi)
+        best, best_kept = attempt(hi, step)
         if best_kept > target_macs:
             raise ConfigError(f"even ratio {hi} keeps {best_kept:.2f} of the MACs, more than the "
                               f"target {target_macs}; the rest is in layers that cannot be "
                               "pruned (see surgery.trace(...).explain)")
         while hi - lo > tolerance:
             mid = (lo + hi) / 2
-            p, kept = attempt(mid)
+            p, kept = attempt(mid, step)
             if kept <= target_macs:
                 best, best_kept, hi = p, kept, mid
             else:

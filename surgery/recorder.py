@@ -71,7 +71,7 @@ class _Mode(TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.rec.depth == 0:
+        if not self.rec.pending:
             out = self.rec.record_call(func, args, kwargs, out)
         return out
 
@@ -94,7 +94,10 @@ class Recorder:
         self.skeleton = skeleton
         self.dyn = dyn
         self.where = where
-        self.depth = 0
+        #: one entry per module call being run inside a recorded leaf (None: an inner call);
+        #: non-empty means the torch calls seen now belong to that leaf and are not recorded
+        self.pending: list[tuple[str, Any] | None] = []
+        self.stack: list[str] = []  # paths of the model's modules being run, innermost last
         #: (file, line) where the forward read tensor values into Python (``if y.sum() > 0``)
         self.value_reads: list[tuple[str, int]] = []
 
@@ -202,31 +205,25 @@ class Recorder:
             for x in v.values():
                 self._mark_data(x)
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre(self, module: nn.Module, args: tuple) -> None:
         path = self.paths.get(id(module))
         if path is not None:
             self.stack.append(path)
-        if self.depth == 0 and path is not None and self.leaf(module, path):
-            self._pending.append((path, self._node_for(args), self._node_for(kwargs)))
-            self.depth += 1
-        elif self.depth > 0:
-            self.depth += 1
-            self._pending.append(None)
+        if self.pending:  # inside a leaf: its inner calls are the leaf's business
+            self.pending.append(None)
+        elif path is not None and self.leaf(module, path):
+            self.pending.append((path, self._node_for(args)))
 
-    def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        path = self.paths.get(id(module))
-        if path is not None and self.stack:
+    def _post(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if id(module) in self.paths and self.stack:
             self.stack.pop()
-        if self.depth == 0 or not self._pending:
+        if not self.pending:
             return
-        entry = self._pending.pop()
-        self.depth -= 1
+        entry = self.pending.pop()
         if entry is not None:
-            p, a, kw = entry
-            node = self._add("call_module", p, tuple(a), dict(kw), out)
+            node = self._add("call_module", entry[0], tuple(entry[1]), {}, out)
             self._bind_outputs(node, out)
             self._mark_data(out)
-        del path
 
     def run(self, inputs: Sequence[Any]) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any]]:
         placeholders = []
@@ -235,12 +232,8 @@ class Recorder:
             self._bind_outputs(node, x)
             self._mark_data(x)
             placeholders.append(node)
-        self._pending: list[Any] = []
-        self.stack: list[str] = []  # paths of the model's modules being run, innermost last
-        pre = nn.modules.module.register_module_forward_pre_hook(
-            lambda m, a: self._pre(m, a, {}))
-        post = nn.modules.module.register_module_forward_hook(
-            lambda m, a, o: self._post(m, a, {}, o))
+        pre = nn.modules.module.register_module_forward_pre_hook(self._pre)
+        post = nn.modules.module.register_module_forward_hook(self._post)
         try:
             with torch.no_grad(), _Mode(self):
                 out = self.model(*inputs)

@@ -65,29 +65,20 @@ def _per_channel(ctx: RuleContext, x: Any, out: Any, tensors: tuple[Any, ...], o
     return TVal(out.shape, (1,), atoms)
 
 
-def _batch_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"),
-              {"running_mean": None, "running_var": None, "weight": None, "bias": None})
-    tensors = (b["running_mean"], b["running_var"], b["weight"], b["bias"])
-    for t in tensors:
-        done = _delegate(ctx, t, BatchNormRule, ("running_mean", "running_var", "weight", "bias"),
-                         b["input"], out)
-        if done is not None:
-            return done
-    return _per_channel(ctx, b["input"], out, tensors, "batch_norm")
+def _feature_norm(rule_type: type[ModuleRule], op: str) -> Any:
+    """F.batch_norm / F.instance_norm: per-channel tensors, or the owner's own norm rule."""
+    names = ("running_mean", "running_var", "weight", "bias")
 
+    def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        b = _bind(args, kwargs, ("input", *names), dict.fromkeys(names))
+        tensors = tuple(b[n] for n in names)
+        for t in tensors:
+            done = _delegate(ctx, t, rule_type, names, b["input"], out)
+            if done is not None:
+                return done
+        return _per_channel(ctx, b["input"], out, tensors, op)
 
-def _instance_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"),
-              {"running_mean": None, "running_var": None, "weight": None, "bias": None})
-    tensors = (b["running_mean"], b["running_var"], b["weight"], b["bias"])
-    for t in tensors:
-        done = _delegate(ctx, t, InstanceNormRule,
-                         ("running_mean", "running_var", "weight", "bias"), b["input"], out)
-        if done is not None:
-            return done
-    return _per_channel(ctx, b["input"], out, tensors, "instance_norm")
+    return rule
 
 
 def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -117,8 +108,26 @@ def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
                                 f"{ctx.where()} (use nn.GroupNorm so the count can change)")
 
 
+def _raw_weight(ctx: RuleContext, x: Any, w: Any, bias: Any, out: Any, cdim: int, in_dim: int,
+                out_dim: int, op: str) -> Any:
+    """A weight that is a raw Parameter of a module without a rule: its input dim reads ``x``'s
+    channels on ``cdim``, its output dim (and the bias) makes the output's."""
+    if not isinstance(w, TVal) or w.param is None or ctx.owner(w)[2] is not None:
+        return ctx.opaque([x], out, f"{op} with a weight computed in forward or owned by "
+                                    "another layer")
+    if ctx.bind_param(w, in_dim, ctx.channels_in(x, cdim, w.shape[in_dim]), reads=True) is None:
+        return ctx.opaque([x], out)
+    a_out = ctx.bind_param(w, out_dim, ctx.uf.new(w.shape[out_dim]))
+    if isinstance(bias, TVal) and bias.param is not None:
+        a_out = ctx.bind_param(bias, 0, a_out)
+    elif isinstance(bias, TVal):
+        ctx.pin(a_out, f"{op} with a bias computed in forward {ctx.where()}")
+    return TVal(out.shape, (cdim,), a_out)
+
+
 def _conv(transposed: bool) -> Any:
     rule_type = ConvTransposeRule if transposed else ConvRule
+    op = "conv_transpose" if transposed else "conv"
 
     def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         names = ("input", "weight", "bias", "stride", "padding")
@@ -128,26 +137,14 @@ def _conv(transposed: bool) -> Any:
         done = _delegate(ctx, w, rule_type, ("weight",), x, out)
         if done is not None:
             return done
-        op = "conv_transpose" if transposed else "conv"
         if not isinstance(x, TVal) or not isinstance(out, TVal):
             return ctx.opaque([x, w, bias], out)
-        if not isinstance(w, TVal) or w.param is None or ctx.owner(w)[2] is not None:
-            return ctx.opaque([x], out, f"{op} with a weight computed in forward or owned by "
-                                        "another layer")
         if b["groups"] != 1:
             return ctx.opaque([x], out, f"grouped functional {op} (groups={b['groups']}) of a "
                                         "module without a rule")
-        cdim = x.ndim - (w.ndim - 2) - 1
         in_dim, out_dim = (0, 1) if transposed else (1, 0)
-        a_in = ctx.channels_in(x, cdim, w.shape[in_dim])
-        if ctx.bind_param(w, in_dim, a_in, reads=True) is None:
-            return ctx.opaque([x], out)
-        a_out = ctx.bind_param(w, out_dim, ctx.uf.new(w.shape[out_dim]))
-        if isinstance(bias, TVal) and bias.param is not None:
-            a_out = ctx.bind_param(bias, 0, a_out)
-        elif isinstance(bias, TVal):
-            ctx.pin(a_out, f"{op} with a bias computed in forward {ctx.where()}")
-        return TVal(out.shape, (cdim,), a_out)
+        cdim = x.ndim - (len(w.shape) - 2) - 1 if isinstance(w, TVal) else 1
+        return _raw_weight(ctx, x, w, bias, out, cdim, in_dim, out_dim, op)
 
     return rule
 
@@ -160,18 +157,7 @@ def _linear(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
         return done
     if not isinstance(x, TVal) or not isinstance(out, TVal):
         return ctx.opaque([x, w, bias], out)
-    if not isinstance(w, TVal) or w.param is None or ctx.owner(w)[2] is not None:
-        return ctx.opaque([x], out, "linear with a weight computed in forward or owned by "
-                                    "another layer")
-    last = x.ndim - 1
-    if ctx.bind_param(w, 1, ctx.channels_in(x, last, w.shape[1]), reads=True) is None:
-        return ctx.opaque([x], out)
-    a_out = ctx.bind_param(w, 0, ctx.uf.new(w.shape[0]))
-    if isinstance(bias, TVal) and bias.param is not None:
-        a_out = ctx.bind_param(bias, 0, a_out)
-    elif isinstance(bias, TVal):
-        ctx.pin(a_out, f"linear with a bias computed in forward {ctx.where()}")
-    return TVal(out.shape, (out.ndim - 1,), a_out)
+    return _raw_weight(ctx, x, w, bias, out, x.ndim - 1, 1, 0, "linear")
 
 
 def _prelu(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -194,8 +180,10 @@ def _embedding(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
     return TVal(out.shape, (out.ndim - 1,), atoms)
 
 
-register_function_rule([F.batch_norm], _batch_norm, name="batch_norm")
-register_function_rule([F.instance_norm], _instance_norm, name="instance_norm")
+register_function_rule([F.batch_norm], _feature_norm(BatchNormRule, "batch_norm"),
+                       name="batch_norm")
+register_function_rule([F.instance_norm], _feature_norm(InstanceNormRule, "instance_norm"),
+                       name="instance_norm")
 register_function_rule([F.group_norm], _group_norm, name="group_norm")
 register_function_rule([F.conv1d, F.conv2d, F.conv3d], _conv(False), name="conv")
 register_function_rule([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
