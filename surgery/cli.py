@@ -151,9 +151,9 @@ def _emit(ctx: click.Context, text: str) -> None:
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Make conv nets physically smaller: inspect, prune, export, bench.
 
-    MODEL is torchvision:NAME, timm:NAME, path/to/file.py:factory (with --model-arg k=v), a
-    directory saved by `surgery prune` (--trust-code if its model is a file.py), or one of our
-    reference networks in models/.
+    MODEL is torchvision:NAME, timm:NAME, ultralytics:NAME.yaml, path/to/file.py:factory (with
+    --model-arg k=v), a directory saved by `surgery prune` (--trust-code if its model is a
+    file.py), or one of our reference networks in models/.
     """
     ctx.ensure_object(dict)
     ctx.obj.update(debug=debug, quiet=quiet)

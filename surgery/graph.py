@@ -14,6 +14,7 @@ import functools
 import hashlib
 import inspect
 import linecache
+import operator
 import os
 import re
 import sys
@@ -30,35 +31,9 @@ from torch import nn
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .rules import function_rule, leaf_rule, module_rule
+from .sizes import AttrInt, Dyn, attribute_ints, derive
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-class Dyn(int):
-    """An int computed in forward (e.g. from ``x.size(1)``): it follows the pruned width.
-
-    Arithmetic with a Dyn gives a Dyn (``x.size(1) // 2``), so the executing tracer can tell a
-    size computed from a tensor from a literal written in the code.
-    """
-
-    def _wrap(op: Any) -> Any:  # noqa: N805  (builds the methods below)
-        def method(self: int, *args: Any) -> Any:
-            out = op(int(self), *args)
-            return Dyn(out) if isinstance(out, int) and not isinstance(out, bool) else out
-        return method
-
-    __add__ = _wrap(int.__add__)
-    __radd__ = _wrap(int.__radd__)
-    __sub__ = _wrap(int.__sub__)
-    __rsub__ = _wrap(int.__rsub__)
-    __mul__ = _wrap(int.__mul__)
-    __rmul__ = _wrap(int.__rmul__)
-    __floordiv__ = _wrap(int.__floordiv__)
-    __rfloordiv__ = _wrap(int.__rfloordiv__)
-    __mod__ = _wrap(int.__mod__)
-    __neg__ = _wrap(int.__neg__)
-    __pow__ = _wrap(int.__pow__)
-    del _wrap
 
 
 def as_tuple(example_inputs: Inputs) -> tuple[Any, ...]:
@@ -152,11 +127,42 @@ def _skeleton(v: Any) -> Any:
 
 
 def _dyn(v: Any) -> Any:
-    if isinstance(v, bool) or not isinstance(v, int | tuple | list):
+    if isinstance(v, bool) or not isinstance(v, int | tuple | list) or isinstance(v, Dyn):
         return v
     if isinstance(v, int):
         return Dyn(v)
     return type(v)(_dyn(x) for x in v)
+
+
+def _ints(v: Any) -> list[Any]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v]
+    if isinstance(v, tuple | list):
+        return [i for x in v for i in _ints(x)]
+    if isinstance(v, dict):
+        return _ints(list(v.values()))
+    return []
+
+
+def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
+    """A non-tensor result: sizes read from a tensor become ``Dyn`` that remember which tensor
+    dim they measured; ints computed from sizes or attributes remember those."""
+    x = args[0] if args else None
+    if isinstance(x, TVal) and isinstance(node.args[0], torch.fx.Node):
+        src = node.args[0]
+        shape = (node.target is getattr and args[1] == "shape") or node.target == "size"
+        if shape and isinstance(out, int):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return Dyn(out, ((src, dim % x.ndim),))
+        if shape and isinstance(out, tuple | list):
+            return tuple(Dyn(v, ((src, i),)) for i, v in enumerate(out))
+        if node.target == "numel" and isinstance(out, int):
+            return Dyn(out, tuple((src, i) for i in range(x.ndim)), (), True)
+    if isinstance(out, int) and not isinstance(out, bool):
+        operands = _ints([args, kwargs])
+        derived = derive(out, *operands)
+        return derived if isinstance(derived, Dyn) else Dyn(out)
+    return _dyn(out)
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -205,6 +211,9 @@ class ChannelGraph:
     #: "fx" (symbolic) or "run" (executing: Python branches specialised to the example inputs)
     tracer: str = "fx"
     notes: list[str] = field(default_factory=list)
+    #: module attributes the forward uses as sizes (``"blocks.0.attn.num_heads"``) -> the atoms
+    #: of the positions each counts: the plan rewrites them to the number kept
+    attrs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def slot_roots(self, key: str) -> np.ndarray:
         return self.roots[self.slots[key].atoms]
@@ -257,6 +266,12 @@ class _Context:
         self.opaque_names = opaque
         self.node: torch.fx.Node | None = None
         self.model: nn.Module | None = None
+        self.env: dict[torch.fx.Node, Any] = {}
+        #: attribute (qualified name) -> atoms of the positions its value counts
+        self.attrs: dict[str, np.ndarray] = {}
+        self.attr_where: dict[str, str] = {}
+        #: attributes whose value must stay (a size computed from them is held fixed)
+        self.frozen: dict[str, str] = {}
 
     # -- messages
     def where(self) -> str:
@@ -298,7 +313,83 @@ class _Context:
     def is_computed(self, v: Any) -> bool:
         if isinstance(v, tuple | list):
             return any(self.is_computed(x) for x in v)
-        return isinstance(v, Dyn)
+        return isinstance(v, Dyn) and self.size_role(v, None) == "free"
+
+    # -- sizes
+    def measured(self, node: Any, dim: int) -> np.ndarray | None:
+        """The atoms along ``dim`` of the tensor ``node`` made (None: that dim has none)."""
+        v = self.env.get(node)
+        if not isinstance(v, TVal) or dim not in v.tdims:
+            return None
+        k = v.tdims.index(dim)
+        idx = tuple(slice(None) if j == k else 0 for j in range(len(v.tdims)))
+        return v.atoms[idx]
+
+    def freeze(self, attrs: Iterable[AttrInt]) -> None:
+        for a in attrs:
+            self.frozen.setdefault(a.qualname, f"{a.qualname} = {int(a)} {self.where()}")
+
+    def size_role(self, s: Any, x: TVal | None) -> Any:
+        """What size ``s`` of a reshape of ``x`` does when channels are removed: ``"free"``
+        (follows by itself), ``"fixed"`` (stays), an ``AttrInt`` (follows if surgery rewrites
+        that attribute), or ``("couple", atoms)``: it is the count of other channels ``atoms``,
+        which the reshaped positions must then match one for one."""
+        if isinstance(s, AttrInt):
+            return s if s.qualname not in self.frozen else "fixed"
+        if not isinstance(s, Dyn):
+            return "free" if s == -1 else "fixed"
+        chans = [m for m in (self.measured(n, d) for n, d in s.src) if m is not None]
+        if not chans:
+            self.freeze(s.attrs)
+            return "fixed" if s.src or s.attrs else "free"
+        own = set(self.uf.find(a) for a in x.atoms.ravel().tolist()) if x is not None else set()
+        if all({self.uf.find(a) for a in m.tolist()} <= own for m in chans):
+            self.freeze(s.attrs)
+            return "free"
+        if not s.derived and len(chans) == 1:
+            return ("couple", chans[0])
+        for m in chans:  # its count must not change: keep what it measured
+            self.pin(m, f"its channel count sizes a reshape of other channels {self.where()}")
+        self.freeze(s.attrs)
+        return "fixed"
+
+    def output_used(self, index: int) -> bool:
+        """Whether output ``index`` of the current (tuple-returning) call is used."""
+        if self.node is None:
+            return True
+        for u in self.node.users:
+            if u.op != "call_function" or u.target is not operator.getitem:
+                return True  # the tuple itself goes somewhere
+            if u.args[1] == index and u.users:
+                return True
+        return False
+
+    def hold(self, s: Any) -> None:
+        """Size ``s`` must keep its value (it sizes something that does not follow the width):
+        keep the channels it counts and the attributes it was computed with."""
+        for v in _ints(s):
+            if isinstance(v, Dyn):
+                for n, d in v.src:
+                    m = self.measured(n, d)
+                    if m is not None:
+                        self.pin(m, f"its channel count sizes a fixed dim {self.where()}")
+                self.freeze(v.attrs)
+            elif isinstance(v, AttrInt):
+                self.freeze([v])
+
+    def attr_size(self, attr: AttrInt, atoms: np.ndarray) -> None:
+        """Attribute ``attr`` counts the positions ``atoms``: the plan rewrites it to the number
+        kept. Every use of one attribute keeps the same count (their positions are coupled)."""
+        key = attr.qualname
+        first = self.attrs.get(key)
+        if first is None:
+            self.attrs[key] = atoms
+            self.attr_where[key] = self.where()
+        elif first.shape == atoms.shape:
+            self.uf.union_arrays(first, atoms)
+        else:
+            self.pin(atoms, f"attribute {key} sizes different things {self.where()}")
+            self.pin(first, f"attribute {key} sizes different things {self.where()}")
 
     # -- slots
     def slot(self, path: str, axis: str, atoms: np.ndarray, kind: str = "module",
@@ -354,6 +445,7 @@ class _Context:
     def run(self, model: nn.Module, graph: torch.fx.Graph, meta: dict[torch.fx.Node, Any]) -> None:
         self.model = model
         env: dict[torch.fx.Node, Any] = {}
+        self.env = env
         for node in graph.nodes:
             self.node = node
             out = meta.get(node)
@@ -400,19 +492,37 @@ class _Context:
                 result = _param_lineage([args, kwargs], result)
             return result
         if not any(True for _ in _walk(out)):
-            return _dyn(out)  # sizes, dims, dtypes: follow the pruned model at run time
+            return _sized(node, args, kwargs, out)  # sizes, dims, dtypes
         params = [v for v in _walk([args, kwargs]) if v.param is not None]
         tracked = any(v.tracked for v in _walk([args, kwargs]))
         for p in params:
             owner = p.param.rpartition(".")[0]
             if tracked and not matches(owner, self.opaque_names):
                 cls = type(self.model.get_submodule(owner)).__name__ if self.model else "?"
-                raise UnsupportedLayerError(
+                error = UnsupportedLayerError(
                     f"layer '{owner}' ({cls}) computes with its parameter '{p.param}' through "
                     f"`{getattr(node.target, '__name__', node.target)}` {self.where()}, which no "
                     f"surgery rule knows: register a module rule for {cls} "
                     f"(surgery.register_module_rule), or pass ignore=['{owner}'] to keep it.")
+                if _user_function(node.target):
+                    raise _WrappedCall(error, node.target.__name__)
+                raise error
         return self.opaque([args, kwargs], out)
+
+
+class _WrappedCall(Exception):
+    """fx kept a Python function (``torch.fx.wrap``) as one call: the executing tracer can
+    look inside it."""
+
+    def __init__(self, error: UnsupportedLayerError, name: str) -> None:
+        super().__init__(str(error))
+        self.error, self.name = error, name
+
+
+def _user_function(target: Any) -> bool:
+    module = (getattr(target, "__module__", "") or "").split(".")[0]
+    return callable(target) and not isinstance(target, str) and \
+        module not in ("torch", "builtins", "_operator", "operator", "math")
 
 
 #: rules of ops that keep each position's value where it was, or compute it from that position
@@ -423,7 +533,7 @@ _POSITIONWISE = {"unary", "view", "flatten", "getitem", "permute", "transpose", 
 
 def _literal_ints(v: Any) -> set[int]:
     """Ints written in a call's arguments (not computed from a tensor's shape)."""
-    if isinstance(v, bool | Dyn):
+    if isinstance(v, bool) or isinstance(v, Dyn) and not v.attrs:
         return set()
     if isinstance(v, int):
         return {v}
@@ -570,27 +680,10 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
     # symbolic tracing runs in-place updates on real buffers (``num_batches_tracked.add_(1)`` in a
     # BatchNorm subclass's train-mode forward), and a recorded forward may too: put them back
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    ctx = _Context(ignore)
-    train_graph = False
     notes: list[str] = []
     try:
-        model.eval()
-        fx_error: TraceError | None = None
-        if tracer != "run":
-            try:
-                eval_graph = _fx_trace(model, ignore, len(inputs))
-            except TraceError as e:
-                if tracer == "fx":
-                    raise
-                fx_error = e
-        if tracer == "run" or fx_error is not None:
-            if fx_error is not None:
-                notes.append(f"traced by running the forward (torch.fx: {fx_error})")
-            train_graph = _run_traced(ctx, model, inputs, ignore, notes)
-            tracer = "run"
-        else:
-            tracer = "fx"
-            train_graph = _fx_traced(ctx, model, eval_graph, inputs, ignore)
+        with attribute_ints(model):
+            ctx, tracer, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -599,6 +692,25 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
                 if not torch.equal(b, saved):
                     b.copy_(saved)
     return _finish(ctx, model, ignore, train_graph, tracer, notes)
+
+
+def _trace_modes(model: nn.Module, inputs: tuple, ignore: tuple, tracer: str,
+                 notes: list[str]) -> tuple[_Context, str, bool]:
+    """Analyse the eval forward (and the train forward where it differs) with ``tracer``."""
+    model.eval()
+    if tracer != "run":
+        ctx = _Context(ignore)
+        try:
+            eval_graph = _fx_trace(model, ignore, len(inputs))
+            return ctx, "fx", _fx_traced(ctx, model, eval_graph, inputs, ignore)
+        except (TraceError, _WrappedCall) as e:
+            if tracer == "fx":
+                raise (e.error if isinstance(e, _WrappedCall) else e) from None
+            why = f"`{e.name}` is a function torch.fx does not trace into" \
+                if isinstance(e, _WrappedCall) else f"torch.fx: {e}"
+            notes.append(f"traced by running the forward ({why})")
+    ctx = _Context(ignore)
+    return ctx, "run", _run_traced(ctx, model, inputs, ignore, notes)
 
 
 def _run_traced(ctx: _Context, model: nn.Module, inputs: tuple, ignore: tuple,
@@ -651,6 +763,9 @@ def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, t
     for slot in ctx.slots.values():
         if slot.axis != "in" and matches(slot.path, ignore):
             ctx.pin(slot.atoms, f"'{slot.path}' is in ignore=")
+    for key, why in ctx.frozen.items():
+        if key in ctx.attrs:  # a size computed from it must stay: so must its count
+            ctx.pin(ctx.attrs[key], f"attribute {key} also sizes a fixed dim ({why})")
     roots = ctx.uf.roots()
     pinned: dict[int, list[str]] = {}
     for atoms, reason in ctx.pins:
@@ -662,4 +777,4 @@ def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, t
     slots = list(ctx.slots.values())
     return ChannelGraph(type(model).__name__, fingerprint(model), {s.key: s for s in slots}, roots,
                         build_groups(slots, roots, pinned), pinned, cross, train_graph, tracer,
-                        notes)
+                        notes, dict(ctx.attrs))

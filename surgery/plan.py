@@ -51,6 +51,14 @@ class Plan:
     layers: dict[str, LayerPlan]
     exact: bool = True  # equivalence with the zeroed original is defined (no cross-channel norm)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: module attributes the forward uses as sizes, rewritten to the count kept:
+    #: module path -> attribute -> (original value, kept positions) (e.g. heads kept)
+    attributes: dict[str, dict[str, AxisPlan]] = field(default_factory=dict)
+
+    def attribute_changes(self) -> list[tuple[str, int, int]]:
+        """``("blocks.0.attn.num_heads", 3, 2)`` for every attribute the plan rewrites."""
+        return [(f"{path}.{name}" if path else name, ap.size, len(ap.keep))
+                for path, names in self.attributes.items() for name, ap in names.items()]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +68,9 @@ class Plan:
                               "axes": {a: {"size": ap.size, "keep": list(ap.keep)}
                                        for a, ap in lp.axes.items()}}
                        for path, lp in self.layers.items()},
+            "attributes": {path: {name: {"size": ap.size, "keep": list(ap.keep)}
+                                  for name, ap in names.items()}
+                           for path, names in self.attributes.items()},
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -71,20 +82,23 @@ class Plan:
             if d.get("format") != FORMAT or d.get("version") != VERSION:
                 raise PlanError(f"{source} is not a {FORMAT} v{VERSION} document "
                                 f"(format={d.get('format')!r}, version={d.get('version')!r})")
-            layers = {}
-            for path, lp in d["layers"].items():
-                axes = {}
-                for a, ap in lp["axes"].items():
-                    keep = tuple(int(i) for i in ap["keep"])
-                    size = int(ap["size"])
-                    if (not keep or list(keep) != sorted(set(keep)) or keep[0] < 0
-                            or keep[-1] >= size):
-                        raise PlanError(f"{source}: layer '{path}' axis '{a}' keeps {len(keep)} "
-                                        f"indices that are not sorted, unique and in [0, {size})")
-                    axes[str(a)] = AxisPlan(size, keep)
-                layers[str(path)] = LayerPlan(str(lp["kind"]), str(lp["class"]), axes)
+            def axis(path: str, a: str, ap: Any) -> AxisPlan:
+                keep = tuple(int(i) for i in ap["keep"])
+                size = int(ap["size"])
+                if (not keep or list(keep) != sorted(set(keep)) or keep[0] < 0
+                        or keep[-1] >= size):
+                    raise PlanError(f"{source}: layer '{path}' axis '{a}' keeps {len(keep)} "
+                                    f"indices that are not sorted, unique and in [0, {size})")
+                return AxisPlan(size, keep)
+
+            layers = {str(path): LayerPlan(str(lp["kind"]), str(lp["class"]),
+                                           {str(a): axis(path, a, ap)
+                                            for a, ap in lp["axes"].items()})
+                      for path, lp in d["layers"].items()}
+            attributes = {str(path): {str(n): axis(path, n, ap) for n, ap in names.items()}
+                          for path, names in d.get("attributes", {}).items()}
             return cls(str(d["model_class"]), str(d["fingerprint"]), layers, bool(d["exact"]),
-                       dict(d.get("settings", {})))
+                       dict(d.get("settings", {})), attributes)
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -125,8 +139,14 @@ class Plan:
                                     f"{len(first.keep)} channels after the first plan but the "
                                     f"second expects {ap.size}")
                 base.axes[axis] = AxisPlan(first.size, tuple(first.keep[i] for i in ap.keep))
+        attributes = {p: dict(names) for p, names in self.attributes.items()}
+        for path, names in later.attributes.items():
+            for name, ap in names.items():
+                mine = attributes.setdefault(path, {})
+                first = mine.get(name, AxisPlan(ap.size, tuple(range(ap.size))))
+                mine[name] = AxisPlan(first.size, tuple(first.keep[i] for i in ap.keep))
         return Plan(self.model_class, self.fingerprint, layers, self.exact and later.exact,
-                    {**self.settings, "then": later.settings})
+                    {**self.settings, "then": later.settings}, attributes)
 
     def removed(self) -> int:
         """Number of channel positions removed over every layer and axis."""
@@ -255,8 +275,14 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
         cls = type(model.get_submodule(slot.path)).__name__ if slot.kind == "module" else "Tensor"
         lp = layers.setdefault(slot.path, LayerPlan(slot.kind, cls, {}))
         lp.axes[slot.axis] = AxisPlan(slot.size, tuple(keep.tolist()))
+    attributes: dict[str, dict[str, AxisPlan]] = {}
+    for key, atoms in graph.attrs.items():
+        keep = np.flatnonzero(~np.isin(graph.roots[atoms], gone))
+        if len(keep) < len(atoms):
+            path, _, name = key.rpartition(".")
+            attributes.setdefault(path, {})[name] = AxisPlan(len(atoms), tuple(keep.tolist()))
     exact = not (set(gone.tolist()) & graph.cross)
     settings = {**settings, "tracer": graph.tracer}
     if graph.notes:
         settings["trace_notes"] = list(graph.notes)
-    return Plan(graph.model_class, graph.fingerprint, layers, exact, settings)
+    return Plan(graph.model_class, graph.fingerprint, layers, exact, settings, attributes)

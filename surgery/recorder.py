@@ -80,7 +80,7 @@ class Recorder:
     """Builds the graph while the forward runs; ``run`` returns (graph, value skeletons)."""
 
     def __init__(self, model: nn.Module, leaf: Callable[[nn.Module, str], bool],
-                 skeleton: Callable[[Any], Any], dyn: type[int],
+                 skeleton: Callable[[Any], Any], dyn: Callable[..., int],
                  where: Callable[[Any], tuple[str, int] | None]) -> None:
         self.model = model
         self.graph = torch.fx.Graph()
@@ -143,11 +143,17 @@ class Recorder:
         self.meta[node] = self.skeleton(value)
         return node
 
-    def _dynamic(self, out: Any) -> Any:
+    def _dynamic(self, out: Any, of: Any, dim: Any = None) -> Any:
+        """Sizes of tensor ``of``: ``Dyn`` that remember the node and dim they measured."""
+        node = self._node_for(of)
+        node = node if isinstance(node, torch.fx.Node) else None
         if isinstance(out, torch.Size):
-            return DynSize(self.dyn(s) for s in out)
+            return DynSize(self.dyn(s, ((node, i),) if node else ()) for i, s in enumerate(out))
         if isinstance(out, int) and not isinstance(out, bool):
-            return self.dyn(out)
+            if dim is None:  # numel: every dim
+                return self.dyn(out, tuple((node, i) for i in range(of.ndim)) if node else (),
+                                (), True)
+            return self.dyn(out, ((node, dim % of.ndim),) if node else ())
         return out
 
     # -- calls
@@ -164,7 +170,7 @@ class Recorder:
             attr = getattr(getattr(func, "__self__", None), "__name__", None)
         if attr is not None:  # a tensor property: x.shape, x.ndim, x.dtype, x.T ...
             if attr == "shape":
-                out = self._dynamic(out)
+                out = self._dynamic(out, args[0])
             if not isinstance(out, torch.Tensor):
                 return out  # sizes need no node: Dyn carries what the rules need
             node = self._add("call_function", getattr,
@@ -175,7 +181,8 @@ class Recorder:
             node = self._add("call_function", fn, a[::-1] if swapped else a, {}, out)
         elif method is not None:
             if method in _SIZES:
-                return self._dynamic(out)
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                return self._dynamic(out, args[0], dim if method == "size" else None)
             node = self._add("call_method", method, tuple(self._node_for(x) for x in args),
                              self._node_for(kwargs), out)
         else:
@@ -254,7 +261,7 @@ class Recorder:
 
 
 def record(model: nn.Module, inputs: Sequence[Any], *, leaf: Callable[[nn.Module, str], bool],
-           skeleton: Callable[[Any], Any], dyn: type[int],
+           skeleton: Callable[[Any], Any], dyn: Callable[..., int],
            where: Callable[[Any], tuple[str, int] | None]
            ) -> tuple[torch.fx.Graph, dict[torch.fx.Node, Any], list[tuple[str, int]]]:
     """Run ``model(*inputs)`` once: its recorded graph, every node's skeleton, and where the

@@ -79,6 +79,7 @@ def prune_report(original: nn.Module, pruned: nn.Module, plan: Plan, x: torch.Te
         "macs": {"before": count_macs(original, x), "after": count_macs(pruned, x)},
         "layers": {name: {"before": before[name], "after": after.get(name)}
                    for name in before if before[name] != after.get(name)},
+        "attributes": {name: {"before": a, "after": b} for name, a, b in plan.attribute_changes()},
         "verification": {"passed": check.passed, "exact": check.exact_checked,
                          "max_rel_error": check.max_rel_error, "checked": check.checked,
                          "output_shapes": [list(s) for s in check.output_shapes]},
@@ -109,6 +110,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         o = report["onnx"]
         lines += [f"ONNX: {o['path']} ({o['file_bytes'] / 1e6:.2f} MB), ONNX Runtime max "
                   f"relative error {o['max_rel_error']:.1e}", ""]
+    changed = report.get("attributes", {})
+    if changed:  # sizes the forward reads from attributes (heads, split sections)
+        lines += ["attributes rewritten: " + ", ".join(
+            f"`{name}: {c['before']} → {c['after']}`" for name, c in changed.items()), ""]
     lines += ["| layer | weight before | weight after |", "|---|---|---|"]
     lines += [f"| {name} | {w['before']} | {w['after']} |" for name, w in report["layers"].items()]
     return "\n".join(lines) + "\n"

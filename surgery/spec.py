@@ -2,6 +2,8 @@
 
     torchvision:resnet50        a torchvision model, built with weights=None
     timm:resnet50d              a timm model, built with pretrained=False
+    ultralytics:yolov8n.yaml    an ultralytics YOLO model built from its yaml (no weights; needs
+                                the optional ``ultralytics`` package, AGPL-3.0)
     path/to/file.py:factory     a function in a Python file that returns an nn.Module
     resnet20                    one of our reference networks in models/
     out/r50                     a directory saved by `surgery prune` (see surgery.artifact)
@@ -35,7 +37,7 @@ class SpecError(SurgeryError, ValueError):
     """A model spec that names nothing we can build."""
 
 
-BUILTIN_PREFIXES = ("torchvision:", "timm:")
+BUILTIN_PREFIXES = ("torchvision:", "timm:", "ultralytics:")
 
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -84,6 +86,10 @@ def code_file(spec: str) -> Path | None:
 def canonical(spec: str, base: str | os.PathLike[str] | None = None) -> str:
     """The spec with a ``file.py`` path made absolute (against ``base``, default the current
     directory), so that it names the same file from any working directory."""
+    if spec.startswith("ultralytics:"):  # a yaml of the user's: its absolute path
+        name = spec.split(":", 1)[1]
+        local = Path(base or os.getcwd()) / name
+        return f"ultralytics:{local.resolve()}" if local.is_file() else spec
     path = code_file(spec)
     if path is None:
         return spec
@@ -167,6 +173,8 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module
         return _call(lambda **kw: torchvision.models.get_model(name, **kw), kwargs, spec)
     if spec.startswith("timm:"):
         return _timm_model(spec, kwargs)
+    if spec.startswith("ultralytics:"):
+        return _ultralytics_model(spec, kwargs)
     head, sep, factory = spec.rpartition(":")
     if sep and head.endswith(".py"):
         path = Path(head)
@@ -198,3 +206,27 @@ def _timm_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         raise SpecError("pretrained must stay False: nothing is downloaded at run time (give a "
                         "local file as checkpoint_path=...)")
     return _call(lambda **kw: timm.create_model(name, **kw), kwargs, spec)
+
+
+def _ultralytics_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The ``nn.Module`` of an ultralytics YOLO built from a yaml (bundled, like
+    ``yolov8n-seg.yaml``, or a file), random weights. Keyword arguments (``nc=10``) go to the
+    task model's constructor. Weight files (``.pt``) are refused: they are pickles (code)."""
+    name = spec.split(":", 1)[1]
+    if not name.endswith((".yaml", ".yml")):
+        raise SpecError(f"{spec}: give a model yaml (ultralytics:yolov8n.yaml); weight files are "
+                        "not loaded (nothing is downloaded, and a .pt file is a pickle that runs "
+                        "code)")
+    try:
+        from ultralytics import YOLO
+    except ImportError:
+        raise SpecError(f"{spec} needs the optional ultralytics package (AGPL-3.0): "
+                        "pip install ultralytics") from None
+    try:
+        model = YOLO(name, verbose=False).model
+    except (FileNotFoundError, OSError) as e:
+        raise SpecError(f"{spec}: ultralytics has no model yaml {name!r} ({e})") from None
+    if kwargs:
+        cls = type(model)
+        return _call(lambda **kw: cls(name, **{"verbose": False, **kw}), kwargs, spec)
+    return model

@@ -52,6 +52,18 @@ def _validate(model: nn.Module, plan: Plan) -> None:
                                 f"{axis}, the plan expects {ap.size}")
 
 
+    for path, names in plan.attributes.items():
+        for name, ap in names.items():
+            try:
+                value = getattr(model.get_submodule(path), name)
+            except AttributeError:
+                raise PlanError(f"the plan rewrites attribute '{path}.{name}', which this model "
+                                "does not have") from None
+            if isinstance(value, bool) or not isinstance(value, int) or value != ap.size:
+                raise PlanError(f"the plan rewrites attribute '{path}.{name}' from {ap.size}, "
+                                f"but the model has {value!r}")
+
+
 Built = tuple[dict[int, nn.Module], list[tuple[str, torch.Tensor]]]
 
 
@@ -88,6 +100,14 @@ def _swap(model: nn.Module, modules: dict[int, nn.Module],
         set_tensor(model.get_submodule(owner), name, t)
 
 
+def _set_attributes(model: nn.Module, plan: Plan) -> None:
+    """Sizes the forward reads from attributes (``num_heads``, a split's ``c``) follow the plan."""
+    for path, names in plan.attributes.items():
+        module = model.get_submodule(path)
+        for name, ap in names.items():
+            setattr(module, name, len(ap.keep))
+
+
 def apply(model: nn.Module, plan: Plan) -> nn.Module:
     """A new, physically smaller model; ``model`` itself is left bit-for-bit unchanged.
 
@@ -105,6 +125,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     if any(id(m) in rebuilt for m in target.modules()):  # referenced from outside _modules
         target = copy.deepcopy(model)
         _swap(target, *_build(target, plan))
+    _set_attributes(target, plan)
     return target
 
 
@@ -112,4 +133,5 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """In place: swap the smaller layers into ``model`` itself (atomic: all built first)."""
     _validate(model, plan)
     _swap(model, *_build(model, plan))
+    _set_attributes(model, plan)
     return model

@@ -59,6 +59,10 @@ class ModuleRule:
     #: the layer's cost model (a ``surgery.rules.cost.CostRule``: MACs at given widths and a
     #: one-layer runner per runtime), read by latency-aware allocation; None: not modelled
     cost: Any = None
+    #: how many of the layer's leading outputs verification compares inside the model (None:
+    #: all); e.g. attention weights averaged over heads change when heads go, and are checked
+    #: only where the model uses them (then the rule keeps the heads)
+    compared_outputs: int | None = None
 
     def param_axis(self, name: str, dim: int) -> str | None:
         """The axis that parameter ``name``'s dim ``dim`` belongs to, if the rule says."""
@@ -191,4 +195,4 @@ def passthrough(ctx: RuleContext, x: Any, out: Any) -> Any:
     return ctx.opaque([x], out, "changes the channel dims")
 
 
-from . import conv, functions, linear, norm, param_ops, pointwise  # noqa: E402,F401,I001
+from . import attention, conv, functions, linear, norm, param_ops, pointwise  # noqa: E402,F401,I001

@@ -83,6 +83,30 @@ class RuleContext(Protocol):
         the pruned width) rather than written as a literal (it does not)."""
         ...
 
+    def size_role(self, s: Any, x: TVal | None) -> Any:
+        """What size ``s`` (of a reshape of ``x``) does when channels are removed: ``"free"``
+        (it follows by itself: ``-1``, ``x.size(1) // 2``), ``"fixed"`` (a literal, or a count
+        that must stay), an ``AttrInt`` (it follows when the plan rewrites that attribute), or
+        ``("couple", atoms)`` (the count of other channels, to be matched one for one)."""
+        ...
+
+    def output_used(self, index: int) -> bool:
+        """Whether output ``index`` of the layer or op being propagated is used downstream."""
+        ...
+
+    def hold(self, s: Any) -> None:
+        """Sizes ``s`` must keep their value: pin the channels they count, freeze attributes."""
+        ...
+
+    def freeze(self, attrs: Iterable[Any]) -> None:
+        """These attributes (``AttrInt``) keep their value."""
+        ...
+
+    def attr_size(self, attr: Any, atoms: np.ndarray) -> None:
+        """Attribute ``attr`` (an ``AttrInt``) counts the positions ``atoms``: the plan rewrites
+        it to the number kept."""
+        ...
+
     def where(self) -> str:
         """The current node and the user's source line, for messages."""
         ...

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 
 from ..groups import TVal
+from ..sizes import AttrInt
 from . import passthrough, register_function_rule
 from .context import RuleContext
 
@@ -57,35 +58,56 @@ register_function_rule(_UNARY_FUNCS + _UNARY_METHODS, _unary, name="unary")
 # --- elementwise with broadcasting ----------------------------------------------------------------
 
 def broadcast(ctx: RuleContext, operands: Sequence[Any], out: Any) -> Any:
-    """Align operands from the right; tracked channel dims must match (their units are coupled)."""
+    """Align operands from the right; channels meeting at one position are one unit.
+
+    Tracked operands may carry channels on different dims (attention weights per head times
+    values per head and width): the output carries the union, and each operand's channels are
+    coupled with every position they meet. A constant of full size on a channel dim pins.
+    """
     vals = [v for v in operands if isinstance(v, TVal)]
-    tracked = [v for v in vals if v.tracked]
+    tracked = sorted((v for v in vals if v.tracked), key=lambda v: -len(v.tdims))
     if not tracked or not isinstance(out, TVal):
         return ctx.opaque(tracked, out) if tracked else out
     r = out.ndim
-    ref = tracked[0]
-    tdims = tuple(d + r - ref.ndim for d in ref.tdims)
-    atoms = ref.atoms
+    tdims = tuple(sorted({d + r - v.ndim for v in tracked for d in v.tdims}))
+    shape = [out.shape[d] for d in tdims]
+    grid: np.ndarray | None = None
+    for v in tracked:
+        off = r - v.ndim
+        own = [d + off for d in v.tdims]
+        if any(t - off >= 0 and t not in own and v.shape[t - off] != 1 for t in tdims):
+            return ctx.opaque(tracked, out, "combines tensors whose channels sit on other dims")
+        if any(v.shape[d - off] != out.shape[d] for d in own):
+            return ctx.opaque(tracked, out, "broadcasts a channel dim")
+        g = np.broadcast_to(v.atoms.reshape([out.shape[t] if t in own else 1 for t in tdims]),
+                            shape)
+        if grid is None:
+            grid = np.array(g)
+        else:
+            ctx.uf.union_arrays(grid, np.ascontiguousarray(g))
+    assert grid is not None
     for v in vals:
-        if v is ref:
+        if v.tracked:
             continue
         off = r - v.ndim
-        if v.tracked:
-            if tuple(d + off for d in v.tdims) == tdims and v.atoms.shape == atoms.shape:
-                ctx.uf.union_arrays(atoms, v.atoms)
-                continue
-            return ctx.opaque(tracked, out, "combines tensors whose channels sit on other dims")
         sizes = [v.shape[d - off] if d - off >= 0 else 1 for d in tdims]
         if all(s == 1 for s in sizes):
             continue
-        if v.param is not None and len(tdims) == 1:
-            bound = ctx.bind_param(v, tdims[0] - off, atoms)
+        if v.param is not None and sum(s != 1 for s in sizes) == 1:
+            d = next(t for t, s in zip(tdims, sizes, strict=True) if s != 1)
+            k = tdims.index(d)
+            line = grid[tuple(slice(None) if j == k else 0 for j in range(len(tdims)))]
+            if len(tdims) > 1:  # one weight per position of dim d: the rest of the grid follows
+                for idx in np.ndindex(*[n for j, n in enumerate(shape) if j != k]):
+                    full = list(idx)
+                    full.insert(k, slice(None))
+                    ctx.uf.union_arrays(line, grid[tuple(full)])
+            bound = ctx.bind_param(v, d - off, line)
             if bound is None:
                 return ctx.opaque(tracked, out, f"uses the weight '{v.param}' of another layer")
-            atoms = bound
             continue
         return ctx.opaque(tracked, out, "combines channels with a constant of full channel size")
-    return TVal(out.shape, tdims, atoms)
+    return TVal(out.shape, tdims, grid)
 
 
 def _binary(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -102,6 +124,87 @@ _BINARY = [
 register_function_rule(_BINARY, _binary, name="broadcast")
 
 
+# --- matrix products and attention ---------------------------------------------------------------
+
+def _insert_dim(v: Any, d: int) -> Any:
+    """``v`` with a new size-1 dim at ``d`` (a parameter keeps its own dims)."""
+    if not isinstance(v, TVal):
+        return v
+    shape = v.shape[:d] + (1,) + v.shape[d:]
+    tdims = tuple(t + (t >= d) for t in v.tdims)
+    pdims = v.param_dims
+    if v.param is not None:
+        pairs = pdims if pdims is not None else tuple((i, i) for i in range(v.ndim))
+        pdims = tuple((i + (i >= d), own) for i, own in pairs)
+    return TVal(shape, tdims, v.atoms, v.param, pdims)
+
+
+def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
+    """``a @ b`` as a product broadcast over (..., n, k, m) summed over k: channels on batch dims
+    meet position-wise; channels on k are removed from both sides together (their products are
+    zero in the reference, so the sum is unchanged); a constant on k pins them."""
+    if not isinstance(a, TVal) or not isinstance(b, TVal) or a.ndim < 2 or b.ndim < 2 \
+            or not isinstance(out, TVal):
+        return ctx.opaque([a, b], out, "matrix product of vectors")
+    a3, b3 = _insert_dim(a, a.ndim), _insert_dim(b, b.ndim - 2)
+    r = out.ndim + 1
+    k = r - 2
+    prod = out.shape[:-1] + (a.shape[-1],) + out.shape[-1:]
+    p = broadcast(ctx, [a3, b3], TVal(prod))
+    if not isinstance(p, TVal) or not p.tracked:
+        return out
+    if k in p.tdims:
+        pos = p.tdims.index(k)
+        others = [j for j in range(len(p.tdims)) if j != pos]
+        if not others:
+            return out  # only the contracted channels: the output carries none
+        _couple_along(ctx, np.moveaxis(p.atoms, pos, -1), len(others))
+        atoms = np.take(p.atoms, 0, axis=pos)
+        return TVal(out.shape, tuple(t - (t > k) for t in p.tdims if t != k), atoms)
+    return TVal(out.shape, tuple(t - (t > k) for t in p.tdims), p.atoms)
+
+
+def _matmul(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "other"), {})
+    x, y = b.get("input", b.get("mat1")), b.get("other", b.get("mat2"))
+    if not any(isinstance(v, TVal) and v.tracked for v in (x, y)):
+        return out
+    return contract(ctx, x, y, out)
+
+
+register_function_rule([operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"], _matmul,
+                       name="matmul")
+
+
+def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """softmax(q kᵀ · scale + mask) v: heads (batch dims) meet in q, k, v and the output; the
+    width of q and k is contracted; the width of v is the output's. Without ``scale`` it is
+    1/sqrt(q's width), so q's width is kept whole within each head."""
+    b = _bind(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+                             "scale"), {"attn_mask": None, "scale": None})
+    q, k, v, mask = b["query"], b["key"], b["value"], b["attn_mask"]
+    if not any(isinstance(t, TVal) and t.tracked for t in (q, k, v, mask)):
+        return out
+    if not all(isinstance(t, TVal) for t in (q, k, v)) or q.ndim < 3 or k.ndim != q.ndim:
+        return ctx.opaque([q, k, v, mask], out, "attention without batch dims")
+    if b["scale"] is None and q.tracked and q.ndim - 1 in q.tdims:
+        _couple_along(ctx, np.moveaxis(q.atoms, q.tdims.index(q.ndim - 1), 0), 0)
+    kt = permute(k, list(range(k.ndim - 2)) + [k.ndim - 1, k.ndim - 2],
+                 TVal(k.shape[:-2] + (k.shape[-1], k.shape[-2])))
+    scores = contract(ctx, q, kt, TVal(q.shape[:-1] + (k.shape[-2],)))
+    if isinstance(mask, TVal):
+        scores = broadcast(ctx, [scores, mask], scores if isinstance(scores, TVal) else
+                           TVal(q.shape[:-1] + (k.shape[-2],)))
+    if isinstance(scores, TVal) and scores.tracked and scores.ndim - 1 in scores.tdims:
+        return ctx.opaque([scores, v], out, "softmax over channels")
+    if not isinstance(scores, TVal):
+        scores = TVal(q.shape[:-1] + (k.shape[-2],))
+    return contract(ctx, scores, v, out)
+
+
+register_function_rule([F.scaled_dot_product_attention], _sdpa, name="sdpa")
+
+
 # --- concatenation and splitting ------------------------------------------------------------------
 
 def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -115,8 +218,14 @@ def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
         parts = [v.atoms if v.tracked else ctx.pinned_atoms(v.shape[dim], "a constant in a cat")
                  for v in vals]
         return TVal(out.shape, (dim,), np.concatenate(parts))
-    if len(tracked) == len(vals) and dim not in tracked[0].tdims:
-        return broadcast(ctx, vals, out)  # cat along another dim: channels shared position-wise
+    if all(dim not in v.tdims for v in tracked):
+        # joining along another dim (tokens, batch): channels shared position-wise; a class
+        # token (a parameter) is sliced with them
+        shapes = [TVal(tuple(1 if d == dim else n for d, n in enumerate(v.shape)), v.tdims,
+                       v.atoms, v.param, v.param_dims) if isinstance(v, TVal) else v for v in vals]
+        joined = broadcast(ctx, shapes, TVal(tuple(1 if d == dim else n
+                                                   for d, n in enumerate(out.shape))))
+        return TVal(out.shape, joined.tdims, joined.atoms) if joined.tracked else out
     return ctx.opaque(tracked, out, "cat along a dim that mixes channel layouts")
 
 
@@ -127,6 +236,12 @@ def _pieces(ctx: RuleContext, x: Any, dim: int, out: Any, equal_at_runtime: bool
     if dim not in x.tdims:
         return tuple(TVal(o.shape, x.tdims, x.atoms) for o in out)
     sizes = {o.shape[dim] for o in out}
+    if len(x.tdims) > 1:  # pieces of a per-head dim: its positions go together, sizes stay
+        pos = x.tdims.index(dim)
+        _couple_along(ctx, x.atoms, pos)
+        bounds = np.cumsum([o.shape[dim] for o in out])[:-1]
+        return tuple(TVal(o.shape, x.tdims, p) for o, p in
+                     zip(out, np.split(x.atoms, bounds, axis=pos), strict=True))
     if x.tdims != (dim,) or not equal_at_runtime or len(sizes) != 1:
         return ctx.opaque([x], out, why)
     pieces = np.split(x.atoms, len(out))
@@ -143,10 +258,30 @@ def _chunk(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out:
 def _split(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = _bind(args, kwargs, ("tensor", "split_size_or_sections", "dim"), {"dim": 0})
     size = b.get("split_size_or_sections", b.get("split_size"))
+    sections = list(size) if isinstance(size, tuple | list) else [size] * len(out)
+    x = b["tensor"]
+    if (isinstance(x, TVal) and x.tdims == (b["dim"] % x.ndim,)
+            and all(isinstance(s, AttrInt) for s in sections)
+            and not any(ctx.size_role(s, x) == "fixed" for s in sections)):
+        return _split_by_attributes(ctx, x, sections, out)
     # a size computed in forward (e.g. x.size(1) // 2) follows the pruned width; a literal does not
     computed = ctx.is_computed(size)
     return _pieces(ctx, b["tensor"], b["dim"], out, computed,
                    f"split with hard-coded sizes {size!r} {ctx.where()}")
+
+
+def _split_by_attributes(ctx: RuleContext, x: TVal, sections: list[AttrInt], out: Any) -> Any:
+    """``split((self.c, self.c), 1)``: each section keeps the count its attribute says; sections
+    sized by one attribute keep equal counts (position j of each goes together)."""
+    pieces = np.split(x.atoms, np.cumsum([int(s) for s in sections])[:-1])
+    first: dict[str, np.ndarray] = {}
+    for s, p in zip(sections, pieces, strict=True):
+        if s.qualname in first:
+            ctx.uf.union_arrays(first[s.qualname], p)
+        else:
+            first[s.qualname] = p
+            ctx.attr_size(s, p)
+    return tuple(TVal(o.shape, x.tdims, p) for o, p in zip(out, pieces, strict=True))
 
 
 def _stack(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -172,8 +307,13 @@ def _unbind(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
     if not isinstance(x, TVal) or not x.tracked:
         return out
     dim = b["dim"] % x.ndim
-    if dim in x.tdims:
-        return ctx.opaque([x], out, "unbinds the channel dim")
+    if dim in x.tdims:  # the pieces (q, k, v) keep their count: positions along dim go together
+        pos = x.tdims.index(dim)
+        _couple_along(ctx, x.atoms, pos)
+        rest = tuple(t - (t > dim) for t in x.tdims if t != dim)
+        if not rest:
+            return ctx.opaque([x], out, "unbinds the channel dim")
+        return tuple(TVal(o.shape, rest, np.take(x.atoms, j, axis=pos)) for j, o in enumerate(out))
     return tuple(TVal(o.shape, tuple(t - (t > dim) for t in x.tdims), x.atoms) for o in out)
 
 
@@ -251,13 +391,17 @@ def _blocks(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[in
     return blocks
 
 
-def reshape(ctx: RuleContext, x: Any, out: Any, literal: Sequence[bool] | None, op: str) -> Any:
-    """Channels through a reshape. ``literal[k]``: out dim k was written as a constant in forward.
+def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op: str,
+            sizes: Sequence[Any] = ()) -> Any:
+    """Channels through a reshape. ``roles[k]``: what out dim k's size does when channels go
+    (``ctx.size_role``); None: every size follows (flatten).
 
-    Channels may spread over several output dims (a channel shuffle views C as (g, C/g)). An output
-    dim of constant size that carries channels stays that size after pruning only if the pruning
-    removes whole slices along the other dims, so its positions are coupled; if every channel
-    dim is a constant the size is hard-coded and the channels are pinned.
+    Channels may spread over several output dims (a channel shuffle views C as (g, C/g); attention
+    views 3·H·D as (3, H, D)). One of those dims may change size: one whose size follows by itself
+    (``-1``, ``x.size(1) // g``), else the outermost one sized by a module attribute (heads before
+    head width), which the plan then rewrites. The positions along every other channel dim are
+    coupled, so whole slices go and their sizes stay. With no dim that can change, the size is
+    hard-coded and the channels are pinned.
     """
     if not isinstance(x, TVal) or not x.tracked:
         return out
@@ -275,17 +419,50 @@ def reshape(ctx: RuleContext, x: Any, out: Any, literal: Sequence[bool] | None, 
             if grid.shape[k] > 1 and not (grid == grid.take([0], axis=k)).all()]
     sel = tuple(slice(None) if k in vary else slice(0, 1) for k in range(grid.ndim))
     atoms = np.ascontiguousarray(grid[sel].reshape([grid.shape[k] for k in vary]))
-    if literal is not None:
-        fixed = [pos for pos, k in enumerate(vary) if literal[outs[k]]]
-        if fixed and len(fixed) == len(vary):
+    channel_dims = {outs[k] for k in vary}
+    for d, s in enumerate(sizes):
+        if d not in channel_dims:
+            ctx.hold(s)
+    if roles is not None:
+        kinds = [roles[outs[k]] for k in vary]
+        for pos, kind in enumerate(kinds):
+            if isinstance(kind, tuple):  # the count of other channels: match them one for one
+                line = _line(atoms, pos)
+                if kind[1].shape == line.shape:
+                    ctx.uf.union_arrays(kind[1], line)
+                    kinds[pos] = "free"
+                else:
+                    ctx.pin(kind[1], f"its channel count sizes a reshape {ctx.where()}")
+                    kinds[pos] = "fixed"
+        free = [pos for pos, kind in enumerate(kinds) if kind == "free"]
+        attrs = [pos for pos, kind in enumerate(kinds) if isinstance(kind, AttrInt)]
+        if not free and not attrs:
             sizes = tuple(out.shape[outs[k]] for k in vary)
             return ctx.opaque([x], out, f"hard-coded size {sizes} in {op} {ctx.where()}; write "
-                                        "the size from x.size()/-1 to let surgery prune it")
-        for pos in fixed:
-            first = np.take(atoms, 0, axis=pos)
-            for j in range(1, atoms.shape[pos]):
-                ctx.uf.union_arrays(first, np.take(atoms, j, axis=pos))
+                                        "the size from x.size()/-1 or a module attribute to let "
+                                        "surgery prune it")
+        if len(free) > 1:
+            return ctx.opaque([x], out, f"several sizes in {op} follow the width {ctx.where()}")
+        change = free[0] if free else attrs[0]
+        ctx.freeze(kinds[pos] for pos in attrs if pos != change)
+        for pos in range(len(kinds)):
+            if pos != change:
+                _couple_along(ctx, atoms, pos)
+        if isinstance(kinds[change], AttrInt):
+            ctx.attr_size(kinds[change], _line(atoms, change))
     return TVal(out.shape, tuple(outs[k] for k in vary), atoms)
+
+
+def _line(atoms: np.ndarray, axis: int) -> np.ndarray:
+    """The atoms along ``axis`` (index 0 on the other axes)."""
+    return atoms[tuple(slice(None) if j == axis else 0 for j in range(atoms.ndim))]
+
+
+def _couple_along(ctx: RuleContext, atoms: np.ndarray, axis: int) -> None:
+    """Positions along ``axis`` are removed together (the size of that axis stays)."""
+    first = np.take(atoms, 0, axis=axis)
+    for j in range(1, atoms.shape[axis]):
+        ctx.uf.union_arrays(first, np.take(atoms, j, axis=axis))
 
 
 def _sizes(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -294,8 +471,26 @@ def _sizes(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _view(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     sizes = _sizes(args[1:]) if args[1:] else _sizes((kwargs.get("shape", kwargs.get("size")),))
-    literal = [isinstance(s, int) and not ctx.is_computed(s) and s != -1 for s in sizes]
-    return reshape(ctx, args[0], out, literal if len(literal) == out.ndim else None, "view/reshape")
+    x = args[0]
+    if not isinstance(x, TVal) or not x.tracked or len(sizes) != out.ndim:
+        ctx.hold(sizes)  # this tensor's sizes do not follow the width: neither may they
+        return out if not isinstance(x, TVal) or not x.tracked else \
+            ctx.opaque([x], out, f"view/reshape to sizes {sizes!r}")
+    return reshape(ctx, x, out, [ctx.size_role(s, x) for s in sizes], "view/reshape", sizes)
+
+
+def _unflatten(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "dim", "sizes"), {})
+    x = b["input"]
+    sizes = list(b["sizes"])
+    if not isinstance(x, TVal) or not x.tracked:
+        ctx.hold(sizes)
+        return out
+    dim = b["dim"] % x.ndim
+    roles = ["fixed"] * dim + [ctx.size_role(s, x) for s in sizes] + \
+        ["fixed"] * (x.ndim - dim - 1)
+    return reshape(ctx, x, out, roles, "unflatten",
+                   [0] * dim + sizes + [0] * (x.ndim - dim - 1))
 
 
 def _flatten(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -326,6 +521,7 @@ def _transpose(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
 
 
 register_function_rule(["view", "reshape", torch.reshape], _view, name="view")
+register_function_rule(["unflatten", torch.unflatten], _unflatten, name="unflatten")
 register_function_rule([torch.flatten, "flatten", "squeeze", "unsqueeze", torch.squeeze,
                         torch.unsqueeze], _flatten, name="flatten")
 register_function_rule([torch.permute, "permute"], _permute, name="permute")

@@ -1,0 +1,136 @@
+"""What an int in the traced forward means once channels are removed.
+
+A reshape or split size is one of: read from a tensor (``x.size(1)``: ``Dyn``), read from a module
+attribute (``self.num_heads``: ``AttrInt``), computed from those (``C // self.num_heads``: a
+derived ``Dyn``), or written in the code (a plain int). The rules ask this module which sizes
+follow the pruned width by themselves, which can follow it when surgery rewrites an attribute, and
+which are fixed.
+
+While a model is traced, every int attribute of its modules is temporarily an ``AttrInt`` (the
+original objects are put back afterwards), so a size taken from an attribute is told apart from a
+literal even though both are plain ints to torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+
+class Dyn(int):
+    """An int computed in forward from tensor sizes: it follows the pruned width.
+
+    ``src``: the ``(fx node, dim)`` sizes it was computed from; ``attrs``: the attributes
+    (``AttrInt``) it was computed with; ``derived``: it is not one size as read but arithmetic.
+    Arithmetic with a ``Dyn`` or an ``AttrInt`` gives a derived ``Dyn`` that remembers both.
+    """
+
+    src: tuple[tuple[Any, int], ...]
+    attrs: tuple[AttrInt, ...]
+    derived: bool
+
+    def __new__(cls, value: int, src: tuple[tuple[Any, int], ...] = (),
+                attrs: tuple[AttrInt, ...] = (), derived: bool = False) -> Dyn:
+        self = super().__new__(cls, value)
+        self.src, self.attrs, self.derived = src, attrs, derived
+        return self
+
+    def __reduce__(self) -> Any:
+        return (int, (int(self),))
+
+    def __deepcopy__(self, memo: dict) -> Dyn:
+        return self
+
+
+class AttrInt(int):
+    """An int attribute of a module (``owner`` its path, ``name`` the attribute), as traced."""
+
+    owner: str
+    name: str
+
+    def __new__(cls, value: int, owner: str, name: str) -> AttrInt:
+        self = super().__new__(cls, value)
+        self.owner, self.name = owner, name
+        return self
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.owner}.{self.name}" if self.owner else self.name
+
+    def __reduce__(self) -> Any:
+        return (AttrInt, (int(self), self.owner, self.name))
+
+    def __copy__(self) -> AttrInt:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> AttrInt:
+        return self
+
+
+def _provenance(v: Any) -> tuple[tuple, tuple]:
+    if isinstance(v, Dyn):
+        return v.src, v.attrs
+    if isinstance(v, AttrInt):
+        return (), (v,)
+    return (), ()
+
+
+def derive(value: Any, *operands: Any) -> Any:
+    """``value`` computed from ``operands``: a derived ``Dyn`` if any operand is a traced size."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value
+    src: tuple = ()
+    attrs: tuple = ()
+    for o in operands:
+        s, a = _provenance(o)
+        src, attrs = src + s, attrs + a
+    if not src and not attrs:
+        return value
+    return Dyn(value, src, attrs, True)
+
+
+def _arith(op: Callable[..., Any], swap: bool = False) -> Callable[..., Any]:
+    def method(self: int, other: Any = None, *rest: Any) -> Any:
+        if other is None:
+            return derive(op(int(self)), self)
+        if not isinstance(other, int | float) or isinstance(other, bool):
+            return NotImplemented
+        a, b = (int(other) if isinstance(other, int) else other), int(self)
+        out = op(a, b) if swap else op(b, a)
+        return derive(out, self, other)
+    return method
+
+
+def _install(cls: type) -> None:
+    import operator
+    for name, op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                     ("floordiv", operator.floordiv), ("mod", operator.mod),
+                     ("pow", operator.pow), ("truediv", operator.truediv)):
+        setattr(cls, f"__{name}__", _arith(op))
+        setattr(cls, f"__r{name}__", _arith(op, swap=True))
+    cls.__neg__ = _arith(operator.neg)
+
+
+_install(Dyn)
+_install(AttrInt)
+
+
+@contextlib.contextmanager
+def attribute_ints(model: nn.Module) -> Iterator[None]:
+    """Make every int attribute of ``model``'s modules an ``AttrInt`` while tracing; the original
+    objects are put back on exit, whatever happened."""
+    saved: list[tuple[nn.Module, str, int]] = []
+    try:
+        for path, m in model.named_modules():
+            for key, v in list(vars(m).items()):
+                if type(v) is int and not key.startswith("_"):
+                    saved.append((m, key, v))
+                    m.__dict__[key] = AttrInt(v, path, key)
+        yield
+    finally:
+        for m, key, v in saved:
+            if isinstance(m.__dict__.get(key), AttrInt):
+                m.__dict__[key] = v

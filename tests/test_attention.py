@@ -1,0 +1,237 @@
+"""Sizes the forward reads from attributes: attention heads, split sections, reshape dims.
+
+Small hand-written modules pin down the mechanism (an attribute used as a size is rewritten, a
+literal is refused naming its line, heads go whole and never all); real transformers
+(torchvision ViT / Swin / MaxViT, timm) and nn.MultiheadAttention check it end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+import surgery
+from surgery.rules.attention import PrunedMultiheadAttention
+
+
+class Heads(nn.Module):
+    """timm-style attention: fused qkv, ``num_heads`` and ``head_dim`` attributes."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, literal: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.literal = heads, dim // heads, literal
+        self.inner = heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * self.inner)
+        self.proj = nn.Linear(self.inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.literal:
+            qkv = self.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)  # literal sizes
+        else:
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1,
+                                                                                     4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        x = attn.softmax(-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, self.inner))
+
+
+class SplitBlock(nn.Module):
+    """ultralytics C2f-style: ``split((self.c, self.c), 1)`` with ``c`` an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 8
+        self.cv1 = nn.Conv2d(3, 2 * self.c, 1)
+        self.m = nn.Conv2d(self.c, self.c, 3, padding=1)
+        self.cv2 = nn.Conv2d(3 * self.c, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        return self.cv2(torch.cat([a, b, self.m(b).relu()], 1))
+
+
+class Tokens(nn.Module):
+    """A class token joined along the token dim, then attention heads and a per-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 32)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 32))
+        self.attn = Heads()
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        return self.fc(self.attn(t)[:, 0])
+
+
+def _check(model: nn.Module, x: torch.Tensor, ratio: float = 0.5) -> tuple[surgery.Plan,
+                                                                          nn.Module]:
+    model.eval()
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small modules: the network input and output are most
+        plan = surgery.plan(model, x, ratio=ratio, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed, report.message
+    assert_unchanged(model, before)
+    assert surgery.count_params(small) < surgery.count_params(model)
+    return plan, small
+
+
+def test_heads_are_removed_whole_and_num_heads_rewritten() -> None:
+    torch.manual_seed(0)
+    model = Heads()
+    plan, small = _check(model, torch.randn(2, 5, 32))
+    assert plan.exact
+    assert ("num_heads", 4, 2) in [(k, a, b) for k, a, b in plan.attribute_changes()]
+    assert small.num_heads == 2 and small.head_dim == 8 and small.inner == 16
+    assert small.qkv.out_features == 3 * 16 and small.proj.in_features == 16
+    assert model.num_heads == 4 and type(model.num_heads) is int  # the original is untouched
+    # the kept heads are whole: q rows of a kept head are all there
+    keep = plan.layers["qkv"].axes["out"].keep
+    heads = {i // 8 for i in keep if i < 32}
+    assert len(heads) == 2 and all(h * 8 + j in keep for h in heads for j in range(8))
+
+
+def test_every_head_cannot_go() -> None:
+    plan, small = _check(Heads(), torch.randn(1, 5, 32), ratio=0.99)
+    assert small.num_heads == 1
+
+
+def test_literal_head_count_is_refused_with_its_line() -> None:
+    model = Heads(literal=True).eval()
+    graph = surgery.trace(model, torch.randn(1, 5, 32))
+    why = graph.explain("qkv")
+    assert "hard-coded size" in why and "test_attention.py" in why and "reshape(b, n, 3, 4, 8)" \
+        in why
+    assert not graph.attrs
+
+
+def test_split_sections_sized_by_an_attribute() -> None:
+    torch.manual_seed(0)
+    plan, small = _check(SplitBlock(), torch.randn(1, 3, 8, 8))
+    assert plan.exact and small.c == 4 and small.cv1.out_channels == 8
+    assert plan.attribute_changes() == [("c", 8, 4)]
+    # the plan is data: JSON round trip, re-applied to a fresh instance
+    again = surgery.apply(SplitBlock().eval(), surgery.Plan.from_json(plan.to_json()))
+    assert again.c == 4
+
+
+def test_class_token_joins_tokens_without_pinning_the_embedding() -> None:
+    torch.manual_seed(0)
+    model = Tokens()
+    graph = surgery.trace(model.eval(), torch.randn(1, 6, 12))
+    out = [line for line in graph.explain("embed").splitlines() if line.startswith("embed:out")]
+    assert out and out[0].endswith(" 0 pinned")
+    plan, small = _check(model, torch.randn(1, 6, 12))
+    assert small.cls_token.shape[-1] == small.embed.out_features < 32
+    assert small.attn.num_heads == 2
+
+
+def test_report_lists_rewritten_attributes() -> None:
+    from surgery.report import prune_report, to_markdown
+
+    torch.manual_seed(0)
+    model = SplitBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = prune_report(model, small, plan, x, surgery.verify(model, small, plan, x),
+                          spec="SplitBlock")
+    assert "`c: 8 → 4`" in to_markdown(report)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_prunes_heads(batch_first: bool, need_weights: bool) -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 32)
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+            self.out = nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            y, _ = self.mha(h, h, h, need_weights=need_weights)
+            return self.out(y)
+
+    model = Net()
+    plan, small = _check(model, torch.randn(2, 7, 8))
+    assert isinstance(small.mha, nn.MultiheadAttention)
+    assert isinstance(small.mha, PrunedMultiheadAttention)
+    assert small.mha.num_heads == 2 and small.mha.head_dim == 8
+    assert plan.exact
+    # masks work on the pruned layer as on the original (equal to the zeroed reference)
+    from surgery.verify import zeroed_reference
+
+    ref = zeroed_reference(model, plan)
+    h = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    hs = h[..., list(plan.layers["mha"].axes["in"].keep)] if "in" in plan.layers["mha"].axes \
+        else h
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[0, -2:] = True
+    want, _ = ref.mha(h, h, h, key_padding_mask=pad, need_weights=False)
+    got, _ = small.mha(hs, hs, hs, key_padding_mask=pad, need_weights=False)
+    keep_out = list(plan.layers["mha"].axes["out"].keep) if "out" in plan.layers["mha"].axes \
+        else list(range(32))
+    torch.testing.assert_close(got, want[..., keep_out], atol=1e-5, rtol=1e-4)
+
+
+def _transformer_check(model: nn.Module, x: torch.Tensor, ratio: float = 0.5) -> surgery.Plan:
+    plan, small = _check(model, x, ratio)
+    assert surgery.count_macs(small, x) < 0.75 * surgery.count_macs(model, x)
+    small.train()
+    small(torch.cat([x, x])).sum().backward()  # trainable
+    assert all(p.grad is not None for p in small.parameters() if p.requires_grad)
+    return plan
+
+
+def test_vit_b_16_heads_and_mlps() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None)
+    plan = _transformer_check(model, torch.randn(1, 3, 224, 224))
+    heads = [(k, a, b) for k, a, b in plan.attribute_changes()]
+    layers = plan.layers
+    mha = layers["encoder.layers.encoder_layer_0.self_attention"]
+    assert "heads" in mha.axes and len(mha.axes["heads"].keep) == 6 * 64
+    assert heads  # the embedding width the forward reshapes to is rewritten (hidden_dim)
+
+
+@pytest.mark.parametrize("name", ["swin_t", "maxvit_t"])
+def test_torchvision_transformers(name: str) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    _transformer_check(model, torch.randn(1, 3, 224, 224))
+
+
+def test_timm_deit_heads() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    plan = _transformer_check(model, torch.randn(1, 3, 224, 224))
+    changes = {k: (a, b) for k, a, b in plan.attribute_changes()}
+    assert changes["blocks.0.attn.num_heads"] == (3, 2)
+    assert changes["blocks.0.attn.attn_dim"] == (192, 128)
+
+
+def test_tracing_leaves_attributes_as_plain_ints() -> None:
+    model = Heads().eval()
+    saved = copy.deepcopy(vars(model))
+    surgery.trace(model, torch.randn(1, 5, 32))
+    for k, v in saved.items():
+        if type(v) is int:
+            assert type(vars(model)[k]) is int and vars(model)[k] == v
