@@ -76,8 +76,11 @@ def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
+    """The output's tensors in the order the exported graph lists them (dicts by insertion)."""
     if isinstance(out, torch.Tensor):
         return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
     if isinstance(out, tuple | list):
         return [t for o in out for t in _leaves(o)]
     return []
