@@ -60,13 +60,13 @@ def image_folder(path: str | os.PathLike[str], *, size: int = 32) -> Dataset:
 
 
 def _rgb(path: str) -> object:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"unreadable image {path}: {e}") from e
+    except Exception as e:  # PIL's own errors, or a plugin's that patched Image.open
+        raise DataError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
 
 
 def cifar10(path: str | os.PathLike[str], split: str = "train") -> Dataset:

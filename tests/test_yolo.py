@@ -17,7 +17,12 @@ from conftest import assert_unchanged, snapshot
 import surgery
 from surgery.spec import SpecError, build_model
 
-pytest.importorskip("ultralytics")
+
+@pytest.fixture(autouse=True)
+def _ultralytics() -> None:
+    """Imported by the tests that run, not at collection: importing ultralytics patches
+    PIL.Image.open for the whole process."""
+    pytest.importorskip("ultralytics")
 
 YAMLS = [pytest.param("yolov8n.yaml"),
          pytest.param("yolov8n-seg.yaml", marks=pytest.mark.slow),
