@@ -489,7 +489,7 @@ class _Context:
         if rule is not None:
             result = rule.propagate(self, args, kwargs, out)
             if rule.name in _POSITIONWISE:
-                result = _param_lineage([args, kwargs], result)
+                result = _param_lineage(rule.name, args, kwargs, result)
             return result
         if not any(True for _ in _walk(out)):
             return _sized(node, args, kwargs, out)  # sizes, dims, dtypes
@@ -528,7 +528,8 @@ def _user_function(target: Any) -> bool:
 #: rules of ops that keep each position's value where it was, or compute it from that position
 #: alone (reshapes, transposes, elementwise with scalars): a parameter passed through them is
 #: still that parameter, sliced the same way
-_POSITIONWISE = {"unary", "view", "flatten", "getitem", "permute", "transpose", "broadcast"}
+_POSITIONWISE = {"unary", "view", "flatten", "unflatten", "getitem", "permute", "transpose",
+                 "broadcast"}
 
 
 def _literal_ints(v: Any) -> set[int]:
@@ -544,28 +545,94 @@ def _literal_ints(v: Any) -> set[int]:
     return set()
 
 
-def _nonsingleton(v: TVal) -> list[int]:
-    return [d for d, s in enumerate(v.shape) if s != 1]
+def _squeezed_map(a: Sequence[int], b: Sequence[int]) -> dict[int, int]:
+    """Dims of shape ``a`` that a reshape to ``b`` keeps whole (size > 1): a dim -> b dim."""
+    ia = [d for d, n in enumerate(a) if n != 1]
+    ib = [d for d, n in enumerate(b) if n != 1]
+    blocks = _blocks_of([a[d] for d in ia], [b[d] for d in ib])
+    return {ia[i[0]]: ib[o[0]] for i, o in blocks or [] if len(i) == 1 and len(o) == 1}
 
 
-def _param_lineage(inputs: Any, result: Any) -> Any:
-    """``gamma.view(1, -1, 1, 1)``: the result is still parameter ``gamma`` along one dim."""
+def _blocks_of(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    from .rules.functions import _blocks
+
+    return _blocks(a, b)
+
+
+def _index_map(src: TVal, idx: Any, out: TVal) -> dict[int, int]:
+    """Dims of ``src`` that ``src[idx]`` keeps whole: src dim -> out dim."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    advanced = [i for i in idx if isinstance(i, TVal)]
+    if len(advanced) > 1:
+        return {}
+    mapping: dict[int, int] = {}
+    d_in = d_out = 0
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    for i in idx:
+        if i is Ellipsis:
+            for _ in range(src.ndim - n_real):
+                mapping[d_in] = d_out
+                d_in, d_out = d_in + 1, d_out + 1
+        elif i is None:
+            d_out += 1
+        elif isinstance(i, TVal):  # gathered along d_in: the index's dims take its place
+            d_in, d_out = d_in + 1, d_out + i.ndim
+        elif isinstance(i, slice):
+            if i == slice(None):
+                mapping[d_in] = d_out
+            d_in, d_out = d_in + 1, d_out + 1
+        else:
+            d_in += 1
+    for rest in range(d_in, src.ndim):
+        mapping[rest] = d_out + rest - d_in
+    return {i: o for i, o in mapping.items() if o < out.ndim and out.shape[o] == src.shape[i]}
+
+
+def _dim_map(rule: str, args: Any, src: TVal, out: TVal) -> dict[int, int]:
+    """For a position-wise op: which dims of its tensor input reach which dims of its output."""
+    if rule in ("unary", "broadcast"):  # aligned from the right (expand, a scalar operand)
+        off = out.ndim - src.ndim
+        return {d: d + off for d in range(src.ndim)
+                if d + off >= 0 and src.shape[d] == out.shape[d + off]}
+    if rule in ("view", "flatten", "unflatten"):
+        mapping = _squeezed_map(src.shape, out.shape)
+        if rule == "view":  # a size written down does not follow: gamma.view(self.shape)
+            written = _literal_ints(args[1:])
+            mapping = {i: o for i, o in mapping.items() if out.shape[o] not in written}
+        return mapping
+    if rule == "permute":
+        dims = args[1:] if len(args) > 2 or not isinstance(args[1], tuple | list) else args[1]
+        return {int(d) % src.ndim: i for i, d in enumerate(dims)}
+    if rule == "transpose":
+        d0, d1 = args[1] % src.ndim, args[2] % src.ndim
+        return {d: d1 if d == d0 else d0 if d == d1 else d for d in range(src.ndim)}
+    if rule == "getitem":
+        return _index_map(src, args[1], out)
+    return {}
+
+
+def _param_lineage(rule: str, args: Any, kwargs: Any, result: Any) -> Any:
+    """``gamma.view(1, -1, 1, 1)``, ``table[index].permute(2, 0, 1)``: the result is still the
+    parameter along the dims the op keeps whole (its positions are computed one by one)."""
     if not isinstance(result, TVal) or result.tracked or result.param is not None:
         return result
-    sources = list(_walk(inputs))
-    if len(sources) != 1 or sources[0].param is None or sources[0].tracked:
+    if rule == "getitem":  # the indexed tensor (an index may be a buffer itself)
+        sources = list(_walk(args[:1]))
+        if any(v.tracked for v in _walk(args[1:])):
+            return result
+    else:
+        sources = list(_walk([args, kwargs]))
+    if len(sources) != 1 or sources[0].tracked or sources[0].param is None:
         return result
     src = sources[0]
-    d_src, d_out = _nonsingleton(src), _nonsingleton(result)
-    if len(d_src) != 1 or len(d_out) != 1 or src.shape[d_src[0]] != result.shape[d_out[0]]:
+    own = dict(src.param_dims) if src.param_dims is not None else \
+        {d: d for d in range(src.ndim)}
+    mapping = _dim_map(rule, args, src, result)
+    pairs = tuple(sorted((o, own[i]) for i, o in mapping.items()
+                         if i in own and src.shape[i] != 1))
+    if not pairs:
         return result
-    if src.shape[d_src[0]] in _literal_ints(inputs):
-        return result  # gamma.view(self.shape): the size is written down; it would not follow
-
-    own = dict(src.param_dims).get(d_src[0]) if src.param_dims is not None else d_src[0]
-    if own is None:
-        return result
-    return TVal(result.shape, param=src.param, param_dims=((d_out[0], own),))
+    return TVal(result.shape, param=src.param, param_dims=pairs)
 
 
 def _defaults(model: nn.Module, n_inputs: int | None) -> dict[str, Any] | None:

@@ -205,6 +205,54 @@ def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
 register_function_rule([F.scaled_dot_product_attention], _sdpa, name="sdpa")
 
 
+def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """``einsum("bghid,bghjd->bghij", q, k)``: channels on one letter meet position-wise across
+    operands; a letter summed over (not in the output) is removed from every operand together."""
+    eq = str(args[0]).replace(" ", "")
+    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], tuple | list) else list(args[1:])
+    vals = [v for v in ops if isinstance(v, TVal)]
+    tracked = [v for v in vals if v.tracked]
+    if not tracked or not isinstance(out, TVal):
+        return out
+    if "->" not in eq or "." in eq or len(ops) != len(eq.split("->")[0].split(",")):
+        return ctx.opaque(tracked, out, f"einsum {eq!r} (implicit output or ellipsis)")
+    ins, outl = eq.split("->")
+    letters = ins.split(",")
+    size = {lt: v.shape[d] for v, ls in zip(ops, letters, strict=True) if isinstance(v, TVal)
+            for d, lt in enumerate(ls)}
+    chan = sorted({ls[d] for v, ls in zip(ops, letters, strict=True)
+                   if isinstance(v, TVal) for d in v.tdims}, key=lambda lt: (lt not in outl,
+                                                                           outl.find(lt), lt))
+    grid: np.ndarray | None = None
+    for v, ls in zip(ops, letters, strict=True):
+        if not isinstance(v, TVal) or len(ls) != v.ndim:
+            return ctx.opaque(tracked, out, f"einsum {eq!r}")
+        own = [ls[d] for d in v.tdims]
+        if any(lt not in own and v.shape[ls.index(lt)] != 1 for lt in chan if lt in ls):
+            return ctx.opaque(tracked, out, f"einsum {eq!r} meets channels with a constant")
+        if not v.tracked:
+            continue
+        order = sorted(range(len(own)), key=lambda k: chan.index(own[k]))
+        g = v.atoms.transpose(order).reshape([size[lt] if lt in own else 1 for lt in chan])
+        g = np.broadcast_to(g, [size[lt] for lt in chan])
+        if grid is None:
+            grid = np.array(g)
+        else:
+            ctx.uf.union_arrays(grid, np.ascontiguousarray(g))
+    assert grid is not None
+    kept = [lt for lt in chan if lt in outl]
+    if not kept:
+        return out  # every channel is summed over: the output carries none
+    for k in range(len(kept), len(chan)):  # summed letters: one unit per output position
+        _couple_along(ctx, grid, k)
+    atoms = grid[(Ellipsis,) + (0,) * (len(chan) - len(kept))] if len(chan) > len(kept) \
+        else grid
+    return TVal(out.shape, tuple(outl.index(lt) for lt in kept), np.ascontiguousarray(atoms))
+
+
+register_function_rule([torch.einsum], _einsum, name="einsum")
+
+
 # --- concatenation and splitting ------------------------------------------------------------------
 
 def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -525,7 +573,15 @@ register_function_rule(["unflatten", torch.unflatten], _unflatten, name="unflatt
 register_function_rule([torch.flatten, "flatten", "squeeze", "unsqueeze", torch.squeeze,
                         torch.unsqueeze], _flatten, name="flatten")
 register_function_rule([torch.permute, "permute"], _permute, name="permute")
+def _swap(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    b = _bind(args, kwargs, ("input", "axis0", "axis1"), {})
+    return _transpose(ctx, (b["input"], b.get("axis0", b.get("dim0")),
+                            b.get("axis1", b.get("dim1"))), {}, out)
+
+
 register_function_rule([torch.transpose, "transpose"], _transpose, name="transpose")
+register_function_rule([torch.swapaxes, torch.swapdims, "swapaxes", "swapdims"], _swap,
+                       name="transpose")
 
 
 # --- reductions and channel-wise normalisations ---------------------------------------------------
