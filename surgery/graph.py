@@ -486,8 +486,8 @@ class _Context:
 
     def _function(self, node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
         rule = function_rule(node.target)
-        if rule is not None:
-            result = rule.propagate(self, args, kwargs, out)
+        result = rule.propagate(self, args, kwargs, out) if rule is not None else NotImplemented
+        if result is not NotImplemented:  # a rule may decline: treated as an op without one
             if rule.name in _POSITIONWISE:
                 result = _param_lineage(rule.name, args, kwargs, result)
             return result

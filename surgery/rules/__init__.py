@@ -88,7 +88,9 @@ class ModuleRule:
 
 
 class FunctionRule:
-    """How a function / tensor method passes channels. ``propagate`` returns the output value."""
+    """How a function / tensor method passes channels. ``propagate`` returns the output value,
+    or ``NotImplemented`` to decline (the call is then treated as an op without a rule: its
+    inputs are pinned, and a layer's parameter read by it is refused, naming the layer)."""
 
     def __init__(self, fn: Callable[..., Any], name: str) -> None:
         self.fn = fn

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 
 from ..groups import TVal
-from ..sizes import AttrInt
+from ..sizes import AttrInt, Dyn
 from . import passthrough, register_function_rule
 from .context import RuleContext
 
@@ -215,7 +215,7 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
     if not tracked or not isinstance(out, TVal):
         return out
     if "->" not in eq or "." in eq or len(ops) != len(eq.split("->")[0].split(",")):
-        return ctx.opaque(tracked, out, f"einsum {eq!r} (implicit output or ellipsis)")
+        return NotImplemented  # implicit output or ellipsis: as an op without a rule
     ins, outl = eq.split("->")
     letters = ins.split(",")
     size = {lt: v.shape[d] for v, ls in zip(ops, letters, strict=True) if isinstance(v, TVal)
@@ -229,6 +229,8 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
             return ctx.opaque(tracked, out, f"einsum {eq!r}")
         own = [ls[d] for d in v.tdims]
         if any(lt not in own and v.shape[ls.index(lt)] != 1 for lt in chan if lt in ls):
+            if v.param is not None:
+                return NotImplemented  # a layer's weight read by einsum: no rule knows it
             return ctx.opaque(tracked, out, f"einsum {eq!r} meets channels with a constant")
         if not v.tracked:
             continue
@@ -489,6 +491,11 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
             return ctx.opaque([x], out, f"hard-coded size {sizes} in {op} {ctx.where()}; write "
                                         "the size from x.size()/-1 or a module attribute to let "
                                         "surgery prune it")
+        inferred = bool(sizes) and all(
+            not isinstance(sizes[outs[vary[pos]]], Dyn) and sizes[outs[vary[pos]]] == -1
+            for pos in free)
+        if attrs and inferred:  # view(B, N, self.num_heads, -1): whole heads, -1 keeps its size
+            free = []
         if len(free) > 1:
             return ctx.opaque([x], out, f"several sizes in {op} follow the width {ctx.where()}")
         change = free[0] if free else attrs[0]
@@ -568,7 +575,26 @@ def _transpose(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
     return permute(x, dims, out)
 
 
+def _reshape_as(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
+                out: Any) -> Any:
+    """``y.reshape_as(x)``: the sizes are ``x``'s, so a channel dim of ``x`` follows ``x``."""
+    x, other = args[0], args[1]
+    if not isinstance(x, TVal) or not x.tracked or not isinstance(other, TVal):
+        return out
+    own = {ctx.uf.find(a) for a in x.atoms.ravel().tolist()}
+    roles: list[Any] = []
+    for d in range(other.ndim):
+        if d not in other.tdims:
+            roles.append("fixed")
+            continue
+        line = _line(np.moveaxis(other.atoms, other.tdims.index(d), 0), 0)
+        roles.append("free" if {ctx.uf.find(a) for a in line.tolist()} <= own
+                     else ("couple", line))
+    return reshape(ctx, x, out, roles, "reshape_as")
+
+
 register_function_rule(["view", "reshape", torch.reshape], _view, name="view")
+register_function_rule(["reshape_as", "view_as"], _reshape_as, name="reshape_as")
 register_function_rule(["unflatten", torch.unflatten], _unflatten, name="unflatten")
 register_function_rule([torch.flatten, "flatten", "squeeze", "unsqueeze", torch.squeeze,
                         torch.unsqueeze], _flatten, name="flatten")
