@@ -426,6 +426,9 @@ class _Context:
         slot along ``dim``: its owner's axis when the owner's rule names it, else a raw tensor
         slice (``reads``: the dim reads channels, so the reference zeroes removed entries)."""
         assert p.param is not None and self.model is not None
+        for d, attr in p.param_sizes:  # viewed to an attribute's shape: rewrite that entry
+            if d == dim:
+                self.attr_size(attr, atoms)
         if p.param_dims is not None:  # a view of the parameter: its own dim
             real = dict(p.param_dims).get(dim)
             if real is None:
@@ -596,8 +599,8 @@ def _dim_map(rule: str, args: Any, src: TVal, out: TVal) -> dict[int, int]:
                 if d + off >= 0 and src.shape[d] == out.shape[d + off]}
     if rule in ("view", "flatten", "unflatten"):
         mapping = _squeezed_map(src.shape, out.shape)
-        if rule == "view":  # a size written down does not follow: gamma.view(self.shape)
-            written = _literal_ints(args[1:])
+        if rule == "view":  # a size written as a literal does not follow: gamma.view(1, 16)
+            written = _literal_ints([a for a in _ints(args[1:]) if not isinstance(a, AttrInt)])
             mapping = {i: o for i, o in mapping.items() if out.shape[o] not in written}
         return mapping
     if rule == "permute":
@@ -632,7 +635,20 @@ def _param_lineage(rule: str, args: Any, kwargs: Any, result: Any) -> Any:
                          if i in own and src.shape[i] != 1))
     if not pairs:
         return result
-    return TVal(result.shape, param=src.param, param_dims=pairs)
+    # sizes that come from an attribute follow it: gamma.view(self.shape) rewrites self.shape
+    sizes = {o: a for d, a in src.param_sizes for i, o in mapping.items() if i == d}
+    if rule == "view":
+        given = _view_sizes(args)
+        if len(given) == result.ndim:
+            sizes.update({o: s for o, s in enumerate(given) if isinstance(s, AttrInt)})
+    return TVal(result.shape, param=src.param, param_dims=pairs,
+                param_sizes=tuple(sorted((o, a) for o, a in sizes.items()
+                                         if o in dict(pairs))))
+
+
+def _view_sizes(args: Any) -> list[Any]:
+    rest = args[1:]
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], tuple | list) else list(rest)
 
 
 def _defaults(model: nn.Module, n_inputs: int | None) -> dict[str, Any] | None:

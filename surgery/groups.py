@@ -9,6 +9,7 @@ are the *units* that are removed or kept as a whole. Units that touch exactly th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,9 @@ class TVal:
     #: for a tensor computed position by position from parameter ``param`` (``gamma.view(1, -1,
     #: 1, 1)``, ``sigmoid(gate)``): (dim here, dim of the parameter) of its non-singleton dims
     param_dims: tuple[tuple[int, int], ...] | None = None
+    #: (dim here, the module attribute that sizes it) for a parameter viewed to an attribute's
+    #: shape (``self.scale.view(self.shape)``): slicing that dim rewrites the attribute
+    param_sizes: tuple[tuple[int, Any], ...] = ()
 
     @property
     def tracked(self) -> bool:

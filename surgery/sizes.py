@@ -46,22 +46,29 @@ class Dyn(int):
 
 
 class AttrInt(int):
-    """An int attribute of a module (``owner`` its path, ``name`` the attribute), as traced."""
+    """An int attribute of a module (``owner`` its path, ``name`` the attribute, ``index`` its
+    position when the attribute is a tuple of ints such as ``self.shape``), as traced."""
 
     owner: str
     name: str
+    index: int | None
 
-    def __new__(cls, value: int, owner: str, name: str) -> AttrInt:
+    def __new__(cls, value: int, owner: str, name: str, index: int | None = None) -> AttrInt:
         self = super().__new__(cls, value)
-        self.owner, self.name = owner, name
+        self.owner, self.name, self.index = owner, name, index
         return self
 
     @property
+    def attribute(self) -> str:
+        """``num_heads``, or ``bias_shape[2]`` for an entry of a tuple attribute."""
+        return self.name if self.index is None else f"{self.name}[{self.index}]"
+
+    @property
     def qualname(self) -> str:
-        return f"{self.owner}.{self.name}" if self.owner else self.name
+        return f"{self.owner}.{self.attribute}" if self.owner else self.attribute
 
     def __reduce__(self) -> Any:
-        return (AttrInt, (int(self), self.owner, self.name))
+        return (AttrInt, (int(self), self.owner, self.name, self.index))
 
     def __copy__(self) -> AttrInt:
         return self
@@ -122,15 +129,22 @@ _install(AttrInt)
 def attribute_ints(model: nn.Module) -> Iterator[None]:
     """Make every int attribute of ``model``'s modules an ``AttrInt`` while tracing; the original
     objects are put back on exit, whatever happened."""
-    saved: list[tuple[nn.Module, str, int]] = []
+    saved: list[tuple[nn.Module, str, Any, Any]] = []
     try:
         for path, m in model.named_modules():
             for key, v in list(vars(m).items()):
-                if type(v) is int and not key.startswith("_"):
-                    saved.append((m, key, v))
-                    m.__dict__[key] = AttrInt(v, path, key)
+                if key.startswith("_"):
+                    continue
+                if type(v) is int:
+                    wrapped: Any = AttrInt(v, path, key)
+                elif type(v) is tuple and v and all(type(i) is int for i in v):
+                    wrapped = tuple(AttrInt(i, path, key, k) for k, i in enumerate(v))
+                else:
+                    continue
+                saved.append((m, key, v, wrapped))
+                m.__dict__[key] = wrapped
         yield
     finally:
-        for m, key, v in saved:
-            if isinstance(m.__dict__.get(key), AttrInt):
+        for m, key, v, wrapped in saved:
+            if m.__dict__.get(key) is wrapped:
                 m.__dict__[key] = v

@@ -54,9 +54,11 @@ def _validate(model: nn.Module, plan: Plan) -> None:
 
     for path, names in plan.attributes.items():
         for name, ap in names.items():
+            attr, index = _attribute(name)
             try:
-                value = getattr(model.get_submodule(path), name)
-            except AttributeError:
+                value = getattr(model.get_submodule(path), attr)
+                value = value if index is None else value[index]
+            except (AttributeError, TypeError, IndexError):
                 raise PlanError(f"the plan rewrites attribute '{path}.{name}', which this model "
                                 "does not have") from None
             if isinstance(value, bool) or not isinstance(value, int) or value != ap.size:
@@ -100,12 +102,27 @@ def _swap(model: nn.Module, modules: dict[int, nn.Module],
         set_tensor(model.get_submodule(owner), name, t)
 
 
+def _attribute(name: str) -> tuple[str, int | None]:
+    """``"bias_shape[2]"`` -> ("bias_shape", 2); ``"num_heads"`` -> ("num_heads", None)."""
+    if name.endswith("]") and "[" in name:
+        attr, _, index = name[:-1].partition("[")
+        return attr, int(index)
+    return name, None
+
+
 def _set_attributes(model: nn.Module, plan: Plan) -> None:
-    """Sizes the forward reads from attributes (``num_heads``, a split's ``c``) follow the plan."""
+    """Sizes the forward reads from attributes (``num_heads``, a split's ``c``, an entry of
+    ``self.shape``) follow the plan."""
     for path, names in plan.attributes.items():
         module = model.get_submodule(path)
         for name, ap in names.items():
-            setattr(module, name, len(ap.keep))
+            attr, index = _attribute(name)
+            if index is None:
+                setattr(module, attr, len(ap.keep))
+            else:
+                entries = list(getattr(module, attr))
+                entries[index] = len(ap.keep)
+                setattr(module, attr, type(getattr(module, attr))(entries))
 
 
 def apply(model: nn.Module, plan: Plan) -> nn.Module:

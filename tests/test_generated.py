@@ -41,26 +41,33 @@ def test_regression_refused_layer_leaves_the_model_unchanged() -> None:
     assert check(spec) == "refused: UnsupportedLayerError"
 
 
-def test_regression_layer_scale_viewed_to_a_written_shape_is_kept() -> None:
-    """``x * self.scale.view(self.shape)`` with ``self.shape = (C, 1, 1)`` written down (timm's
-    metaformer Scale): slicing the parameter would break the view, so its channels stay."""
+def test_regression_layer_scale_viewed_to_an_attribute_shape() -> None:
+    """``x * self.scale.view(self.shape)`` with ``self.shape = (C, 1, 1)`` (timm's metaformer
+    Scale): the parameter is sliced and the shape attribute rewritten with it; written as a
+    literal (``view(16, 1, 1)``) the channels stay instead."""
     import torch
     from torch import nn
 
     import surgery
 
     class Scale(nn.Module):
-        def __init__(self, c: int) -> None:
+        def __init__(self, c: int, literal: bool = False) -> None:
             super().__init__()
             self.shape = (c, 1, 1)
+            self.literal = literal
             self.scale = nn.Parameter(torch.rand(c) + 0.5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.literal:
+                return x * self.scale.view(16, 1, 1)
             return x * self.scale.view(self.shape)
 
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), Scale(16), nn.ReLU(), nn.Conv2d(16, 32, 3),
-                          nn.ReLU(), nn.Conv2d(32, 4, 1))
-    x = torch.randn(1, 3, 12, 12)
-    small = surgery.prune(model, x, ratio=0.5, round_to=1)  # verified inside
-    assert small[0].out_channels == 16 and small[1].scale.shape == (16,)
-    assert small[3].out_channels == 16
+    for literal in (False, True):
+        model = nn.Sequential(nn.Conv2d(3, 16, 3), Scale(16, literal), nn.ReLU(),
+                              nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1))
+        x = torch.randn(1, 3, 12, 12)
+        small = surgery.prune(model, x, ratio=0.5, round_to=1)  # verified inside
+        kept = 16 if literal else 8
+        assert small[0].out_channels == kept and small[1].scale.shape == (kept,)
+        assert small[1].shape == (kept, 1, 1) and model[1].shape == (16, 1, 1)
+        assert small[3].out_channels == 16

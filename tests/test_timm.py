@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
-from zoo import TIMM_40
+from zoo import TIMM_40, TIMM_ATTENTION, TIMM_HEADS_KEPT
 
 import surgery
 
@@ -73,3 +73,33 @@ def test_timm_spec_builds_without_downloading() -> None:
         surgery.spec.build_model("timm:nonet")
     with pytest.raises(surgery.spec.SpecError, match="pretrained must stay False"):
         surgery.spec.build_model("timm:resnet18", {"pretrained": True})
+
+
+ATTENTION_DEFAULT = ["deit_tiny_patch16_224", "levit_128s", "coatnet_nano_rw_224"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ATTENTION_DEFAULT else
+                                               pytest.mark.slow) for n in TIMM_ATTENTION])
+def test_timm_transformer_prunes_heads_and_mlps(name: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    before = snapshot(model)
+    graph = surgery.trace(model, x)
+    plan = surgery.plan(model, x, ratio=0.5, graph=graph)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.exact_checked == plan.exact
+    assert_unchanged(model, before)
+    assert surgery.count_params(small) < 0.8 * surgery.count_params(model)
+    heads = [(k, a, b) for k, a, b in plan.attribute_changes() if k.endswith("num_heads")]
+    if name in TIMM_HEADS_KEPT:  # their heads stay (why: tests/zoo.py)
+        assert not heads
+    else:
+        assert heads and all(1 <= b < a for _, a, b in heads)
+        for k, _, b in heads:  # the rewritten attribute is what the module now holds
+            owner, _, attr = k.rpartition(".")
+            assert getattr(small.get_submodule(owner), attr) == b
+    small.train()
+    small(torch.randn(2, *x.shape[1:])).float().pow(2).mean().backward()

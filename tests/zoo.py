@@ -49,6 +49,19 @@ TIMM_40 = ["seresnext26d_32x4d", "ecaresnet26t", "gcresnet33ts", "resnetaa50d", 
     "nf_regnet_b0", "dm_nfnet_f0", "inception_v3", "convnextv2_atto", "convformer_s18",
     "visformer_tiny", "mobilevitv2_050", "halonet26t"]
 
+#: timm transformers and attention hybrids: heads and MLPs prune (tests/test_timm.py)
+TIMM_ATTENTION = ["botnet26t_256", "lambda_resnet26t", "efficientformerv2_s0", "tiny_vit_5m_224",
+                  "pit_ti_224", "caformer_s18", "pvt_v2_b0", "twins_pcpvt_small",
+                  "coatnet_nano_rw_224", "maxvit_nano_rw_256", "deit_tiny_patch16_224",
+                  "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s",
+                  "efficientvit_m0", "shvit_s1"]
+
+#: where their heads stay, and why (the reason names the source line): a head width computed from
+#: the input width (twins), attention scores meeting a relative-position embedding computed from q
+#: (botnet), lambda layers, per-head convolutions (efficientvit), single-head attention (shvit)
+TIMM_HEADS_KEPT = ["botnet26t_256", "lambda_resnet26t", "twins_pcpvt_small", "efficientvit_m0",
+                   "shvit_s1"]
+
 #: torchvision detectors, pruned as whole models (tests/test_detectors.py, benchmarks/)
 DETECTORS = ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large",
              "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",

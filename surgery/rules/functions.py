@@ -528,7 +528,8 @@ def _view(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
     sizes = _sizes(args[1:]) if args[1:] else _sizes((kwargs.get("shape", kwargs.get("size")),))
     x = args[0]
     if not isinstance(x, TVal) or not x.tracked or len(sizes) != out.ndim:
-        ctx.hold(sizes)  # this tensor's sizes do not follow the width: neither may they
+        if not (isinstance(x, TVal) and x.param is not None):  # (a parameter's view follows
+            ctx.hold(sizes)  # its slicing) a constant's sizes do not follow the width
         return out if not isinstance(x, TVal) or not x.tracked else \
             ctx.opaque([x], out, f"view/reshape to sizes {sizes!r}")
     return reshape(ctx, x, out, [ctx.size_role(s, x) for s in sizes], "view/reshape", sizes)
