@@ -8,6 +8,14 @@ explicit threads). Efficiency = speedup / MAC ratio.
 
     ./run python benchmarks/speedup.py                      # the README table (slow: ~50 min)
     ./run python benchmarks/speedup.py --models resnet18 --ratios 0.5 --batches 1
+    ./run python benchmarks/speedup.py --transformers --batches 1 \
+        --out benchmarks/results/speedup_transformers.json   # ViT, Swin, DeiT, YOLOv8n
+
+Models are torchvision names or model specs (``timm:NAME``, ``ultralytics:NAME.yaml``). For
+transformers Torch-Pruning gets the hand configuration its documentation asks for: ``num_heads``
+per attention layer (``nn.MultiheadAttention`` or the fused ``qkv`` Linear), whole heads
+(``prune_num_heads=True, prune_head_dims=False``), the classifier ignored, and after ``step()``
+each attention module's ``num_heads`` / ``head_dim`` / ``attn_dim`` set by hand from what it pruned.
 """
 
 from __future__ import annotations
@@ -20,13 +28,56 @@ import tempfile
 import warnings
 
 import torch
-import torchvision
 
 import surgery
 from surgery.bench import ort_op_profile
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
           "vgg16_bn", "densenet121", "regnet_y_800mf", "convnext_tiny"]
+TRANSFORMERS = ["vit_b_16", "swin_t", "timm:deit_tiny_patch16_224", "ultralytics:yolov8n.yaml"]
+
+
+def build(name: str) -> tuple[torch.nn.Module, int]:
+    """The model (random weights, eval mode) and its input size."""
+    from surgery.spec import build_model
+
+    spec = name if ":" in name else f"torchvision:{name}"
+    return build_model(spec).eval(), 640 if name.startswith("ultralytics:") else 224
+
+
+def tp_prune_attention(model: torch.nn.Module, x: torch.Tensor, ratio: float,
+                       round_to: int) -> None:
+    """Torch-Pruning with its documented hand configuration for attention (see the docstring)."""
+    import torch_pruning as tp
+
+    heads = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            heads[m] = m.num_heads
+        elif isinstance(getattr(m, "qkv", None), torch.nn.Linear) and hasattr(m, "num_heads"):
+            heads[m.qkv] = m.num_heads
+    out = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+           and getattr(m, "out_features", getattr(m, "out_channels", 0)) == 1000]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+            ignored_layers=out, num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+            head_pruning_ratio=ratio, round_to=round_to if round_to > 1 else None)
+        pruner.step()
+    for m in model.modules():  # the attributes its docs say to update by hand
+        if isinstance(m, torch.nn.MultiheadAttention) and m in pruner.num_heads:
+            m.num_heads = pruner.num_heads[m]
+            m.head_dim = m.embed_dim // m.num_heads
+        elif getattr(m, "qkv", None) in pruner.num_heads:
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if hasattr(m, "attn_dim"):
+                m.attn_dim = m.num_heads * m.head_dim
+    if hasattr(model, "hidden_dim") and hasattr(model, "conv_proj"):  # torchvision ViT
+        model.hidden_dim = model.conv_proj.out_channels
+    with torch.no_grad():
+        model(x)  # it must still run
 
 
 def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: int) -> None:
@@ -41,10 +92,52 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: in
                              round_to=round_to if round_to > 1 else None).step()
 
 
+def isolated(prune, model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: int,
+             memory_gb: float = 12.0, seconds: float = 300.0
+             ) -> tuple[torch.nn.Module | None, str]:
+    """Run ``prune`` on ``model`` in a child process capped at ``memory_gb`` and ``seconds``: the
+    pruned model, or None and why (an exception, out of memory, or out of time)."""
+    import multiprocessing as mp
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pt")
+
+        def child() -> None:
+            cap = int(memory_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            try:
+                prune(model, x, ratio, round_to)
+                torch.save(model, path)
+            except MemoryError:
+                os._exit(3)
+            except Exception as e:
+                with open(path + ".err", "w") as f:
+                    f.write(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                os._exit(2)
+            os._exit(0)
+
+        proc = mp.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(seconds)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return None, f"did not finish in {seconds:g} s"
+        if proc.exitcode == 0:
+            return torch.load(path, weights_only=False), ""
+        if proc.exitcode == 2:
+            with open(path + ".err") as f:
+                return None, f.read()
+        return None, f"ran out of memory (over {memory_gb:g} GB; exit {proc.exitcode})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--transformers", action="store_true",
+                    help=f"the attention models ({', '.join(TRANSFORMERS)}); no latency plans")
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--round-to", type=int, default=8, help="8 (the library default) as in the "
@@ -60,6 +153,8 @@ def main() -> int:
     ap.add_argument("--summary", action="store_true",
                     help="only print the summary table of the rows already in --out")
     args = ap.parse_args()
+    args.models = args.models or (TRANSFORMERS if args.transformers else MODELS)
+    args.no_latency = args.no_latency or args.transformers
     if args.summary:
         with open(args.out) as f:
             saved = json.load(f)
@@ -74,8 +169,8 @@ def main() -> int:
         env = old["env"]
     for name in args.models:
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval()
-        x = torch.randn(1, 3, 224, 224)
+        model, size = build(name)
+        x = torch.randn(1, 3, size, size)
         graph = surgery.trace(model, x)
         timings = {} if args.no_latency else {  # per-layer timings, shared by both ratios
             rt: surgery.latency_model(model, x, runtime=rt, threads=args.threads, graph=graph)
@@ -88,20 +183,21 @@ def main() -> int:
             models: dict[str, torch.nn.Module] = {"original": model,
                                                   "surgery": surgery.apply(model, plan)}
             if not args.no_tp:
-                theirs = torchvision.models.get_model(name, weights=None).eval()
+                theirs = build(name)[0]
                 theirs.load_state_dict(model.state_dict())
-                try:
-                    tp_prune(theirs, x, ratio, args.round_to)
-                    models["torch-pruning"] = theirs
-                except Exception as e:  # Torch-Pruning cannot prune this model
-                    print(f"torch-pruning failed on {name}: {type(e).__name__}: {e}")
+                prune = tp_prune_attention if args.transformers else tp_prune
+                pruned, why = isolated(prune, theirs, x, ratio, args.round_to)
+                if pruned is not None:
+                    models["torch-pruning"] = pruned
+                else:  # Torch-Pruning cannot prune this model
+                    print(f"torch-pruning failed on {name}@{ratio}: {why}", flush=True)
             for rt in RUNTIMES:
                 variants = dict(models)
                 if rt in timings:
                     fast = surgery.latency_plan(model, x, ratio=ratio, round_to=args.round_to,
                                                 graph=graph, latency=timings[rt])
                     variants["surgery-latency"] = surgery.apply(model, fast)
-                rep = surgery.bench(variants, (3, 224, 224), runtimes=(rt,), batches=args.batches,
+                rep = surgery.bench(variants, (3, size, size), runtimes=(rt,), batches=args.batches,
                                     threads=args.threads, rounds=args.rounds, min_round_ms=20)
                 env = {**rep.env, "runtimes": ",".join(RUNTIMES)}
                 if rt == "ort":
