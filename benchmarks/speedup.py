@@ -92,32 +92,37 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: in
                              round_to=round_to if round_to > 1 else None).step()
 
 
+def _child(prune: str, path: str, x: torch.Tensor, ratio: float, round_to: int,
+           cap: int) -> None:
+    """Runs in a spawned process: prune the model saved at ``path`` and save it back."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    model = torch.load(path, weights_only=False)
+    try:
+        globals()[prune](model, x, ratio, round_to)
+        torch.save(model, path)
+    except MemoryError:
+        os._exit(3)
+    except Exception as e:
+        with open(path + ".err", "w") as f:
+            f.write(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        os._exit(2)
+
+
 def isolated(prune, model: torch.nn.Module, x: torch.Tensor, ratio: float, round_to: int,
              memory_gb: float = 12.0, seconds: float = 300.0
              ) -> tuple[torch.nn.Module | None, str]:
-    """Run ``prune`` on ``model`` in a child process capped at ``memory_gb`` and ``seconds``: the
-    pruned model, or None and why (an exception, out of memory, or out of time)."""
+    """Run ``prune`` on ``model`` in a spawned process capped at ``memory_gb`` and ``seconds``:
+    the pruned model, or None and why (an exception, out of memory, or out of time)."""
     import multiprocessing as mp
-    import resource
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pt")
-
-        def child() -> None:
-            cap = int(memory_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-            try:
-                prune(model, x, ratio, round_to)
-                torch.save(model, path)
-            except MemoryError:
-                os._exit(3)
-            except Exception as e:
-                with open(path + ".err", "w") as f:
-                    f.write(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-                os._exit(2)
-            os._exit(0)
-
-        proc = mp.get_context("fork").Process(target=child)
+        torch.save(model, path)
+        proc = mp.get_context("spawn").Process(
+            target=_child, args=(prune.__name__, path, x, ratio, round_to,
+                                 int(memory_gb * 2**30)))
         proc.start()
         proc.join(seconds)
         if proc.is_alive():
