@@ -487,8 +487,14 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
         free = [pos for pos, kind in enumerate(kinds) if kind == "free"]
         attrs = [pos for pos, kind in enumerate(kinds) if isinstance(kind, AttrInt)]
         if not free and not attrs:
-            sizes = tuple(out.shape[outs[k]] for k in vary)
-            return ctx.opaque([x], out, f"hard-coded size {sizes} in {op} {ctx.where()}; write "
+            shape = tuple(out.shape[outs[k]] for k in vary)
+            given = [sizes[outs[k]] for k in vary] if sizes else []
+            if any(isinstance(g, Dyn | AttrInt) for g in given):  # not written: held
+                return ctx.opaque([x], out, f"sizes {shape} in {op} {ctx.where()} are computed "
+                                            "from another tensor's width or from an attribute "
+                                            "that must stay, so they cannot follow these "
+                                            "channels")
+            return ctx.opaque([x], out, f"hard-coded size {shape} in {op} {ctx.where()}; write "
                                         "the size from x.size()/-1 or a module attribute to let "
                                         "surgery prune it")
         inferred = bool(sizes) and all(
