@@ -722,9 +722,28 @@ def sparsify(ctx: click.Context, model: str, model_args: tuple[str, ...],
 
 
 
+#: keyword arguments of the Python API as the command line spells them
+_FLAGS = ("target_macs", "round_to", "criterion", "device", "allocate", "threads", "ratio")
+
+
+def as_flags(message: str) -> str:
+    """A library message in command-line words: ``ignore=['a', 'b']`` -> ``--ignore a --ignore
+    b``, ``target_macs=`` -> ``--target-macs``, ``trust_code=True`` -> ``--trust-code``."""
+    import re
+
+    def ignore(m: re.Match[str]) -> str:
+        names = re.findall(r"'([^']*)'|\"([^\"]*)\"", m.group(1))
+        return " ".join(f"--ignore {a or b}" for a, b in names) or "--ignore LAYER"
+
+    message = re.sub(r"\bignore=\[([^\]]*)\]", ignore, message)
+    message = re.sub(r"\btrust_code=True\b", "--trust-code", message)
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")=(?=\S)",
+                  lambda m: f"--{m.group(1).replace('_', '-')} ", message)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
-    click.echo(f"warning: {message}", err=True)
+    click.echo(f"warning: {as_flags(str(message))}", err=True)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -754,7 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SurgeryError, SpecError, OSError) as e:  # the user's input or machine
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        click.echo(f"error: {as_flags(first)}", err=True)
         return 1
     except Exception as e:  # a bug in surgery, not the user's fault
         if debug:

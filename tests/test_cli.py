@@ -263,3 +263,27 @@ def test_iterative_pruning_in_steps(tmp_path: Path) -> None:
     res = run("prune", "resnet20", "--ratio", "1.5", "--steps", "2", "--data", "digits",
               "--dry-run")
     assert res.returncode == 1 and "ratio must be a number in [0, 1)" in res.stderr
+
+
+def test_errors_name_flags_not_keyword_arguments(tmp_path: Path) -> None:
+    """A library message that says ``ignore=['1']`` reaches the command line as ``--ignore 1``."""
+    from surgery.cli import as_flags
+
+    assert as_flags("pass ignore=['a.b', 'c'] to keep it") == \
+        "pass --ignore a.b --ignore c to keep it"
+    assert as_flags("round_to=8 could only reach; trust_code=True") == \
+        "--round-to 8 could only reach; --trust-code"
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Mix(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.weight = nn.Parameter(torch.randn(4, 8))\n\n"
+        "    def forward(self, x):\n"
+        "        return torch.einsum('bchw,oc->bohw', x, self.weight)\n\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), Mix(), nn.Conv2d(4, 2, 1))\n")
+    res = run("prune", "net.py:make", "--ratio", "0.5", "--input-shape", "1,3,16,16", "--out",
+              str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 1 and "--ignore 1" in res.stderr, res.stderr
+    assert "ignore=[" not in res.stderr and not (tmp_path / "out").exists()
