@@ -235,3 +235,21 @@ def test_tracing_leaves_attributes_as_plain_ints() -> None:
     for k, v in saved.items():
         if type(v) is int:
             assert type(vars(model)[k]) is int and vars(model)[k] == v
+
+
+def test_macs_count_a_parameter_handed_to_a_submodule() -> None:
+    """timm's PiT passes its class token into a submodule as is; counting MACs must not fail
+    (and must leave requires_grad as it was)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = nn.Parameter(torch.randn(1, 4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.token) + x
+
+    net = Net()
+    assert surgery.count_macs(net, torch.randn(1, 2)) == 8
+    assert all(p.requires_grad for p in net.parameters())
