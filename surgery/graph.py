@@ -258,8 +258,10 @@ class ChannelGraph:
 class _Context:
     """What rules see while channels propagate through one model (maybe over two graphs)."""
 
-    def __init__(self, opaque: Sequence[str]) -> None:
+    def __init__(self, opaque: Sequence[str], by_width: frozenset[str] = frozenset()) -> None:
         self.uf = UnionFind()
+        self.width_convs = by_width
+        self.grouped: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         self.slots: dict[str, Slot] = {}
         self.pins: list[tuple[np.ndarray, str]] = []
         self.cross: list[np.ndarray] = []
@@ -352,6 +354,26 @@ class _Context:
             self.pin(m, f"its channel count sizes a reshape of other channels {self.where()}")
         self.freeze(s.attrs)
         return "fixed"
+
+    def by_width(self, path: str) -> bool:
+        return path in self.width_convs
+
+    def record_grouped(self, path: str, a_in: np.ndarray, a_out: np.ndarray,
+                       groups: int) -> None:
+        self.grouped.setdefault(path, (a_in, a_out, groups))
+
+    def crossed_groups(self) -> frozenset[str]:
+        """Grouped convs pruned by whole groups whose groups share a unit (a shuffle ties them):
+        all their channels would go as one, so pruning them by width is better."""
+        out = set()
+        for path, (a_in, a_out, groups) in self.grouped.items():
+            if path in self.width_convs:
+                continue
+            for atoms in (a_in, a_out):
+                roots = np.array([self.uf.find(a) for a in atoms.tolist()]).reshape(groups, -1)
+                if len(np.unique(roots[:, 0])) < groups:
+                    out.add(path)
+        return frozenset(out)
 
     def output_used(self, index: int) -> bool:
         """Whether output ``index`` of the current (tuple-returning) call is used."""
@@ -766,7 +788,17 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
     notes: list[str] = []
     try:
         with attribute_ints(model):
-            ctx, tracer, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
+            ctx, used, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
+            crossed = ctx.crossed_groups()
+            if crossed:  # a channel shuffle ties their groups: trace again, pruning by width
+                again = _trace_modes(model, inputs, ignore, used, [], crossed)
+                if _free_units(again[0]) > _free_units(ctx):
+                    ctx, used, train_graph = again
+                    notes.append(f"grouped convs pruned by width (equal counts per group), "
+                                 f"since their groups are shuffled together: "
+                                 f"{', '.join(sorted(crossed)[:4])}"
+                                 f"{' …' if len(crossed) > 4 else ''}")
+            tracer = used
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -777,12 +809,27 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
     return _finish(ctx, model, ignore, train_graph, tracer, notes)
 
 
+def _free_units(ctx: _Context) -> int:
+    """Layer positions that a plan could remove (in units of which a group has more than one),
+    for comparing two analyses of one model."""
+    roots = ctx.uf.roots()
+    pinned = np.unique(np.concatenate([roots[a] for a, _ in ctx.pins])) if ctx.pins else \
+        np.zeros(0, np.int64)
+    total = 0
+    for s in ctx.slots.values():
+        free = roots[s.atoms][~np.isin(roots[s.atoms], pinned)]
+        if len(np.unique(free)) > 1:
+            total += len(free)
+    return total
+
+
 def _trace_modes(model: nn.Module, inputs: tuple, ignore: tuple, tracer: str,
-                 notes: list[str]) -> tuple[_Context, str, bool]:
+                 notes: list[str], by_width: frozenset[str] = frozenset()
+                 ) -> tuple[_Context, str, bool]:
     """Analyse the eval forward (and the train forward where it differs) with ``tracer``."""
     model.eval()
     if tracer != "run":
-        ctx = _Context(ignore)
+        ctx = _Context(ignore, by_width)
         try:
             eval_graph = _fx_trace(model, ignore, len(inputs))
             return ctx, "fx", _fx_traced(ctx, model, eval_graph, inputs, ignore)
@@ -792,7 +839,7 @@ def _trace_modes(model: nn.Module, inputs: tuple, ignore: tuple, tracer: str,
             why = f"`{e.name}` is a function torch.fx does not trace into" \
                 if isinstance(e, _WrappedCall) else f"torch.fx: {e}"
             notes.append(f"traced by running the forward ({why})")
-    ctx = _Context(ignore)
+    ctx = _Context(ignore, by_width)
     return ctx, "run", _run_traced(ctx, model, inputs, ignore, notes)
 
 

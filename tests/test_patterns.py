@@ -99,6 +99,44 @@ def test_channel_shuffle_pairs_and_exact() -> None:
     assert small.b.out_channels % 4 == 0  # nn.ChannelShuffle(4) still divides
 
 
+class GroupedShuffle(torch.nn.Module):
+    """ShuffleNet-v1 style: grouped 1x1 conv, channel shuffle by ``self.groups``, depthwise conv,
+    grouped 1x1 conv, residual."""
+
+    def __init__(self, c: int = 48, g: int = 3) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.groups = g
+        self.g1, self.b1 = nn.Conv2d(c, c, 1, groups=g), nn.BatchNorm2d(c)
+        self.dw, self.b2 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+        self.g2, self.b3 = nn.Conv2d(c, c, 1, groups=g), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.g1(x)))
+        n, c, h, w = y.shape
+        y = y.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return torch.relu(self.b3(self.g2(self.b2(self.dw(y)))) + x)
+
+
+def test_grouped_conv_before_a_shuffle_prunes_by_width() -> None:
+    """Whole-group pruning would tie every channel to the shuffle's other groups (nothing could
+    go); pruned by width instead, each group keeps the same positions, exactly."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), GroupedShuffle(),
+                                          GroupedShuffle(), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten(), nn.Linear(48, 10)))
+    x = torch.randn(1, 3, 8, 8)
+    graph = surgery.trace(model, x)
+    assert any("by width" in n for n in graph.notes)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1, graph=graph)
+    small = surgery.apply(model, plan)
+    assert surgery.verify(model, small, plan, x).exact_checked
+    g1 = small[1].g1
+    assert g1.groups == 3 and g1.in_channels < 48 and g1.in_channels % 3 == 0
+    assert surgery.count_params(small) < 0.7 * surgery.count_params(model)
+
+
 def test_layer_scale_and_layernorm_are_shrunk_but_not_exact() -> None:
     model = LayerScale()
     x = torch.randn(1, 3, 16, 16)

@@ -90,6 +90,17 @@ class RuleContext(Protocol):
         ``("couple", atoms)`` (the count of other channels, to be matched one for one)."""
         ...
 
+    def by_width(self, path: str) -> bool:
+        """Whether grouped conv ``path`` is pruned by width (position j of every group together)
+        rather than by whole groups: the tracer's choice, made after a first pass."""
+        ...
+
+    def record_grouped(self, path: str, a_in: np.ndarray, a_out: np.ndarray,
+                       groups: int) -> None:
+        """A grouped conv's channels, for the tracer to see whether a channel shuffle or the like
+        ties positions across its groups (then it traces again pruning it by width)."""
+        ...
+
     def output_used(self, index: int) -> bool:
         """Whether output ``index`` of the layer or op being propagated is used downstream."""
         ...

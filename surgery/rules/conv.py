@@ -4,7 +4,10 @@ Math. A conv with ``g`` groups has weight ``W[out, in/g, *k]`` (transposed: ``W[
 Removing output channel ``o`` drops row ``W[o]`` and ``bias[o]``; removing input channel ``i`` drops
 column ``W[:, i]`` (groups = 1). For ``g > 1`` (depthwise included) the group structure is kept by
 coupling every input and output channel of a group into one unit: whole groups are removed, so
-``groups`` shrinks and the per-group width (``in/g``, ``out/g``) is unchanged.
+``groups`` shrinks and the per-group width (``in/g``, ``out/g``) is unchanged. Where something
+downstream ties the same position of every group together (a channel shuffle), a grouped conv is
+traced again pruning by width instead: position j of every group goes together, ``groups`` stays
+and every group keeps the same positions (equal counts per group).
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from .context import RuleContext
 from .cost import ConvCost
 
 
+def couple_widths(ctx: RuleContext, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
+    """Position j of every group is one unit (inputs and outputs alike)."""
+    for atoms in (a_in, a_out):
+        rows = atoms.reshape(groups, -1)
+        for g in range(1, groups):
+            ctx.uf.union_arrays(rows[0], rows[g])
+
+
 def couple_groups(ctx: RuleContext, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
     """Union all input and output channels of each group into one unit."""
     if groups == 1:
@@ -29,6 +40,15 @@ def couple_groups(ctx: RuleContext, a_in: np.ndarray, a_out: np.ndarray, groups:
     columns = np.concatenate([a_in.reshape(groups, -1), a_out.reshape(groups, -1)], axis=1)
     for j in range(1, columns.shape[1]):  # column j of every group joins column 0
         ctx.uf.union_arrays(columns[:, 0], columns[:, j])
+
+
+def _same_in_every_group(keep: torch.Tensor, per: int, groups: int) -> torch.Tensor | None:
+    """The positions kept within a group, if every group keeps the same ones."""
+    rel = keep[keep // per == 0] % per
+    if len(keep) != len(rel) * groups or not len(rel):
+        return None
+    expected = (torch.arange(groups)[:, None] * per + rel[None, :]).flatten()
+    return rel if torch.equal(torch.sort(keep).values, expected) else None
 
 
 def _kept_groups(m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
@@ -53,6 +73,12 @@ class _ConvBase(ModuleRule):
         cdim = x.ndim - len(m.kernel_size) - 1
         a_in = ctx.slot(path, "in", ctx.channels_in(x, cdim, m.in_channels))
         a_out = ctx.out_atoms(path, "out", m.out_channels)
+        ipg, opg = m.in_channels // m.groups, m.out_channels // m.groups
+        if m.groups > 1 and ipg > 1 and opg > 1:  # a true grouped conv: either mode is valid
+            ctx.record_grouped(path, a_in, a_out, m.groups)
+            if ctx.by_width(path):
+                couple_widths(ctx, a_in, a_out, m.groups)
+                return TVal(out.shape, (cdim,), a_out)
         couple_groups(ctx, a_in, a_out, m.groups)
         return TVal(out.shape, (cdim,), a_out)
 
@@ -61,7 +87,13 @@ class _ConvBase(ModuleRule):
         kout = keep.get("out", torch.arange(m.out_channels))
         w = m.weight.detach()
         groups = m.groups
-        if groups > 1:
+        ipg, opg = m.in_channels // groups, m.out_channels // groups
+        rel_in = _same_in_every_group(kin, ipg, groups) if groups > 1 else None
+        rel_out = _same_in_every_group(kout, opg, groups) if groups > 1 else None
+        if groups > 1 and rel_in is not None and rel_out is not None and \
+                (len(rel_in) < ipg or len(rel_out) < opg):  # by width: every group, fewer each
+            w = w[kin][:, rel_out] if self.transposed else w[kout][:, rel_in]
+        elif groups > 1:
             groups = _kept_groups(m, kin, kout)
             w = w[kin] if self.transposed else w[kout]
         elif self.transposed:
