@@ -20,7 +20,7 @@ from .verify import verify as check
 def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = None,
           criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
           verify: bool = True, target_macs: float | None = None, allocate: str = "uniform",
-          threads: int = 1) -> nn.Module:
+          threads: int = 1, exact: bool = False) -> nn.Module:
     """A new, physically smaller model with ``ratio`` of every group's channels removed.
 
     The input model is never modified. With ``verify`` (default) the result is checked against
@@ -28,7 +28,9 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
     any difference. ``target_macs`` (a fraction of the original MACs) replaces ``ratio``.
     ``allocate="ort"`` or ``"torch"`` removes as many MACs as ``ratio`` would, from the layers where
     that runtime (timed here with ``threads`` threads) saves the most time
-    (:func:`surgery.latency_plan`); ``"uniform"`` removes ``ratio`` of every group.
+    (:func:`surgery.latency_plan`); ``"uniform"`` removes ``ratio`` of every group. ``exact``
+    keeps the channels that pass a cross-channel norm (a transformer's embedding width), so the
+    result is exactly equivalent (see :func:`surgery.plan`).
 
     Example:
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
@@ -51,7 +53,7 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
                              round_to=round_to, ignore=ignore, seed=seed)
     else:  # a missing ratio is reported by make_plan, with the range it takes
         plan = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,  # type: ignore[arg-type]
-                         round_to=round_to, ignore=ignore, seed=seed)
+                         round_to=round_to, ignore=ignore, seed=seed, exact=exact)
     small = apply(model, plan)
     if verify:
         check(model, small, plan, example_inputs)

@@ -241,12 +241,14 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
               "(each layer is timed here first).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Threads the runtime is timed with for --allocate ort/torch.")
+@click.option("--exact", is_flag=True, help="Keep the channels that pass a cross-channel norm "
+              "(a transformer's embedding width): the pruned model stays exactly equivalent.")
 @click.pass_context
 def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
           ratio: float | None, target_macs: float | None, criterion: str, round_to: int,
           ignore: tuple[str, ...], out_dir: str | None, no_onnx: bool, dry_run: bool,
           as_json: bool, steps: int, data: str | None, epochs: int, allocate: str,
-          threads: int) -> None:
+          threads: int, exact: bool) -> None:
     from .api import plan_for_macs
     from .latency import latency_plan
     from .plan import make_plan
@@ -289,7 +291,7 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
                                  round_to=round_to, ignore=ignore)
         else:
             plan = make_plan(net, x, ratio=ratio, criterion=criterion, round_to=round_to,
-                             ignore=ignore)
+                             ignore=ignore, exact=exact)
     _rebuild_and_finish(ctx, model, meta, net, plan, x, shape, out_dir, no_onnx, dry_run,
                         as_json)
 

@@ -195,7 +195,7 @@ def _keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to
 
 def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criterion: str = "l2",
               round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
-              graph: ChannelGraph | None = None) -> Plan:
+              graph: ChannelGraph | None = None, exact: bool = False) -> Plan:
     """Decide which channels every layer keeps: remove ``ratio`` of each group's free units.
 
     Args:
@@ -206,6 +206,10 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
             +0.06 on mobile nets, neutral elsewhere); 1 gives exact ``ratio`` counts.
         ignore: layer names or ``re:`` regexes to keep as they are (see :func:`surgery.trace`).
         graph: a graph from :func:`surgery.trace` of the same model, to skip tracing again.
+        exact: leave whole the groups whose channels pass a cross-channel norm (a transformer's
+            embedding width through LayerNorm, ConvNeXt's stages), so the plan stays exactly
+            equivalent to the zeroed original; by default they are pruned and the plan is
+            marked not exact.
 
     Example:
         >>> p = surgery.plan(model, torch.randn(1, 3, 224, 224), ratio=0.5)
@@ -232,7 +236,7 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
                      + "; ".join(hard))
     removed: list[np.ndarray] = []
     for g in graph.groups:
-        if not g.prunable or ratio == 0:
+        if not g.prunable or ratio == 0 or exact and graph.cross & set(g.units.tolist()):
             continue
         n_keep = _keep_count(len(g.units), len(g.pinned), per_unit(graph, g), float(ratio),
                              round_to)
@@ -243,6 +247,8 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
     gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
     settings: dict[str, Any] = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
                                 "ignore": list(ignore), "seed": seed}
+    if exact:
+        settings["exact"] = True
     little = _removes_little(graph, len(gone), ratio)
     if little:
         notes.append(little)

@@ -253,3 +253,20 @@ def test_macs_count_a_parameter_handed_to_a_submodule() -> None:
     net = Net()
     assert surgery.count_macs(net, torch.randn(1, 2)) == 8
     assert all(p.requires_grad for p in net.parameters())
+
+
+def test_exact_keeps_the_embedding_width() -> None:
+    """By default a ViT's embedding width is pruned through LayerNorm (not exact); exact=True keeps
+    it, removing heads and MLP width only, and the result is exactly equivalent."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
+                              depth=2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    loose = surgery.plan(model, x, ratio=0.5)
+    strict = surgery.plan(model, x, ratio=0.5, exact=True)
+    assert not loose.exact and strict.exact and strict.settings["exact"]
+    small = surgery.apply(model, strict)
+    report = surgery.verify(model, small, strict, x)
+    assert report.exact_checked and report.max_rel_error < 1e-6
+    assert small.blocks[0].attn.num_heads == 2 and small.blocks[0].mlp.fc1.out_features < 768
+    assert small.patch_embed.proj.out_channels == 192  # the embedding width stays
