@@ -813,8 +813,8 @@ def _free_units(ctx: _Context) -> int:
     """Layer positions that a plan could remove (in units of which a group has more than one),
     for comparing two analyses of one model."""
     roots = ctx.uf.roots()
-    pinned = np.unique(np.concatenate([roots[a] for a, _ in ctx.pins])) if ctx.pins else \
-        np.zeros(0, np.int64)
+    pinned = np.unique(np.concatenate([roots[a].ravel() for a, _ in ctx.pins])) \
+        if ctx.pins else np.zeros(0, np.int64)
     total = 0
     for s in ctx.slots.values():
         free = roots[s.atoms][~np.isin(roots[s.atoms], pinned)]

@@ -103,3 +103,13 @@ def test_timm_transformer_prunes_heads_and_mlps(name: str) -> None:
             assert getattr(small.get_submodule(owner), attr) == b
     small.train()
     small(torch.randn(2, *x.shape[1:])).float().pow(2).mean().backward()
+
+
+def test_split_attention_with_grouped_convs_traces() -> None:
+    """ResNeSt's split attention: grouped convs whose groups meet again; comparing the two
+    analyses (whole groups, by width) must handle pinned channel grids."""
+    model = timm.create_model("resnest26d", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = surgery.plan(model, x, ratio=0.5)
+    small = surgery.apply(model, plan)
+    assert surgery.verify(model, small, plan, x).exact_checked
