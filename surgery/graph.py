@@ -312,10 +312,12 @@ class _Context:
         return self.pinned_atoms(n, "fixed input channels (the network input, a constant, or "
                                     f"the output of an op that was not followed) {self.where()}")
 
-    def is_computed(self, v: Any) -> bool:
+    def is_computed(self, v: Any, x: TVal | None = None) -> bool:
         if isinstance(v, tuple | list):
-            return any(self.is_computed(x) for x in v)
-        return isinstance(v, Dyn) and self.size_role(v, None) == "free"
+            return any(self.is_computed(s, x) for s in v)
+        if x is None:
+            return isinstance(v, Dyn)
+        return isinstance(v, Dyn) and self.size_role(v, x) == "free"
 
     # -- sizes
     def measured(self, node: Any, dim: int) -> np.ndarray | None:
@@ -574,14 +576,10 @@ def _squeezed_map(a: Sequence[int], b: Sequence[int]) -> dict[int, int]:
     """Dims of shape ``a`` that a reshape to ``b`` keeps whole (size > 1): a dim -> b dim."""
     ia = [d for d, n in enumerate(a) if n != 1]
     ib = [d for d, n in enumerate(b) if n != 1]
-    blocks = _blocks_of([a[d] for d in ia], [b[d] for d in ib])
+    from .rules.functions import _blocks  # (the rules import this module)
+
+    blocks = _blocks([a[d] for d in ia], [b[d] for d in ib])
     return {ia[i[0]]: ib[o[0]] for i, o in blocks or [] if len(i) == 1 and len(o) == 1}
-
-
-def _blocks_of(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
-    from .rules.functions import _blocks
-
-    return _blocks(a, b)
 
 
 def _index_map(src: TVal, idx: Any, out: TVal) -> dict[int, int]:

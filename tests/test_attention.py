@@ -270,3 +270,20 @@ def test_exact_keeps_the_embedding_width() -> None:
     assert report.exact_checked and report.max_rel_error < 1e-6
     assert small.blocks[0].attn.num_heads == 2 and small.blocks[0].mlp.fc1.out_features < 768
     assert small.patch_embed.proj.out_channels == 192  # the embedding width stays
+
+
+def test_split_by_a_size_computed_from_the_same_tensor_follows_it() -> None:
+    """``y.split(y.size(1) // 2, 1)``: the size follows y's width, so nothing is pinned."""
+
+    class Half(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            p, q = y.split(y.size(1) // 2, 1)
+            return self.c(torch.cat([p, self.b(q)], 1))
+
+    plan, small = _check(Half(), torch.randn(1, 3, 8, 8))
+    assert plan.exact and small.a.out_channels == 8 and small.b.in_channels == 4

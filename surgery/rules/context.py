@@ -78,9 +78,9 @@ class RuleContext(Protocol):
         """Mark ``atoms`` as mixed by a cross-channel op (removal allowed, not exact)."""
         ...
 
-    def is_computed(self, v: Any) -> bool:
-        """Whether a size argument was computed from a tensor's shape in forward (it follows
-        the pruned width) rather than written as a literal (it does not)."""
+    def is_computed(self, v: Any, x: TVal | None = None) -> bool:
+        """Whether a size argument was computed from a tensor's shape in forward rather than
+        written as a literal; given ``x``, whether it follows ``x``'s pruned width."""
         ...
 
     def size_role(self, s: Any, x: TVal | None) -> Any:

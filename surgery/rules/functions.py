@@ -315,7 +315,7 @@ def _split(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out:
             and not any(ctx.size_role(s, x) == "fixed" for s in sections)):
         return _split_by_attributes(ctx, x, sections, out)
     # a size computed in forward (e.g. x.size(1) // 2) follows the pruned width; a literal does not
-    computed = ctx.is_computed(size)
+    computed = ctx.is_computed(size, x if isinstance(x, TVal) and x.tracked else None)
     return _pieces(ctx, b["tensor"], b["dim"], out, computed,
                    f"split with hard-coded sizes {size!r} {ctx.where()}")
 
