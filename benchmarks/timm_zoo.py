@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     rows = {}
     print("| model | tracer | verified | params | MACs | params removed | MACs removed | "
-          "layers losing heads |")
-    print("|---|---|---|---|---|---|---|---|")
+          "layers losing heads | other attributes rewritten (head widths, split sections) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             report = surgery.verify(model, small, plan, x)
         except surgery.SurgeryError as e:
             rows[name] = {"refused": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            print(f"| {name} | | refused: {rows[name]['refused'][:80]} | | | | | |", flush=True)
+            print(f"| {name} | | refused: {rows[name]['refused'][:80]} | | | | | | |", flush=True)
             continue
         p0, p1 = surgery.count_params(model), surgery.count_params(small)
         m0, m1 = surgery.count_macs(model, x), surgery.count_macs(small, x)
@@ -57,16 +57,21 @@ def main(argv: list[str] | None = None) -> int:
                       "max_rel_error": report.max_rel_error, "params": [p0, p1],
                       "macs": [m0, m1], "top_pins": graph.pin_summary(2),
                       "heads": [c for c in plan.attribute_changes()
-                                if c[0].endswith(("num_heads", "n_heads"))]}
+                                if c[0].endswith(("num_heads", "n_heads"))],
+                      "attributes": plan.attribute_changes()}
         heads = rows[name]["heads"]
+        other = [c for c in plan.attribute_changes() if c not in heads]
+        names = sorted({c[0].rpartition(".")[2] for c in other})
+        widths = f"{len(other)} ({', '.join(names[:3])})" if other else "0"
         lost = f"{len(heads)} (e.g. {heads[0][1]} → {heads[0][2]})" if heads else "0"
         check = f"exact ({report.max_rel_error:.0e})" if report.exact_checked else "shapes"
         print(f"| {name} | {graph.tracer} | {check} | {p0 / 1e6:.1f}M | {m0 / 1e9:.2f}G | "
-              f"{1 - p1 / p0:.0%} | {1 - m1 / m0:.0%} | {lost} |", flush=True)
+              f"{1 - p1 / p0:.0%} | {1 - m1 / m0:.0%} | {lost} | {widths} |", flush=True)
     done = [r for r in rows.values() if "params" in r]
     shares = [1 - r["params"][1] / r["params"][0] for r in done]
     print(f"\n{len(done)} of {len(rows)} pruned ({sum(r['exact'] for r in done)} verified exact, "
-          f"{sum(not r['exact'] for r in done)} with a cross-channel norm: shapes verified; "
+          f"{sum(not r['exact'] for r in done)} not exact (a cross-channel norm, or a q/k width "
+          "summed in a product): shapes verified; "
           f"{sum(r['tracer'] == 'run' for r in done)} by the executing tracer); median share of "
           f"parameters removed {statistics.median(shares):.0%} (range {min(shares):.0%}–"
           f"{max(shares):.0%})")

@@ -265,6 +265,7 @@ class _Context:
         self.slots: dict[str, Slot] = {}
         self.pins: list[tuple[np.ndarray, str]] = []
         self.cross: list[np.ndarray] = []
+        self.contracted: list[np.ndarray] = []
         self.opaque_names = opaque
         self.node: torch.fx.Node | None = None
         self.model: nn.Module | None = None
@@ -435,6 +436,9 @@ class _Context:
     def record_cross_channel(self, atoms: np.ndarray) -> np.ndarray:
         self.cross.append(atoms)
         return atoms
+
+    def record_contracted(self, atoms: np.ndarray) -> None:
+        self.contracted.append(atoms)
 
     def owner(self, p: Any) -> tuple[str, nn.Module, Any] | None:
         """(path, module, rule) of the module owning parameter/buffer ``p``, if ``p`` is one."""
@@ -886,6 +890,27 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
     return True
 
 
+def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray) -> set[int]:
+    """Units summed over in a product of two tensors that no channel-mixing layer also reads.
+
+    The reference zeroes the weights that read removed channels. A unit that only meets a
+    product (the q/k width of a head) is not zeroed by that, so removing it changes the scores:
+    allowed, like a cross-channel norm, but not exact. A whole head also feeds the projection,
+    which drops its output, so removing it is exact.
+    """
+    contracted = {r for atoms in ctx.contracted for r in np.unique(roots[atoms]).tolist()}
+    if not contracted:
+        return set()
+    mixed: set[int] = set()
+    for s in slots:
+        if s.kind != "module" or s.axis != "in":
+            continue
+        out = ctx.slots.get(f"{s.path}:out")
+        produced = set(np.unique(roots[out.atoms]).tolist()) if out is not None else set()
+        mixed |= set(np.unique(roots[s.atoms]).tolist()) - produced
+    return contracted - mixed
+
+
 def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, tracer: str,
             notes: list[str]) -> ChannelGraph:
     for slot in ctx.slots.values():
@@ -903,6 +928,7 @@ def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, t
                 reasons.append(reason)
     cross = {r for atoms in ctx.cross for r in np.unique(roots[atoms]).tolist()}
     slots = list(ctx.slots.values())
+    cross |= _contracted_inexact(ctx, slots, roots)
     return ChannelGraph(type(model).__name__, fingerprint(model), {s.key: s for s in slots}, roots,
                         build_groups(slots, roots, pinned), pinned, cross, train_graph, tracer,
                         notes, dict(ctx.attrs))

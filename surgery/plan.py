@@ -242,6 +242,8 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
                              round_to)
         if n_keep >= len(g.units):
             continue
+        if n_keep == 1 and ratio * len(g.units) > len(g.units) - 1 + 1e-9:
+            notes.append(_kept_one(graph, g, float(ratio)))
         order = np.argsort(score(g), kind="stable")
         removed.append(g.units[order[:len(g.units) - n_keep]])
     gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
@@ -257,6 +259,17 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
     if notes:
         settings["warnings"] = notes
     return plan_removing(model, graph, gone, settings)
+
+
+def _kept_one(graph: ChannelGraph, g: Group, ratio: float) -> str:
+    """Say that a group keeps one unit (a head) where ``ratio`` would have removed them all."""
+    sized = [key for key, atoms in graph.attrs.items()
+             if np.isin(graph.roots[atoms], g.units).any()]
+    what = (f"{', '.join(sized[:3])}" if sized else f"the group of {g.slots[0]}")
+    unit = per_unit(graph, g)
+    kind = f"units of {unit} channels" if unit > 1 else "channels"
+    return (f"{what} keeps 1 of {len(g.units)} {kind}: ratio {ratio} would remove every one, "
+            "and a layer keeps at least one")
 
 
 def _removes_little(graph: ChannelGraph, n_gone: int, ratio: float) -> str:

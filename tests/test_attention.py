@@ -18,6 +18,7 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import surgery
+from surgery.report import prune_report, to_markdown
 from surgery.rules.attention import PrunedMultiheadAttention
 
 
@@ -106,8 +107,78 @@ def test_heads_are_removed_whole_and_num_heads_rewritten() -> None:
 
 
 def test_every_head_cannot_go() -> None:
-    plan, small = _check(Heads(), torch.randn(1, 5, 32), ratio=0.99)
+    model = Heads()
+    plan, small = _check(model, torch.randn(1, 5, 32), ratio=0.99)
     assert small.num_heads == 1
+    said = [w for w in plan.settings["warnings"] if "num_heads" in w]
+    assert said and "keeps 1 of 4 units of 24 channels" in said[0] and "ratio 0.99" in said[0]
+    # the prune report says so too
+    x = torch.randn(1, 5, 32)
+    report = prune_report(model, small, plan, x, surgery.verify(model, small, plan, x),
+                          spec="Heads")
+    assert "keeps 1 of 4" in to_markdown(report)
+    # at a ratio that leaves a head by its own rounding, nothing is said
+    plan, _ = _check(Heads(), torch.randn(1, 5, 32), ratio=0.5)
+    assert not [w for w in plan.settings.get("warnings", []) if "keeps 1 of" in w]
+
+
+class SingleHead(nn.Module):
+    """SHViT-style: q, k, v split from one conv + BatchNorm by attribute sizes, q/k summed over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk_dim, self.pdim = 8, 6
+        self.qkv = nn.Sequential(nn.Conv2d(6, 2 * self.qk_dim + self.pdim, 1),
+                                 nn.BatchNorm2d(2 * self.qk_dim + self.pdim))
+        self.proj = nn.Conv2d(self.pdim, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.pdim], dim=1)
+        attn = (q.flatten(2).transpose(-2, -1) @ k.flatten(2)).softmax(-1)
+        return self.proj((v.flatten(2) @ attn.transpose(-2, -1)).reshape(b, self.pdim, h, w))
+
+
+def test_query_key_width_is_pruned_but_not_called_exact() -> None:
+    """Removing a q/k channel pair changes the attention scores (a BatchNorm bias keeps the
+    channel non-zero in the zeroed reference), so the plan is not exact; ``exact=True`` keeps the
+    q/k width and still removes v channels, exactly."""
+    torch.manual_seed(0)
+    model = SingleHead()
+    with torch.no_grad():  # trained-like BatchNorm: non-zero shifts
+        model.qkv[1].bias.uniform_(-1, 1)
+        model.qkv[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 6, 5, 5)
+    plan, small = _check(model, x)
+    assert not plan.exact and small.qk_dim == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict = surgery.plan(model.eval(), x, ratio=0.5, round_to=1, exact=True)
+    assert strict.exact and ("pdim", 6, 3) in strict.attribute_changes()
+    assert not [c for c in strict.attribute_changes() if c[0] == "qk_dim"]
+    small = surgery.apply(model, strict)
+    report = surgery.verify(model, small, strict, x)
+    assert report.exact_checked and report.max_rel_error < 1e-6
+
+
+def test_split_sections_mix_attributes_and_held_sizes() -> None:
+    """``split([self.p, self.dim - self.p])``: the second size is computed from attributes that
+    must then stay, so its section keeps its channels, and the message says why."""
+
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dim, self.p = 8, 4
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p, rest = self.a(x).split([self.p, self.dim - self.p], 1)
+            return self.c(torch.cat([self.b(p), rest], 1))
+
+    graph = surgery.trace(Partial().eval(), torch.randn(1, 3, 4, 4))
+    why = graph.explain("a")
+    assert "computed from widths or attributes that must stay" in why and "self.dim - self.p" \
+        in why
 
 
 def test_literal_head_count_is_refused_with_its_line() -> None:

@@ -78,6 +78,12 @@ class RuleContext(Protocol):
         """Mark ``atoms`` as mixed by a cross-channel op (removal allowed, not exact)."""
         ...
 
+    def record_contracted(self, atoms: np.ndarray) -> None:
+        """Mark ``atoms`` as summed over by a product of two tensors (``q @ k``): removing them
+        is exact only where a layer that mixes channels reads them too (a head's output goes
+        through the projection, which the reference zeroes); else marked not exact."""
+        ...
+
     def is_computed(self, v: Any, x: TVal | None = None) -> bool:
         """Whether a size argument was computed from a tensor's shape in forward rather than
         written as a literal; given ``x``, whether it follows ``x``'s pruned width."""

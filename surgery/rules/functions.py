@@ -141,8 +141,9 @@ def _insert_dim(v: Any, d: int) -> Any:
 
 def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
     """``a @ b`` as a product broadcast over (..., n, k, m) summed over k: channels on batch dims
-    meet position-wise; channels on k are removed from both sides together (their products are
-    zero in the reference, so the sum is unchanged); a constant on k pins them."""
+    meet position-wise; channels on k are removed from both sides together; a constant on k pins
+    them. Removing a pair from the sum changes it unless a later layer drops what it feeds (a
+    whole attention head): the tracer marks such units not exact otherwise."""
     if not isinstance(a, TVal) or not isinstance(b, TVal) or a.ndim < 2 or b.ndim < 2 \
             or not isinstance(out, TVal):
         return ctx.opaque([a, b], out, "matrix product of vectors")
@@ -156,6 +157,7 @@ def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
     if k in p.tdims:
         pos = p.tdims.index(k)
         others = [j for j in range(len(p.tdims)) if j != pos]
+        ctx.record_contracted(p.atoms)
         if not others:
             return out  # only the contracted channels: the output carries none
         _couple_along(ctx, np.moveaxis(p.atoms, pos, -1), len(others))
@@ -243,6 +245,8 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
             ctx.uf.union_arrays(grid, np.ascontiguousarray(g))
     assert grid is not None
     kept = [lt for lt in chan if lt in outl]
+    if len(kept) < len(chan):
+        ctx.record_contracted(grid)
     if not kept:
         return out  # every channel is summed over: the output carries none
     for k in range(len(kept), len(chan)):  # summed letters: one unit per output position
@@ -310,23 +314,33 @@ def _split(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out:
     size = b.get("split_size_or_sections", b.get("split_size"))
     sections = list(size) if isinstance(size, tuple | list) else [size] * len(out)
     x = b["tensor"]
-    if (isinstance(x, TVal) and x.tdims == (b["dim"] % x.ndim,)
-            and all(isinstance(s, AttrInt) for s in sections)
-            and not any(ctx.size_role(s, x) == "fixed" for s in sections)):
-        return _split_by_attributes(ctx, x, sections, out)
+    if (isinstance(x, TVal) and x.tdims == (b["dim"] % x.ndim,) and len(sections) > 1
+            and any(isinstance(s, AttrInt) for s in sections)
+            and not any(isinstance(s, Dyn) and s.src for s in sections)):
+        ctx.hold([s for s in sections if not isinstance(s, AttrInt)])  # e.g. self.dim - self.p
+        if any(ctx.size_role(s, x) != "fixed" for s in sections):
+            return _split_by_attributes(ctx, x, sections, out)
     # a size computed in forward (e.g. x.size(1) // 2) follows the pruned width; a literal does not
     computed = ctx.is_computed(size, x if isinstance(x, TVal) and x.tracked else None)
+    kind = ("computed from widths or attributes that must stay:" if ctx.is_computed(size)
+            or any(isinstance(s, AttrInt) for s in sections) else "hard-coded")
     return _pieces(ctx, b["tensor"], b["dim"], out, computed,
-                   f"split with hard-coded sizes {size!r} {ctx.where()}")
+                   f"split with sizes {kind} {size!r} {ctx.where()}")
 
 
-def _split_by_attributes(ctx: RuleContext, x: TVal, sections: list[AttrInt], out: Any) -> Any:
+def _split_by_attributes(ctx: RuleContext, x: TVal, sections: list[Any], out: Any) -> Any:
     """``split((self.c, self.c), 1)``: each section keeps the count its attribute says; sections
-    sized by one attribute keep equal counts (position j of each goes together)."""
+    sized by one attribute keep equal counts (position j of each goes together). A section whose
+    size must stay (a literal, an attribute used where it cannot change) keeps its channels."""
     pieces = np.split(x.atoms, np.cumsum([int(s) for s in sections])[:-1])
     first: dict[str, np.ndarray] = {}
     for s, p in zip(sections, pieces, strict=True):
-        if s.qualname in first:
+        if ctx.size_role(s, x) == "fixed":
+            what = f"attribute {s.qualname}, which must stay" if isinstance(s, AttrInt) else \
+                "a size computed from attributes that must stay" if isinstance(s, Dyn) else \
+                "a hard-coded size"
+            ctx.pin(p, f"split section sized by {what} {ctx.where()}")
+        elif s.qualname in first:
             ctx.uf.union_arrays(first[s.qualname], p)
         else:
             first[s.qualname] = p
