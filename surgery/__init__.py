@@ -45,12 +45,16 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "register_function_rule": ("rules", "register_function_rule"),
     "register_module_rule": ("rules", "register_module_rule"),
     "RuleContext": ("rules", "RuleContext"),
-    "RuntimeMissingError": ("export", "RuntimeMissingError"), "save": ("artifact", "save"),
+    "RuntimeMissingError": ("errors", "RuntimeMissingError"), "save": ("artifact", "save"),
     "sparse": ("sparse", None), "SurgeryError": ("errors", "SurgeryError"),
     "trace": ("graph", "trace"), "TraceError": ("errors", "TraceError"),
     "TVal": ("groups", "TVal"), "UnsupportedLayerError": ("errors", "UnsupportedLayerError"),
     "VerificationError": ("errors", "VerificationError"), "verify": ("verify", "verify"),
     "VerifyReport": ("verify", "VerifyReport"),
+    "finetune": ("finetune", "finetune"), "FinetuneConfig": ("finetune", "FinetuneConfig"),
+    "Runtime": ("runtimes", "Runtime"), "LayerProgram": ("runtimes", "LayerProgram"),
+    "register_runtime": ("runtimes", "register_runtime"),
+    "get_runtime": ("runtimes", "get_runtime"), "runtime_names": ("runtimes", "runtime_names"),
 }
 __all__ = ["__version__", *_PUBLIC]
 
@@ -96,12 +100,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
         ExampleInputError,
         NothingToPruneError,
         PlanError,
+        RuntimeMissingError,
         SurgeryError,
         TraceError,
         UnsupportedLayerError,
         VerificationError,
     )
-    from .export import ExportError, ExportReport, RuntimeMissingError, export_onnx
+    from .export import ExportError, ExportReport, export_onnx
+    from .finetune import FinetuneConfig, finetune
     from .graph import ChannelGraph, fingerprint, trace
     from .groups import TVal
     from .latency import LatencyModel, latency_model, latency_plan, register_cost
@@ -109,6 +115,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
     from .plan import Plan
     from .plan import make_plan as plan
     from .rules import ModuleRule, RuleContext, register_function_rule, register_module_rule
+    from .runtimes import LayerProgram, Runtime, get_runtime, register_runtime, runtime_names
     from .stats import count_macs, count_params
     from .surgeon import apply, apply_
     from .verify import VerifyReport, verify

@@ -9,9 +9,9 @@ from torch import nn
 
 from .errors import ConfigError
 from .graph import Inputs, trace
-from .latency import RUNTIMES as LATENCY_RUNTIMES
 from .latency import latency_plan
 from .plan import Plan, make_plan
+from .runtimes import runtime_names
 from .stats import count_macs
 from .surgeon import apply
 from .verify import verify as check
@@ -38,9 +38,9 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
     """
     if ratio is not None and target_macs is not None:
         raise ConfigError("give exactly one of ratio= or target_macs=")
-    if allocate not in ("uniform", *LATENCY_RUNTIMES):
+    if allocate not in ("uniform", *runtime_names()):
         raise ConfigError(f"allocate must be 'uniform' or a runtime to allocate for "
-                          f"({', '.join(LATENCY_RUNTIMES)}), not {allocate!r}")
+                          f"({', '.join(runtime_names())}), not {allocate!r}")
     if allocate != "uniform":
         if target_macs is not None:
             raise ConfigError("target_macs= works with allocate='uniform' only; give ratio= "

@@ -11,7 +11,6 @@ plus params and MACs. For every model measured against a baseline:
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -29,10 +28,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ExampleInputError
-from .export import RuntimeMissingError, export_onnx, ort_session
+from .export import export_onnx
+from .runtimes import OrtRuntime, Runtime, check_all, get_runtime, runtime_names
 from .stats import count_macs, count_params
-
-RUNTIMES = ("torch", "cuda", "ort", "ort-cuda")
 
 
 @dataclass(frozen=True)
@@ -145,60 +143,6 @@ def environment(threads: int, runtimes: Sequence[str]) -> dict[str, Any]:
     return env
 
 
-def _check_runtimes(runtimes: Sequence[str]) -> None:
-    for rt in runtimes:
-        if rt not in RUNTIMES:
-            raise ConfigError(f"unknown runtime {rt!r}; expected some of {RUNTIMES}")
-        if rt in ("cuda",) and not torch.cuda.is_available():
-            raise RuntimeMissingError("runtime 'cuda' was requested but no CUDA GPU is visible "
-                                      "to PyTorch on this machine; drop it from runtimes")
-        if rt.startswith("ort"):
-            try:
-                import onnxruntime as ort
-            except ImportError as e:
-                raise RuntimeMissingError("runtime 'ort' needs onnxruntime: pip install "
-                                          "onnxruntime") from e
-            if rt == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeMissingError("runtime 'ort-cuda' needs onnxruntime-gpu with CUDA; "
-                                          f"available providers: {ort.get_available_providers()}")
-
-
-def _runner(model: nn.Module | None, runtime: str, x: torch.Tensor, onnx_path: str | None,
-            threads: int) -> Callable[[], None]:
-    if runtime == "torch":
-        assert model is not None
-
-        def run() -> None:
-            with torch.inference_mode():
-                model(x)
-        return run
-    if runtime == "cuda":
-        assert model is not None
-        gm, gx = copy.deepcopy(model).to("cuda"), x.to("cuda")
-
-        def run_cuda() -> None:
-            with torch.inference_mode():
-                gm(gx)
-        return run_cuda
-    provider = "CUDAExecutionProvider" if runtime == "ort-cuda" else "CPUExecutionProvider"
-    session = ort_session(onnx_path, threads, provider)  # type: ignore[arg-type]
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
-
-
-def _time_call(fn: Callable[[], None], cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return float(start.elapsed_time(end))
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
 def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (3, 224, 224), *,
           runtimes: Sequence[str] = ("torch", "ort"), batches: Sequence[int] = (1,),
           threads: int | None = None, baseline: str | None = None, warmup: int = 3,
@@ -223,7 +167,7 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
     """
     if not models:
         raise ConfigError("bench needs at least one model")
-    _check_runtimes(runtimes)
+    check_all(runtimes)
     auto, busy = free_threads()
     threads = threads or auto
     baseline = baseline or next(iter(models))
@@ -248,7 +192,7 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
         stats = {n: (count_params(m), _macs(n, m, sample)) if m is not None else
                  (_onnx_weights(onnx_paths[n]), 0) for n, m in models.items()}
         onnx_bytes = {n: os.path.getsize(p) for n, p in onnx_paths.items()}
-        if any(rt.startswith("ort") for rt in runtimes):
+        if any(get_runtime(rt).form == "onnx" for rt in runtimes):
             for name, m in models.items():
                 if name in onnx_paths:
                     continue
@@ -257,12 +201,13 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
                 p = os.path.join(tmpdir.name, f"{len(onnx_paths)}.onnx")
                 onnx_bytes[name] = export_onnx(m, sample, p).file_bytes
                 onnx_paths[name] = p
-        for rt in runtimes:
+        for rt_name in runtimes:
+            rt = get_runtime(rt_name)
             for b in batches:
                 if progress:
-                    progress(f"timing {len(models)} models on {rt}, batch {b}")
+                    progress(f"timing {len(models)} models on {rt.name}, batch {b}")
                 runnable = {n: m for n, m in models.items()
-                            if m is not None or rt.startswith("ort")}
+                            if m is not None or rt.form == "onnx"}
                 times = _alternate(runnable, rt, b, input_shape, onnx_paths, threads, warmup,
                                    rounds, min_round_ms)
                 base = float(np.median(times[baseline])) if baseline in times else None
@@ -274,9 +219,9 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
                     mac_ratio = stats[baseline][1] / macs if rel and macs else None
                     spread = _spread(times[baseline], t, rounds) if rel else (None, None)
                     report.rows.append(Measurement(
-                        name, rt, b, threads, med, float(np.percentile(t, 90)),
+                        name, rt.name, b, threads, med, float(np.percentile(t, 90)),
                         float(np.percentile(t, 99)), b * 1e3 / med, len(t), params, macs,
-                        onnx_bytes.get(name) if rt.startswith("ort") else None, speedup,
+                        onnx_bytes.get(name) if rt.form == "onnx" else None, speedup,
                         mac_ratio, speedup / mac_ratio if speedup and mac_ratio else None,
                         *spread))
     finally:
@@ -319,7 +264,8 @@ def _onnx_weights(path: str) -> int:
     return sum(int(np.prod(i.dims)) for i in onnx.load(path).graph.initializer)
 
 
-def _alternate(models: Mapping[str, nn.Module | None], rt: str, batch: int, shape: Sequence[int],
+def _alternate(models: Mapping[str, nn.Module | None], rt: Runtime, batch: int,
+               shape: Sequence[int],
                onnx_paths: Mapping[str, str], threads: int, warmup: int, rounds: int,
                min_round_ms: float) -> dict[str, list[float]]:
     x = torch.randn(batch, *shape)
@@ -330,16 +276,15 @@ def _alternate(models: Mapping[str, nn.Module | None], rt: str, batch: int, shap
         for name, m in models.items():
             if m is not None:
                 m.eval()
-            runners[name] = _runner(m, rt, x, onnx_paths.get(name), threads)
-        cuda = rt == "cuda"
+            runners[name] = rt.model_runner(m, x, onnx_paths.get(name), threads)
         reps: dict[str, int] = {}
         for name, fn in runners.items():
-            first = [_time_call(fn, cuda) for _ in range(warmup)][-1]
+            first = [rt.time_ms(fn) for _ in range(warmup)][-1]
             reps[name] = max(1, int(min_round_ms / max(first, 1e-3)))
         times: dict[str, list[float]] = {n: [] for n in runners}
         for _ in range(rounds):
             for name, fn in runners.items():
-                times[name] += [_time_call(fn, cuda) for _ in range(reps[name])]
+                times[name] += [rt.time_ms(fn) for _ in range(reps[name])]
         return times
     finally:
         for m, mode in modes.items():
@@ -347,23 +292,19 @@ def _alternate(models: Mapping[str, nn.Module | None], rt: str, batch: int, shap
 
 
 def ort_op_profile(onnx_path: str, input_shape: Sequence[int], *, threads: int = 1,
-                   runs: int = 20) -> dict[str, float]:
+                   runs: int = 20, runtime: str = "ort") -> dict[str, float]:
     """Milliseconds per run spent in each ONNX op type, from ONNX Runtime's own profiler.
 
     Explains where a pruned model's time goes when its speedup falls short of its MAC ratio
     (e.g. memory-bound depthwise convs or elementwise ops that pruning shrinks less than convs).
     """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.enable_profiling = True
-    opts.log_severity_level = 3
+    ort = get_runtime(runtime)
+    if not isinstance(ort, OrtRuntime):
+        onnx_ones = [n for n in runtime_names() if isinstance(get_runtime(n), OrtRuntime)]
+        raise ConfigError(f"runtime {runtime!r} is not ONNX Runtime; profile on one of "
+                          f"{onnx_ones}")
     with tempfile.TemporaryDirectory() as tmp:
-        opts.profile_file_prefix = os.path.join(tmp, "ort_profile")
-        session = ort.InferenceSession(onnx_path, sess_options=opts,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.session(onnx_path, threads, profile=os.path.join(tmp, "ort_profile"))
         feed = {session.get_inputs()[0].name: np.random.randn(*input_shape).astype(np.float32)}
         for _ in range(runs):
             session.run(None, feed)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import SurgeryError
+from .runtimes import runtime_names
 from .spec import SpecError, parse_kwargs
 
 if TYPE_CHECKING:  # torch is imported where a command needs it: `surgery --help` stays fast
@@ -235,12 +236,12 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
 @click.option("--data", default=None, metavar="digits|DIR", help="Data for --steps fine-tuning.")
 @click.option("--epochs", type=int, default=5, show_default=True,
               help="Fine-tuning epochs after each of the --steps.")
-@click.option("--allocate", type=click.Choice(["uniform", "ort", "torch"]), default="uniform",
-              show_default=True, help="uniform: remove --ratio of every group. ort / torch: "
+@click.option("--allocate", type=click.Choice(["uniform", *runtime_names()]), default="uniform",
+              show_default=True, help="uniform: remove --ratio of every group. A runtime: "
               "remove as many MACs, from the layers where that runtime saves the most time "
               "(each layer is timed here first).")
 @click.option("--threads", type=int, default=1, show_default=True,
-              help="Threads the runtime is timed with for --allocate ort/torch.")
+              help="Threads the runtime is timed with for --allocate RUNTIME.")
 @click.option("--exact", is_flag=True, help="Keep the channels that pass a cross-channel norm "
               "(a transformer's embedding width): the pruned model stays exactly equivalent.")
 @click.pass_context
@@ -428,7 +429,7 @@ def export(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sh
 @trust_code
 @input_shape
 @click.option("--runtime", default="torch,ort", show_default=True,
-              help="Comma list of torch, cuda, ort, ort-cuda.")
+              help=f"Comma list of {', '.join(runtime_names())}.")
 @click.option("--batch", default="1", show_default=True, help="Comma list of batch sizes.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads (default: the cores other processes leave free).")

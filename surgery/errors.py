@@ -33,3 +33,7 @@ class VerificationError(SurgeryError, RuntimeError):
 
 class NothingToPruneError(SurgeryError, ValueError):
     """No coupled group of the model has channels that may be removed."""
+
+
+class RuntimeMissingError(SurgeryError, RuntimeError):
+    """A requested runtime (onnxruntime, CUDA) is not available on this machine."""

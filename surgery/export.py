@@ -27,15 +27,12 @@ from torch import nn
 from .errors import SurgeryError
 from .graph import Inputs, as_tuple
 from .plan import default_mode
+from .runtimes import ort_session
 from .stats import count_params
 
 
 class ExportError(SurgeryError, RuntimeError):
     """The model could not be exported to ONNX, or the file does not match PyTorch."""
-
-
-class RuntimeMissingError(SurgeryError, RuntimeError):
-    """A requested runtime (onnxruntime, CUDA) is not available on this machine."""
 
 
 @dataclass(frozen=True)
@@ -48,31 +45,6 @@ class ExportReport:
     torch_params: int
     max_rel_error: float
     opset: int
-
-
-def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None,
-                provider: str = "CPUExecutionProvider") -> Any:
-    """An ONNX Runtime session with explicit threads and no spinning worker threads.
-
-    Spinning threads of several live sessions steal cores from each other, so they are off.
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise RuntimeMissingError("onnxruntime is not installed; pip install onnxruntime "
-                                  "(or use ./run, which installs it)") from e
-    if provider not in ort.get_available_providers():
-        raise RuntimeMissingError(f"ONNX Runtime provider {provider} is not available here "
-                                  f"(available: {ort.get_available_providers()})")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, sess_options=opts, providers=[provider])
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

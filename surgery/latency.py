@@ -2,14 +2,14 @@
 
 A uniform ratio removes the same share of every group, but on a real runtime a MAC is not a MAC:
 a depthwise or a narrow high-resolution conv costs far more time per MAC than a wide 3x3 conv. Here
-every conv/linear call of the model is timed alone on the target runtime (ONNX Runtime CPU or
-PyTorch eager) at a few widths of its input and output channels; the allocator then removes
-channels step by step (``round_to`` units at a time) from the group whose next step saves the most
-estimated time per MAC removed, until the model's MACs reach the budget. The budget is the MACs of
-the uniform plan at ``ratio``, so the result has the same arithmetic as the uniform plan, laid out
-where the runtime profits (``budget="latency"``: the uniform plan's estimated time instead, reached
-with fewer MACs removed). Within a group, the least important channels by the criterion go first,
-as in :func:`surgery.plan`.
+every conv/linear call of the model is timed alone on the target runtime (an entry of
+:mod:`surgery.runtimes`: ONNX Runtime or PyTorch, CPU or CUDA) at a few widths of its input and
+output channels; the allocator then removes channels step by step (``round_to`` units at a time)
+from the group whose next step saves the most estimated time per MAC removed, until the model's
+MACs reach the budget. The budget is the MACs of the uniform plan at ``ratio``, so the result has
+the same arithmetic as the uniform plan, laid out where the runtime profits (``budget="latency"``:
+the uniform plan's estimated time instead, reached with fewer MACs removed). Within a group, the
+least important channels by the criterion go first, as in :func:`surgery.plan`.
 
 Per-layer cost knowledge lives with each layer's module rule (``ModuleRule.cost``, models in
 ``surgery/rules/cost.py``): Conv2d and Linear (timed, with MACs), BatchNorm2d (timed in eager, free
@@ -35,8 +35,8 @@ from .graph import ChannelGraph, Inputs, as_tuple, trace
 from .plan import Plan, _keep_count, make_plan, per_unit, plan_removing
 from .rules import module_rule
 from .rules.cost import Call, CostRule
+from .runtimes import Runtime, get_runtime, runtime_names
 
-RUNTIMES = ("ort", "torch")
 GRID = (1.0, 0.75, 0.5, 0.25)  # widths (fractions of the original) timed per axis
 
 
@@ -68,7 +68,8 @@ def cost_rule(m: nn.Module | type) -> CostRule | None:
     return cost if cost is not None and issubclass(cls, cost.types) else None
 
 
-def _time_ms(fn: Callable[[], Any], budget_s: float = 0.06, reps: int = 50) -> float:
+def _time_ms(fn: Callable[[], Any], runtime: Runtime, budget_s: float = 0.06,
+             reps: int = 50) -> float:
     """Lower quartile of repeated runs (at least 5, up to ``reps`` within ``budget_s``): a
     one-layer run is short, so the quartile is the stable figure under machine noise."""
     fn()
@@ -76,10 +77,8 @@ def _time_ms(fn: Callable[[], Any], budget_s: float = 0.06, reps: int = 50) -> f
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps and (len(times) < 5 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.percentile(times, 25)) * 1e3
+        times.append(runtime.time_ms(fn))
+    return float(np.percentile(times, 25))
 
 
 def find_calls(model: nn.Module, example_inputs: Inputs, graph: ChannelGraph) -> list[Call]:
@@ -166,19 +165,14 @@ def latency_model(model: nn.Module, example_inputs: Inputs, *, runtime: str = "o
 
     ``timer(call, widths) -> ms`` replaces the built-in timing (e.g. to time on another device).
     """
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"latency runtime must be one of {', '.join(RUNTIMES)}, "
+    if runtime not in runtime_names():
+        raise ConfigError(f"latency runtime must be one of {', '.join(runtime_names())}, "
                           f"not {runtime!r}")
+    rt = get_runtime(runtime)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be a positive int but received {threads!r}")
-    if runtime == "ort" and timer is None:
-        from .export import RuntimeMissingError
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as e:
-            raise RuntimeMissingError(f"latency-aware allocation for ONNX Runtime needs onnx and "
-                                      f"onnxruntime ({e}); pip install onnx onnxruntime") from e
+    if timer is None:
+        rt.check()
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore)
     calls = find_calls(model, example_inputs, graph)
@@ -186,8 +180,8 @@ def latency_model(model: nn.Module, example_inputs: Inputs, *, runtime: str = "o
     def builtin(call: Call, w: dict[str, int]) -> float:
         rule = cost_rule(call.module)
         assert rule is not None
-        run = rule.runner(call, w, runtime, threads)
-        return 0.0 if run is None else _time_ms(run)
+        run = rt.layer_runner(rule.program(call, w), threads)
+        return 0.0 if run is None else _time_ms(run, rt)
 
     time_it = timer or builtin
     start = time.perf_counter()
@@ -253,8 +247,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
         >>> p = surgery.latency_plan(model, torch.randn(1, 3, 224, 224), ratio=0.5,
         ...                          runtime="ort", threads=2)
     """
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"latency runtime must be one of {', '.join(RUNTIMES)}, "
+    if runtime not in runtime_names():
+        raise ConfigError(f"latency runtime must be one of {', '.join(runtime_names())}, "
                           f"not {runtime!r}")
     if budget not in ("latency", "macs"):
         raise ConfigError(f"budget must be 'latency' or 'macs', not {budget!r}")

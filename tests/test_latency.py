@@ -122,7 +122,7 @@ def test_prune_allocate() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"runtime": "tensorrt"}, "latency runtime must be one of ort, torch, not 'tensorrt'"),
+    ({"runtime": "tensorrt"}, "latency runtime must be one of torch, cuda, ort, ort-cuda"),
     ({"budget": "watts"}, "budget must be 'latency' or 'macs', not 'watts'"),
     ({"max_ratio": 0.3}, "max_ratio must be in [ratio=0.5, 1)"),
     ({"threads": 0}, "threads must be a positive int"),

@@ -1,20 +1,22 @@
-"""Cost models of layers: MACs at given channel widths, and a one-layer runner per runtime.
+"""Cost models of layers: MACs at given channel widths, and the layer as a program any runtime
+can run.
 
 A module rule carries its layer's cost model as ``ModuleRule.cost`` (so a new layer is one entry in
-one place); :mod:`surgery.latency` times the runners at a few widths and allocates the budget.
+one place). The cost model describes the layer at given widths once (:class:`LayerProgram`: eager
+call and ONNX nodes); each runtime in :mod:`surgery.runtimes` runs it its own way, and
+:mod:`surgery.latency` times it at a few widths and allocates the budget.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..runtimes import LayerProgram
 
 
 @dataclass
@@ -41,37 +43,13 @@ class CostRule:
     def macs(self, call: Call, w: dict[str, int]) -> float:
         raise NotImplementedError
 
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any] | None:
-        """A callable that runs the layer once at widths ``w``; None: free on this runtime."""
+    def program(self, call: Call, w: dict[str, int]) -> LayerProgram:
+        """The layer at widths ``w``, for a runtime to run (see :class:`LayerProgram`)."""
         raise NotImplementedError
 
     def coupled(self, call: Call) -> bool:
         """True when in and out shrink together (grouped convs lose whole groups)."""
         return False
-
-
-def _ort_runner(nodes: list[Any], inits: list[Any], x: np.ndarray, out_rank: int,
-                threads: int) -> Callable[[], Any]:
-    """A one-layer ONNX graph in an ONNX Runtime session (same options as the benchmark)."""
-    from onnx import TensorProto, helper
-
-    from ..export import ort_session
-
-    graph = helper.make_graph(
-        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    sess = ort_session(model.SerializeToString(), threads=threads)
-    feed = {"x": x}
-    return lambda: sess.run(None, feed)
-
-
-def _init(name: str, a: np.ndarray) -> Any:
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(a.astype(np.float32), name)
 
 
 class ConvCost(CostRule):
@@ -98,8 +76,7 @@ class ConvCost(CostRule):
         hw = math.prod(call.out_shape[2:])
         return call.out_shape[0] * hw * math.prod(m.kernel_size) * cout * (cin // g)
 
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any]:
+    def program(self, call: Call, w: dict[str, int]) -> LayerProgram:
         m = call.module
         cin, cout, g = self._shape(call, w)
         x = torch.randn(call.in_shape[0], cin, *call.in_shape[2:])
@@ -110,17 +87,13 @@ class ConvCost(CostRule):
                 [d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)]
         else:
             pad = list(m.padding)
-        if runtime == "torch":
-            def run() -> None:
-                with torch.inference_mode():
-                    F.conv2d(x, weight, bias, m.stride, pad, m.dilation, g)
-            return run
         from onnx import helper
         node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=list(m.stride),
                                 pads=pad + pad, dilations=list(m.dilation), group=g,
                                 kernel_shape=list(m.kernel_size))
-        return _ort_runner([node], [_init("w", weight.numpy()), _init("b", bias.numpy())],
-                           x.numpy(), 4, threads)
+        return LayerProgram(
+            [x, weight, bias], lambda x, w, b: F.conv2d(x, w, b, m.stride, pad, m.dilation, g),
+            [node], {"w": weight.numpy(), "b": bias.numpy()}, 4)
 
 
 class LinearCost(CostRule):
@@ -133,21 +106,15 @@ class LinearCost(CostRule):
     def macs(self, call: Call, w: dict[str, int]) -> float:
         return math.prod(call.in_shape[:-1]) * w["in"] * w["out"]
 
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any]:
+    def program(self, call: Call, w: dict[str, int]) -> LayerProgram:
         x = torch.randn(*call.in_shape[:-1], w["in"])
         weight = torch.randn(w["out"], w["in"])
         bias = torch.randn(w["out"])
-        if runtime == "torch":
-            def run() -> None:
-                with torch.inference_mode():
-                    F.linear(x, weight, bias)
-            return run
         from onnx import helper
         nodes = [helper.make_node("MatMul", ["x", "wt"], ["xw"]),
                  helper.make_node("Add", ["xw", "b"], ["y"])]
-        return _ort_runner(nodes, [_init("wt", weight.T.contiguous().numpy()),
-                                   _init("b", bias.numpy())], x.numpy(), x.ndim, threads)
+        return LayerProgram([x, weight, bias], F.linear, nodes,
+                            {"wt": weight.T.contiguous().numpy(), "b": bias.numpy()}, x.ndim)
 
 
 class NormCost(CostRule):
@@ -165,15 +132,10 @@ class NormCost(CostRule):
     def macs(self, call: Call, w: dict[str, int]) -> float:
         return 0.0
 
-    def runner(self, call: Call, w: dict[str, int], runtime: str,
-               threads: int) -> Callable[[], Any] | None:
-        if runtime != "torch":
-            return None
+    def program(self, call: Call, w: dict[str, int]) -> LayerProgram:
         c = w["out"]
         x = torch.randn(call.in_shape[0], c, *call.in_shape[2:])
-        mean, var, weight, bias = torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)
-
-        def run() -> None:
-            with torch.inference_mode():
-                F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
-        return run
+        stats = [torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)]
+        return LayerProgram(  # ONNX Runtime folds it into the conv before: no nodes
+            [x, *stats], lambda x, m, v, g, b: F.batch_norm(x, m, v, g, b, False, 0.0, 1e-5),
+            None)
