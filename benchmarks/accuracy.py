@@ -20,14 +20,13 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import surgery
+from surgery.atomic import write_text
 from surgery.data import digits
 from surgery.finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
-from surgery.plan import atomic_write_text
 from surgery.spec import build_model
 
 HERE = os.path.dirname(__file__)
@@ -59,7 +58,7 @@ def main() -> int:
         for path in args.merge:
             with open(path) as f:
                 rows += json.load(f)["rows"]
-        atomic_write_text(Path(args.out), json.dumps({"args": vars(args), "rows": rows},
+        write_text(args.out, json.dumps({"args": vars(args), "rows": rows},
                                                      indent=1))
         table(rows)
         plot(rows, args.plot)
@@ -106,7 +105,7 @@ def main() -> int:
                                           distill=0.7))[-1].val_acc
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                atomic_write_text(Path(args.out), json.dumps({"args": vars(args),
+                write_text(args.out, json.dumps({"args": vars(args),
                                                               "rows": rows}, indent=1))
     table(rows)
     plot(rows, args.plot)

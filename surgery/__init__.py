@@ -4,6 +4,7 @@
     plan  = surgery.plan(model, x, ratio=0.5)   # which channels every layer keeps (JSON-able)
     small = surgery.apply(model, plan)          # a new smaller model; `model` untouched
     small = surgery.prune(model, x, ratio=0.5)  # plan + apply + verify
+    small = surgery.prune(model, x, surgery.MacBudget(0.25))  # a typed config: keep 25% MACs
     plan  = surgery.latency_plan(model, x, ratio=0.5, runtime="ort")  # same MACs, laid out
                                                 # where ONNX Runtime saves the most time
 
@@ -13,6 +14,7 @@ The public names load on first use (importing torch takes seconds; `surgery --he
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 import types
 from importlib.metadata import PackageNotFoundError, version
@@ -38,7 +40,7 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "load": ("artifact", "load"), "MaskReport": ("masks", "MaskReport"),
     "NothingToPruneError": ("errors", "NothingToPruneError"),
     "Measurement": ("bench", "Measurement"), "ModuleRule": ("rules", "ModuleRule"),
-    "Plan": ("plan", "Plan"), "plan": ("plan", "make_plan"),
+    "Plan": ("plan", "Plan"), "plan": ("api", "plan"),
     "plan_for_macs": ("api", "plan_for_macs"), "PlanError": ("errors", "PlanError"),
     "prune": ("api", "prune"), "register_cost": ("latency", "register_cost"),
     "register_criterion": ("criteria", "register_criterion"),
@@ -55,12 +57,16 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "Runtime": ("runtimes", "Runtime"), "LayerProgram": ("runtimes", "LayerProgram"),
     "register_runtime": ("runtimes", "register_runtime"),
     "get_runtime": ("runtimes", "get_runtime"), "runtime_names": ("runtimes", "runtime_names"),
+    "PruneConfig": ("config", "PruneConfig"), "Uniform": ("config", "Uniform"),
+    "MacBudget": ("config", "MacBudget"), "RuntimeAware": ("config", "RuntimeAware"),
+    "config_from_dict": ("config", "config_from_dict"),
 }
 __all__ = ["__version__", *_PUBLIC]
 
 #: public functions that share their name with a submodule: the function wins, as it would with
 #: eager imports (the import system would otherwise bind the submodule once it is imported)
-_SHADOWED = {name for name, (mod, attr) in _PUBLIC.items() if name == mod and attr is not None}
+_SHADOWED = {name for name, (_, attr) in _PUBLIC.items() if attr is not None} & {
+    m.name for m in pkgutil.iter_modules(__path__)}
 
 
 def __getattr__(name: str) -> Any:
@@ -91,9 +97,10 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same names
     from . import sparse
-    from .api import plan_for_macs, prune
+    from .api import plan, plan_for_macs, prune
     from .artifact import ArtifactError, load, save
     from .bench import BenchReport, Measurement, bench
+    from .config import MacBudget, PruneConfig, RuntimeAware, Uniform, config_from_dict
     from .criteria import criteria, register_criterion
     from .errors import (
         ConfigError,
@@ -113,7 +120,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
     from .latency import LatencyModel, latency_model, latency_plan, register_cost
     from .masks import MaskReport, from_masks
     from .plan import Plan
-    from .plan import make_plan as plan
     from .rules import ModuleRule, RuleContext, register_function_rule, register_module_rule
     from .runtimes import LayerProgram, Runtime, get_runtime, register_runtime, runtime_names
     from .stats import count_macs, count_params

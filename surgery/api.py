@@ -1,14 +1,16 @@
-"""prune(): plan + apply + verify in one call."""
+"""plan(): a config to a plan, whichever strategy; prune(): plan + apply + verify in one call."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
+from .config import MacBudget, PruneConfig, RuntimeAware, Uniform
 from .errors import ConfigError
-from .graph import Inputs, trace
+from .graph import ChannelGraph, Inputs, trace
 from .latency import latency_plan
 from .plan import Plan, make_plan
 from .runtimes import runtime_names
@@ -17,46 +19,85 @@ from .surgeon import apply
 from .verify import verify as check
 
 
-def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = None,
-          criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
-          verify: bool = True, target_macs: float | None = None, allocate: str = "uniform",
-          threads: int = 1, exact: bool = False) -> nn.Module:
-    """A new, physically smaller model with ``ratio`` of every group's channels removed.
-
-    The input model is never modified. With ``verify`` (default) the result is checked against
-    the original with the removed channels zeroed and a :class:`VerificationError` is raised on
-    any difference. ``target_macs`` (a fraction of the original MACs) replaces ``ratio``.
-    ``allocate="ort"`` or ``"torch"`` removes as many MACs as ``ratio`` would, from the layers where
-    that runtime (timed here with ``threads`` threads) saves the most time
-    (:func:`surgery.latency_plan`); ``"uniform"`` removes ``ratio`` of every group. ``exact``
-    keeps the channels that pass a cross-channel norm (a transformer's embedding width), so the
-    result is exactly equivalent (see :func:`surgery.plan`).
-
-    Example:
-        >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
-        ...                       ratio=0.5)
-    """
+def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
+              target_macs: float | None = None, allocate: str = "uniform", threads: int = 1,
+              criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
+              seed: int = 0, exact: bool = False) -> PruneConfig:
+    """``config``, or the config the keyword settings describe (the older calling style)."""
+    if config is not None:
+        if not isinstance(config, PruneConfig):
+            raise ConfigError(f"expected a prune config (surgery.Uniform(0.5), MacBudget, "
+                              f"RuntimeAware) but received {config!r}")
+        return config
     if ratio is not None and target_macs is not None:
         raise ConfigError("give exactly one of ratio= or target_macs=")
     if allocate not in ("uniform", *runtime_names()):
         raise ConfigError(f"allocate must be 'uniform' or a runtime to allocate for "
                           f"({', '.join(runtime_names())}), not {allocate!r}")
+    common = {"criterion": criterion, "round_to": round_to, "ignore": tuple(ignore),
+              "seed": seed, "exact": exact}
     if allocate != "uniform":
         if target_macs is not None:
             raise ConfigError("target_macs= works with allocate='uniform' only; give ratio= "
                               "(the latency-aware plan removes as many MACs as that ratio)")
-        plan = latency_plan(model, example_inputs, ratio=ratio, runtime=allocate,  # type: ignore[arg-type]
-                            threads=threads, criterion=criterion, round_to=round_to,
-                            ignore=ignore, seed=seed)
-    elif target_macs is not None:
-        plan = plan_for_macs(model, example_inputs, target_macs=target_macs, criterion=criterion,
-                             round_to=round_to, ignore=ignore, seed=seed)
-    else:  # a missing ratio is reported by make_plan, with the range it takes
-        plan = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,  # type: ignore[arg-type]
-                         round_to=round_to, ignore=ignore, seed=seed, exact=exact)
-    small = apply(model, plan)
+        if ratio is None:
+            raise ConfigError(f"allocate={allocate!r} needs ratio= (it removes as many MACs "
+                              "as that ratio would)")
+        return RuntimeAware(ratio=ratio, runtime=allocate, threads=threads, **common)
+    if target_macs is not None:
+        if not isinstance(target_macs, int | float) or not 0 < target_macs < 1:
+            raise ConfigError(f"target_macs must be a fraction in (0, 1) but received "
+                              f"{target_macs!r}")
+        return MacBudget(keep=target_macs, **common)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ConfigError(f"ratio must be a number in [0, 1) but received {ratio!r}")
+    return Uniform(ratio=ratio, **common)
+
+
+def plan(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = None, *,
+         graph: ChannelGraph | None = None, **settings: Any) -> Plan:
+    """Decide which channels every layer keeps, as ``config`` says.
+
+    ``config`` is a :class:`surgery.Uniform` (remove a ratio of every group), a
+    :class:`surgery.MacBudget` (keep a fraction of the MACs) or a :class:`surgery.RuntimeAware`
+    (as many MACs as a ratio, laid out where a runtime saves most time); or give its settings as
+    keywords (``ratio=0.5``, ``target_macs=0.25``, ``allocate="ort"``, ``criterion`` …).
+    ``graph``: a graph from :func:`surgery.trace` of the same model, to skip tracing again. The
+    plan records the config (``plan.settings["config"]``).
+
+    Example:
+        >>> p = surgery.plan(model, torch.randn(1, 3, 224, 224), surgery.Uniform(0.5))
+        >>> p.save("plan.json")
+    """
+    cfg = as_config(config, **settings)
+    if isinstance(cfg, RuntimeAware):
+        return latency_plan(model, example_inputs, ratio=cfg.ratio, runtime=cfg.runtime,
+                            threads=cfg.threads, criterion=cfg.criterion, round_to=cfg.round_to,
+                            ignore=cfg.ignore, seed=cfg.seed, budget=cfg.budget,
+                            max_ratio=cfg.max_ratio, graph=graph, exact=cfg.exact)
+    if isinstance(cfg, MacBudget):
+        return plan_for_macs(model, example_inputs, cfg, graph=graph)
+    assert isinstance(cfg, Uniform)
+    return make_plan(model, example_inputs, cfg, graph=graph)
+
+
+def prune(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = None, *,
+          verify: bool = True, **settings: Any) -> nn.Module:
+    """A new, physically smaller model, pruned as ``config`` says (see :func:`surgery.plan`;
+    ``ratio=0.5`` and the other keyword settings work too).
+
+    The input model is never modified. With ``verify`` (default) the result is checked against
+    the original with the removed channels zeroed and a :class:`VerificationError` is raised on
+    any difference.
+
+    Example:
+        >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
+        ...                       surgery.Uniform(0.5))
+    """
+    p = plan(model, example_inputs, config, **settings)
+    small = apply(model, p)
     if verify:
-        check(model, small, plan, example_inputs)
+        check(model, small, p, example_inputs)
     return small
 
 
@@ -64,9 +105,10 @@ def prune(model: nn.Module, example_inputs: Inputs, *, ratio: float | None = Non
 LANDING = 0.05
 
 
-def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: float,
-                  criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
-                  seed: int = 0, tolerance: float = 0.01) -> Plan:
+def plan_for_macs(model: nn.Module, example_inputs: Inputs, config: MacBudget | None = None, *,
+                  target_macs: float | None = None, criterion: str = "l2", round_to: int = 8,
+                  ignore: Sequence[str] = (), seed: int = 0, tolerance: float = 0.01,
+                  graph: ChannelGraph | None = None) -> Plan:
     """The plan with the smallest uniform ratio whose model keeps at most ``target_macs`` of the
     original MACs (e.g. 0.5 = half), found by bisection on the ratio. Where ``round_to`` makes
     the steps too coarse to land within 5 points below the target (16 channels round to 8 or 16),
@@ -76,14 +118,19 @@ def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: floa
     Example:
         >>> plan = surgery.plan_for_macs(model, x, target_macs=0.5)
     """
-    if not 0 < target_macs < 1:
-        raise ConfigError(f"target_macs must be a fraction in (0, 1) but received {target_macs!r}")
-    graph = trace(model, example_inputs, ignore=ignore)
+    if config is None:
+        config = as_config(target_macs=target_macs, criterion=criterion,  # type: ignore[assignment]
+                           round_to=round_to, ignore=ignore, seed=seed)
+    assert isinstance(config, MacBudget)
+    target_macs, round_to = config.keep, config.round_to
+    if graph is None:
+        graph = trace(model, example_inputs, ignore=config.ignore)
     full = count_macs(model, example_inputs)
+    common = {k: v for k, v in config.to_dict().items() if k not in ("kind", "keep")}
 
     def attempt(ratio: float, step: int) -> tuple[Plan, float]:
-        p = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
-                      round_to=step, ignore=ignore, seed=seed, graph=graph)
+        p = make_plan(model, example_inputs, Uniform(**{**common, "ratio": ratio,
+                                                        "round_to": step}), graph=graph)
         return p, count_macs(apply(model, p), example_inputs) / full
 
     def search(step: int) -> tuple[Plan, float]:
@@ -120,7 +167,9 @@ def plan_for_macs(model: nn.Module, example_inputs: Inputs, *, target_macs: floa
                      "coarse")
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    settings = {**best.settings, "target_macs": target_macs, "macs_kept": round(kept, 4)}
+    settings = {**best.settings, "target_macs": target_macs, "macs_kept": round(kept, 4),
+                "config": config.to_dict()}
     if notes:
         settings["warnings"] = [*settings.get("warnings", []), *notes]
-    return Plan(best.model_class, best.fingerprint, best.layers, best.exact, settings)
+    return Plan(best.model_class, best.fingerprint, best.layers, best.exact, settings,
+                best.attributes)

@@ -5,7 +5,7 @@
     DIR/weights.safetensors  the pruned model's parameters and buffers
     DIR/...                  anything else the caller adds (model.onnx, report.md, report.json)
 
-``save`` swaps the new directory in atomically (``surgery.atomic_dir``): a kill at any moment
+``save`` swaps the new directory in atomically (``surgery.atomic``): a kill at any moment
 leaves the old DIR or the complete new one, and the next save cleans what a killed one left.
 ``load(DIR)`` rebuilds the original architecture from its spec, applies the plan and loads the
 weights, checking fingerprints and hashes at each step; it never returns a half-loaded model.
@@ -27,10 +27,10 @@ from typing import Any
 
 from torch import nn
 
-from .atomic_dir import recover, replacing
+from .atomic import default_mode, recover, replacing
 from .errors import PlanError, SurgeryError
 from .graph import fingerprint
-from .plan import Plan, default_mode
+from .plan import Plan
 from .spec import build_model, canonical, code_file
 from .surgeon import apply
 

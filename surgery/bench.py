@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import ConfigError, ExampleInputError
 from .export import export_onnx
+from .modes import switched_mode
 from .runtimes import OrtRuntime, Runtime, check_all, get_runtime, runtime_names
 from .stats import count_macs, count_params
 
@@ -269,14 +270,9 @@ def _alternate(models: Mapping[str, nn.Module | None], rt: Runtime, batch: int,
                onnx_paths: Mapping[str, str], threads: int, warmup: int, rounds: int,
                min_round_ms: float) -> dict[str, list[float]]:
     x = torch.randn(batch, *shape)
-    modes = {m: m.training for model in models.values() if model is not None
-             for m in model.modules()}
-    try:
-        runners = {}
-        for name, m in models.items():
-            if m is not None:
-                m.eval()
-            runners[name] = rt.model_runner(m, x, onnx_paths.get(name), threads)
+    with switched_mode(*models.values()):
+        runners = {name: rt.model_runner(m, x, onnx_paths.get(name), threads)
+                   for name, m in models.items()}
         reps: dict[str, int] = {}
         for name, fn in runners.items():
             first = [rt.time_ms(fn) for _ in range(warmup)][-1]
@@ -286,9 +282,6 @@ def _alternate(models: Mapping[str, nn.Module | None], rt: Runtime, batch: int,
             for name, fn in runners.items():
                 times[name] += [rt.time_ms(fn) for _ in range(reps[name])]
         return times
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def ort_op_profile(onnx_path: str, input_shape: Sequence[int], *, threads: int = 1,

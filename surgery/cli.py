@@ -244,15 +244,17 @@ def inspect(ctx: click.Context, model: str, model_args: tuple[str, ...], input_s
               help="Threads the runtime is timed with for --allocate RUNTIME.")
 @click.option("--exact", is_flag=True, help="Keep the channels that pass a cross-channel norm "
               "(a transformer's embedding width): the pruned model stays exactly equivalent.")
+@click.option("--override", "overrides", multiple=True, metavar="LAYER=RATIO",
+              help="Another ratio for the groups of LAYER (a name or re:regex; repeatable; 0 "
+              "keeps them whole).")
 @click.pass_context
 def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_shape: str | None,
           ratio: float | None, target_macs: float | None, criterion: str, round_to: int,
           ignore: tuple[str, ...], out_dir: str | None, no_onnx: bool, dry_run: bool,
           as_json: bool, steps: int, data: str | None, epochs: int, allocate: str,
-          threads: int, exact: bool) -> None:
-    from .api import plan_for_macs
-    from .latency import latency_plan
-    from .plan import make_plan
+          threads: int, exact: bool, overrides: tuple[str, ...]) -> None:
+    from .api import as_config
+    from .api import plan as make_plan
 
     if not dry_run and not out_dir:
         raise UserError("--out DIR is required (or pass --dry-run)")
@@ -272,6 +274,10 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
                         "ratio would) and works in one step")
     if threads < 1:
         raise UserError(f"--threads must be at least 1 but received {threads}")
+    config = as_config(ratio=ratio, target_macs=target_macs, allocate=allocate, threads=threads,
+                       criterion=criterion, round_to=round_to, ignore=ignore, exact=exact)
+    if overrides:
+        config = config.replace(overrides=_overrides(overrides))
     net, meta = _load(model, model_args)
     shape = _default_shape(meta, input_shape)
     x = _torch().randn(shape)
@@ -284,17 +290,24 @@ def prune(ctx: click.Context, model: str, model_args: tuple[str, ...], input_sha
     planning = f"tracing and planning {model}" if allocate == "uniform" else \
         f"timing every layer on {allocate} ({threads} threads) and planning {model}"
     with _step(ctx, planning):
-        if allocate != "uniform":
-            plan = latency_plan(net, x, ratio=ratio, runtime=allocate, threads=threads,  # type: ignore[arg-type]
-                                criterion=criterion, round_to=round_to, ignore=ignore)
-        elif target_macs is not None:
-            plan = plan_for_macs(net, x, target_macs=target_macs, criterion=criterion,
-                                 round_to=round_to, ignore=ignore)
-        else:
-            plan = make_plan(net, x, ratio=ratio, criterion=criterion, round_to=round_to,
-                             ignore=ignore, exact=exact)
+        plan = make_plan(net, x, config)
     _rebuild_and_finish(ctx, model, meta, net, plan, x, shape, out_dir, no_onnx, dry_run,
                         as_json)
+
+
+def _overrides(items: Sequence[str]) -> dict[str, float]:
+    """``--override LAYER=RATIO`` flags as a dict (the last ``=`` splits: regexes may hold one)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise UserError(f"--override takes LAYER=RATIO (e.g. layer4=0.2 or 're:^fc$=0'), "
+                            f"not {item!r}")
+    return out
 
 
 def _prune_in_steps(ctx: click.Context, net: nn.Module, x: torch.Tensor, ratio: float,

@@ -18,17 +18,17 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import default_mode
 from .errors import SurgeryError
 from .graph import Inputs, as_tuple
-from .plan import default_mode
 from .runtimes import ort_session
 from .stats import count_params
+from .tensors import output_tensors, rel_error
 
 
 class ExportError(SurgeryError, RuntimeError):
@@ -45,17 +45,6 @@ class ExportReport:
     torch_params: int
     max_rel_error: float
     opset: int
-
-
-def _leaves(out: Any) -> list[torch.Tensor]:
-    """The output's tensors in the order the exported graph lists them (dicts by insertion)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, tuple | list):
-        return [t for o in out for t in _leaves(o)]
-    return []
 
 
 def _check_target(path: Path) -> None:
@@ -113,15 +102,11 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
         proto = onnx.load(str(tmp), load_external_data=False)
         session = ort_session(tmp)
         with torch.no_grad():
-            want = [t.numpy() for t in _leaves(model(*inputs))]
+            want = [t.numpy() for t in output_tensors(model(*inputs))]
         feed = {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
         got = session.run(None, feed)
         del session
-        err = 0.0
-        for a, b in zip(got, want, strict=False):
-            scale = float(np.abs(b).max()) if b.size else 0.0
-            diff = float(np.abs(a - b).max()) if b.size else 0.0
-            err = max(err, diff / scale if scale > 0 else diff)
+        err = max((rel_error(a, b) for a, b in zip(got, want, strict=False)), default=0.0)
         if len(got) != len(want) or not err <= rtol:
             raise ExportError(f"ONNX Runtime output differs from PyTorch: max relative error "
                               f"{err:.3g} > {rtol:g} ({len(got)} vs {len(want)} outputs)")

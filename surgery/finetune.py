@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .atomic import default_mode, replacing
 from .data import DataError
 from .errors import ConfigError
-from .plan import default_mode
+from .modes import switched_mode
 
 
 @dataclass(frozen=True)
@@ -52,18 +51,12 @@ class EpochLog:
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy in eval mode (the model's mode is restored)."""
-    modes = {m: m.training for m in model.modules()}
     dev = _device(model)
     correct = total = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for x, y in DataLoader(data, batch_size=batch_size):
-                correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
-                total += len(y)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with switched_mode(model), torch.no_grad():
+        for x, y in DataLoader(data, batch_size=batch_size):
+            correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
+            total += len(y)
     return correct / max(total, 1)
 
 
@@ -77,16 +70,14 @@ def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20,
              and m.track_running_stats]
     if not norms:
         return
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
     try:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
-        model.train()
         g = torch.Generator().manual_seed(0)
         dev = _device(model)
-        with torch.no_grad():
+        with switched_mode(model, train=True), torch.no_grad():
             for i, (x, _) in enumerate(DataLoader(data, batch_size=batch_size, shuffle=True,
                                                   generator=g)):
                 if i >= batches:
@@ -95,8 +86,6 @@ def recalibrate_bn(model: nn.Module, data: Dataset, *, batches: int = 20,
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -168,20 +157,10 @@ def _save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimiz
             "scalars": scalars, "scheduler": sched.state_dict(),
             "history": [asdict(h) for h in history]}
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    default_mode(tmp, directory=True)
-    try:
+    with replacing(directory) as tmp:
+        default_mode(tmp, directory=True)
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,

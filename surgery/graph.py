@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
+from .modes import switched_mode
 from .rules import function_rule, leaf_rule, module_rule
 from .sizes import AttrInt, Dyn, attribute_ints, derive
 
@@ -165,7 +166,7 @@ def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
     return _dyn(out)
 
 
-class _Recorder(torch.fx.Interpreter):
+class Recorder(torch.fx.Interpreter):
     """Runs the traced graph once and keeps the shape skeleton of every node's value."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
@@ -580,9 +581,9 @@ def _squeezed_map(a: Sequence[int], b: Sequence[int]) -> dict[int, int]:
     """Dims of shape ``a`` that a reshape to ``b`` keeps whole (size > 1): a dim -> b dim."""
     ia = [d for d, n in enumerate(a) if n != 1]
     ib = [d for d, n in enumerate(b) if n != 1]
-    from .rules.functions import _blocks  # (the rules import this module)
+    from .rules.functions import reshape_blocks  # (the rules import this module)
 
-    blocks = _blocks([a[d] for d in ia], [b[d] for d in ib])
+    blocks = reshape_blocks([a[d] for d in ia], [b[d] for d in ib])
     return {ia[i[0]]: ib[o[0]] for i, o in blocks or [] if len(i) == 1 and len(o) == 1}
 
 
@@ -689,8 +690,10 @@ def _defaults(model: nn.Module, n_inputs: int | None) -> dict[str, Any] | None:
     return bound or None
 
 
-def _fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = None
-              ) -> torch.fx.Graph:
+def fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = None
+             ) -> torch.fx.Graph:
+    """torch.fx graph of ``model``'s forward, layers in ``opaque`` and ruled leaves kept as
+    calls; a failure names the user's source line."""
     tracer = _Tracer(opaque)
     try:
         return tracer.trace(model, concrete_args=_defaults(model, n_inputs))
@@ -753,7 +756,7 @@ TRACERS = ("auto", "fx", "run")
 
 def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tuple) -> None:
     gm = torch.fx.GraphModule(model, graph)
-    rec = _Recorder(gm)
+    rec = Recorder(gm)
     with torch.no_grad():
         rec.run(*inputs)
     ctx.run(model, graph, rec.meta)
@@ -783,13 +786,12 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
         raise ValueError(f"tracer must be one of {TRACERS}, not {tracer!r}")
     inputs = as_tuple(example_inputs)
     ignore = tuple(ignore)
-    modes = {m: m.training for m in model.modules()}
     # symbolic tracing runs in-place updates on real buffers (``num_batches_tracked.add_(1)`` in a
     # BatchNorm subclass's train-mode forward), and a recorded forward may too: put them back
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     notes: list[str] = []
     try:
-        with attribute_ints(model):
+        with attribute_ints(model), switched_mode(model, train=None):
             ctx, used, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
             crossed = ctx.crossed_groups()
             if crossed:  # a channel shuffle ties their groups: trace again, pruning by width
@@ -802,8 +804,6 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
                                  f"{' …' if len(crossed) > 4 else ''}")
             tracer = used
     finally:
-        for m, mode in modes.items():
-            m.training = mode
         with torch.no_grad():
             for b, saved in buffers:
                 if not torch.equal(b, saved):
@@ -833,7 +833,7 @@ def _trace_modes(model: nn.Module, inputs: tuple, ignore: tuple, tracer: str,
     if tracer != "run":
         ctx = _Context(ignore, by_width)
         try:
-            eval_graph = _fx_trace(model, ignore, len(inputs))
+            eval_graph = fx_trace(model, ignore, len(inputs))
             return ctx, "fx", _fx_traced(ctx, model, eval_graph, inputs, ignore)
         except (TraceError, _WrappedCall) as e:
             if tracer == "fx":
@@ -874,7 +874,7 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
     """Analyse the symbolic eval graph, and the train graph where it differs (aux heads)."""
     _analyse(ctx, model, eval_graph, inputs)
     model.train()
-    graph_t = _fx_trace(model, ignore, len(inputs)) if _mode_dependent(model, eval_graph) \
+    graph_t = fx_trace(model, ignore, len(inputs)) if _mode_dependent(model, eval_graph) \
         else eval_graph
     if _signature(graph_t) == _signature(eval_graph):
         return False

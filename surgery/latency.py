@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import RuntimeAware
 from .criteria import get_criterion
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, as_tuple, trace
-from .plan import Plan, _keep_count, make_plan, per_unit, plan_removing
+from .modes import switched_mode
+from .plan import Plan, keep_count, make_plan, per_unit, plan_removing
 from .rules import module_rule
 from .rules.cost import Call, CostRule
 from .runtimes import Runtime, get_runtime, runtime_names
@@ -98,16 +100,12 @@ def find_calls(model: nn.Module, example_inputs: Inputs, graph: ChannelGraph) ->
             calls.append(Call(p, m, tuple(args[0].shape), tuple(out.shape), slots))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if cost_rule(m)]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with switched_mode(model), torch.no_grad():
             model(*as_tuple(example_inputs))
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return calls
 
 
@@ -230,7 +228,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                  round_to: int = 8, max_ratio: float | None = None, budget: str = "macs",
                  ignore: Sequence[str] = (), seed: int = 0,
                  graph: ChannelGraph | None = None,
-                 latency: LatencyModel | None = None) -> Plan:
+                 latency: LatencyModel | None = None, exact: bool = False) -> Plan:
     """A plan with the budget of the uniform ``ratio`` plan, laid out where ``runtime``
     (``"ort"``: ONNX Runtime CPU, ``"torch"``: PyTorch eager, ``threads`` threads, at the batch of
     ``example_inputs``) saves the most time per MAC removed.
@@ -253,7 +251,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     if budget not in ("latency", "macs"):
         raise ConfigError(f"budget must be 'latency' or 'macs', not {budget!r}")
     uniform = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
-                        round_to=round_to, ignore=ignore, seed=seed, graph=graph)
+                        round_to=round_to, ignore=ignore, seed=seed, graph=graph, exact=exact)
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore)
     if max_ratio is None:
@@ -283,11 +281,11 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     states: list[_GroupState] = []
     uniform_removed: list[int] = []
     for g in graph.groups:
-        if not g.prunable:
+        if not g.prunable or exact and graph.cross & set(g.units.tolist()):
             continue
         unit = per_unit(graph, g)
         n, fixed = len(g.units), len(g.pinned)
-        lo = _keep_count(n, fixed, unit, max_ratio, round_to)
+        lo = keep_count(n, fixed, unit, max_ratio, round_to)
         step = round_to // math.gcd(round_to, unit) if round_to > 1 else 1
         keeps = [n] + [k for k in range(n - 1, lo - 1, -1) if (k + fixed) % step == 0]
         if keeps[-1] != lo and lo < n:
@@ -297,7 +295,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
         touched = sorted({i for key in g.slots for i in by_slot.get(key, [])})
         states.append(_GroupState(g.units[np.argsort(score(g), kind="stable")], keeps, ppu,
                                   touched))
-        uniform_removed.append(n - _keep_count(n, fixed, unit, ratio, round_to))
+        uniform_removed.append(n - keep_count(n, fixed, unit, ratio, round_to))
     kept: dict[str, float] = {key: s.size for key, s in graph.slots.items()}
 
     def widths(i: int) -> dict[str, int]:
@@ -359,8 +357,11 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                 cached[id(other)] = gain(other)
         cached[id(best)] = gain(best)
     gone = [st.order[:st.removed] for st in states if st.removed]
+    config = RuntimeAware(ratio=ratio, runtime=latency.runtime, threads=latency.threads,
+                          budget=budget, max_ratio=max_ratio, criterion=criterion,
+                          round_to=round_to, ignore=tuple(ignore), seed=seed, exact=exact)
     settings = {**uniform.settings, "allocation": "latency", "runtime": latency.runtime,
-                "threads": latency.threads, "max_ratio": max_ratio}
+                "threads": latency.threads, "max_ratio": max_ratio, "config": config.to_dict()}
     return plan_removing(model, graph,
                          np.unique(np.concatenate(gone)) if gone else np.zeros(0, np.int64),
                          settings)

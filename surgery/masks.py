@@ -24,9 +24,10 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 
 from .graph import Inputs, as_tuple, trace
+from .modes import switched_mode
 from .plan import Plan, plan_removing
 from .surgeon import apply
-from .verify import _leaves
+from .tensors import output_tensors, rel_error
 
 
 @dataclass(frozen=True)
@@ -129,15 +130,12 @@ def _fold_constants(clean: nn.Module, small: nn.Module, plan: Plan, inputs: tupl
     seen: dict[str, torch.Tensor] = {}
     hooks = [clean.get_submodule(p).register_forward_pre_hook(
         lambda m, args, p=p: seen.__setitem__(p, args[0].detach())) for p in consumers]
-    modes = {m: m.training for m in clean.modules()}
     try:
-        with torch.no_grad():
-            clean.eval()(*inputs)
+        with switched_mode(clean), torch.no_grad():
+            clean(*inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     folded = 0
     for path, ap in consumers.items():
         old, new = clean.get_submodule(path), small.get_submodule(path)
@@ -164,9 +162,5 @@ def _fold_constants(clean: nn.Module, small: nn.Module, plan: Plan, inputs: tupl
 def _compare(masked: nn.Module, small: nn.Module, inputs: tuple) -> float:
     a, b = _copy(masked).eval(), copy.deepcopy(small).eval()
     with torch.no_grad():
-        want, got = _leaves(a(*inputs)), _leaves(b(*inputs))
-    err = 0.0
-    for x, y in zip(got, want, strict=True):
-        scale = y.abs().max().item()
-        err = max(err, (x - y).abs().max().item() / scale if scale > 0 else 0.0)
-    return err
+        want, got = output_tensors(a(*inputs)), output_tensors(b(*inputs))
+    return max((rel_error(x, y) for x, y in zip(got, want, strict=True)), default=0.0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .atomic import write_text
+from .config import Uniform, override_for
 from .criteria import get_criterion
 from .errors import ConfigError, NothingToPruneError, PlanError
 from .graph import ChannelGraph, Inputs, trace
@@ -115,7 +116,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a crash leaves the old file or the new one, never half of one."""
-        atomic_write_text(Path(path), self.to_json())
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
@@ -157,34 +158,15 @@ class Plan:
                 f"{self.removed()} positions removed, exact={self.exact})")
 
 
-def default_mode(path: str | os.PathLike[str], directory: bool = False) -> None:
-    """Give a temp file/dir the permissions a plain open()/mkdir() would (mkstemp uses 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def per_unit(graph: ChannelGraph, g: Group) -> int:
     """Positions of one unit in the group's first slot (a grouped conv's unit spans its group)."""
     first = graph.slot_roots(g.slots[0])
     return max(1, int(np.isin(first, g.units).sum()) // len(g.units))
 
 
-def _keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to: int) -> int:
+def keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to: int) -> int:
+    """Units a group of ``n_free`` free (and ``n_fixed`` pinned) units keeps at ``ratio``,
+    rounded up so the channel count is a multiple of ``round_to``; at least one."""
     n_keep = n_free - math.floor(ratio * n_free + 1e-9)
     if round_to > 1:
         step = round_to // math.gcd(round_to, per_unit)
@@ -193,10 +175,13 @@ def _keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to
     return max(n_keep, 1 if n_fixed == 0 else 0)
 
 
-def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criterion: str = "l2",
-              round_to: int = 8, ignore: Sequence[str] = (), seed: int = 0,
-              graph: ChannelGraph | None = None, exact: bool = False) -> Plan:
+def make_plan(model: nn.Module, example_inputs: Inputs, config: Uniform | None = None, *,
+              ratio: float | None = None, criterion: str = "l2", round_to: int = 8,
+              ignore: Sequence[str] = (), seed: int = 0, graph: ChannelGraph | None = None,
+              exact: bool = False) -> Plan:
     """Decide which channels every layer keeps: remove ``ratio`` of each group's free units.
+
+    Takes a :class:`surgery.Uniform` config, or its settings as keywords:
 
     Args:
         ratio: fraction of prunable channels removed from every coupled group, in [0, 1).
@@ -215,10 +200,16 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
         >>> p = surgery.plan(model, torch.randn(1, 3, 224, 224), ratio=0.5)
         >>> p.save("plan.json")
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
-        raise ConfigError(f"ratio must be a number in [0, 1) but received {ratio!r}")
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to must be a positive int but received {round_to!r}")
+    if config is None:
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+            raise ConfigError(f"ratio must be a number in [0, 1) but received {ratio!r}")
+        config = Uniform(ratio=ratio, criterion=criterion, round_to=round_to,
+                         ignore=tuple(ignore), seed=seed, exact=exact)
+    elif not isinstance(config, Uniform):
+        raise ConfigError(f"this planner takes a Uniform config, not {type(config).__name__}; "
+                          "surgery.plan takes them all")
+    ratio, criterion, round_to = config.ratio, config.criterion, config.round_to
+    ignore, seed, exact = config.ignore, config.seed, config.exact
     scorer_factory = get_criterion(criterion)
     if graph is None:
         graph = trace(model, example_inputs, ignore=ignore)
@@ -236,19 +227,22 @@ def make_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float, criteri
                      + "; ".join(hard))
     removed: list[np.ndarray] = []
     for g in graph.groups:
-        if not g.prunable or ratio == 0 or exact and graph.cross & set(g.units.tolist()):
+        r = ratio
+        if config.overrides:
+            found = override_for(config, sorted({graph.slots[k].path for k in g.slots}))
+            r = r if found is None else found
+        if not g.prunable or r == 0 or exact and graph.cross & set(g.units.tolist()):
             continue
-        n_keep = _keep_count(len(g.units), len(g.pinned), per_unit(graph, g), float(ratio),
-                             round_to)
+        n_keep = keep_count(len(g.units), len(g.pinned), per_unit(graph, g), float(r), round_to)
         if n_keep >= len(g.units):
             continue
-        if n_keep == 1 and ratio * len(g.units) > len(g.units) - 1 + 1e-9:
-            notes.append(_kept_one(graph, g, float(ratio)))
+        if n_keep == 1 and r * len(g.units) > len(g.units) - 1 + 1e-9:
+            notes.append(_kept_one(graph, g, float(r)))
         order = np.argsort(score(g), kind="stable")
         removed.append(g.units[order[:len(g.units) - n_keep]])
     gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
     settings: dict[str, Any] = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
-                                "ignore": list(ignore), "seed": seed}
+                                "ignore": list(ignore), "seed": seed, "config": config.to_dict()}
     if exact:
         settings["exact"] = True
     little = _removes_little(graph, len(gone), ratio)

@@ -7,29 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .bench import BenchReport
 from .criteria import slot_tensor
 from .graph import ChannelGraph
 from .plan import Plan
-from .stats import count_macs, count_params
+from .stats import count_macs, count_params, module_macs
 from .verify import VerifyReport
-
-
-def module_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """MACs of every module (by qualified name) in one eval forward, from torch's counter."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
-            model(x)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    root = type(model).__name__ + "."
-    return {k[len(root):]: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items()
-            if k.startswith(root)}
 
 
 def group_table(model: nn.Module, graph: ChannelGraph, x: torch.Tensor) -> list[dict[str, Any]]:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.utils.prune as tprune
 from torch import nn
 
+from .atomic import atomic_file
 from .errors import ConfigError, SurgeryError
-from .plan import default_mode
 
 FORMAT = "surgery.sparse/1"
 PRUNABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
@@ -161,15 +161,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike[str], *,
             meta[k] = "packed:" + ",".join(map(str, v.shape))
         else:
             tensors[k] = v
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        default_mode(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return target.stat().st_size
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import Inputs, as_tuple
+from .modes import switched_mode
 
 
 def count_params(model: nn.Module) -> int:
@@ -14,22 +15,32 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
-    """Multiply-accumulates of one eval-mode forward (FLOPs / 2, as counted by torch)."""
-    modes = {m: m.training for m in model.modules()}
+def _counted(model: nn.Module, example_inputs: Inputs, per_module: bool) -> FlopCounterMode:
+    """torch's flop counter after one eval-mode forward (modes and grad flags put back)."""
     # the counter's module tracker hooks the backward of inputs that require grad, and fails on
     # a parameter passed into a submodule as is (timm's PiT hands its class token on): count
     # with no parameter requiring grad
     grads = [(p, p.requires_grad) for p in model.parameters()]
+    counter = FlopCounterMode(display=False, depth=None if per_module else 2)
     try:
-        model.eval()
         for p, _ in grads:
             p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with switched_mode(model), torch.no_grad(), counter:
             model(*as_tuple(example_inputs))
     finally:
-        for m, mode in modes.items():
-            m.training = mode
         for p, flag in grads:
             p.requires_grad_(flag)
-    return counter.get_total_flops() // 2
+    return counter
+
+
+def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
+    """Multiply-accumulates of one eval-mode forward (FLOPs / 2, as counted by torch)."""
+    return _counted(model, example_inputs, False).get_total_flops() // 2
+
+
+def module_macs(model: nn.Module, example_inputs: Inputs) -> dict[str, int]:
+    """MACs of every module (by qualified name) in one eval-mode forward."""
+    counts = _counted(model, example_inputs, True).get_flop_counts()
+    root = type(model).__name__ + "."
+    return {k[len(root):]: sum(v.values()) // 2 for k, v in counts.items()
+            if k.startswith(root)}

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from .errors import ExampleInputError, VerificationError
-from .graph import Inputs, _fx_trace, _Recorder, as_tuple
+from .graph import Inputs, Recorder, as_tuple, fx_trace
 from .groups import param_dim, param_reads
+from .modes import switched_mode
 from .plan import LayerPlan, Plan
 from .rules import module_rule
+from .tensors import output_tensors, rel_error
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,6 @@ def _zero_read_entries(ref: nn.Module, path: str, lp: LayerPlan) -> None:
                 t.index_fill_(param_dim(axis), torch.nonzero(~kept).flatten(), 0)
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, tuple | list):
-        return [t for o in out for t in _leaves(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _leaves(o)]
-    return []
-
-
 def _cast(v: Any, dtype: torch.dtype) -> Any:
     if isinstance(v, torch.Tensor):
         return v.to(dtype) if v.is_floating_point() else v
@@ -111,23 +103,14 @@ def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
     if inner is not None:
         for path, m in model.named_modules():
             hooks.append(m.register_forward_hook(
-                lambda _m, _a, out, path=path: inner.setdefault(path, []).append(_leaves(out))))
+                lambda _m, _a, out, path=path: inner.setdefault(path, []).append(
+                    output_tensors(out))))
     try:
         with torch.no_grad():
-            return _leaves(model.eval()(*inputs))
+            return output_tensors(model.eval()(*inputs))
     finally:
         for h in hooks:
             h.remove()
-
-
-def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    if not a.is_floating_point():
-        return 0.0 if torch.equal(a, b) else float("inf")
-    if not b.numel():
-        return 0.0
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def _has_signal(outputs: list[torch.Tensor]) -> bool:
@@ -148,7 +131,7 @@ def _compare_inner(want: Inner, got: Inner, rtol: float,
             for a, b in list(zip(a_list, b_list, strict=False))[:n]:
                 if a.shape != b.shape or a.dtype != b.dtype:
                     continue
-                err = _rel_error(b, a)
+                err = rel_error(b, a)
                 count += 1
                 if err > worst:
                     worst, where = err, f"'{path or '<root>'}' (call {i})"
@@ -157,17 +140,13 @@ def _compare_inner(want: Inner, got: Inner, rtol: float,
 
 def locate_failure(model: nn.Module, inputs: tuple) -> str:
     """Re-run ``model`` node by node to say which node and source line fail."""
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        _Recorder(torch.fx.GraphModule(model, _fx_trace(model, (), len(inputs)))).run(*inputs)
+        with switched_mode(model):
+            Recorder(torch.fx.GraphModule(model, fx_trace(model, (), len(inputs)))).run(*inputs)
     except ExampleInputError as e:
         return str(e).split(". Check the shape")[0]
     except Exception as e:  # the failure is reported by the caller; this only adds a location
         return f"{type(e).__name__}: {e}"
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return ""
 
 
@@ -218,7 +197,7 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
                    f"{tuple(tuple(t.shape) for t in want)}")
     elif plan.exact:
         for a, b in zip(got, want, strict=True):
-            err = max(err, _rel_error(a, b))
+            err = max(err, rel_error(a, b))
         limits = {path: rule.compared_outputs for path, m in original.named_modules()
                   for rule in (module_rule(m),)
                   if rule is not None and rule.compared_outputs is not None}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.atomic_dir import recover
+from surgery.atomic import recover
 
 SCRIPT = shutil.which("surgery", path=str(Path(sys.executable).parent)) or "surgery"
 SHAPE = (1, 3, 32, 32)

@@ -22,8 +22,9 @@ from . import passthrough, register_function_rule
 from .context import RuleContext
 
 
-def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str],
-          defaults: dict[str, Any]) -> dict[str, Any]:
+def bind_args(args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str],
+              defaults: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by parameter name (positional ones named by ``names``)."""
     bound = dict(defaults)
     bound.update(zip(names, args, strict=False))
     bound.update(kwargs)
@@ -167,7 +168,7 @@ def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
 
 
 def _matmul(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "other"), {})
+    b = bind_args(args, kwargs, ("input", "other"), {})
     x, y = b.get("input", b.get("mat1")), b.get("other", b.get("mat2"))
     if not any(isinstance(v, TVal) and v.tracked for v in (x, y)):
         return out
@@ -182,7 +183,7 @@ def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
     """softmax(q kᵀ · scale + mask) v: heads (batch dims) meet in q, k, v and the output; the
     width of q and k is contracted; the width of v is the output's. Without ``scale`` it is
     1/sqrt(q's width), so q's width is kept whole within each head."""
-    b = _bind(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+    b = bind_args(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal",
                              "scale"), {"attn_mask": None, "scale": None})
     q, k, v, mask = b["query"], b["key"], b["value"], b["attn_mask"]
     if not any(isinstance(t, TVal) and t.tracked for t in (q, k, v, mask)):
@@ -262,7 +263,7 @@ register_function_rule([torch.einsum], _einsum, name="einsum")
 # --- concatenation and splitting ------------------------------------------------------------------
 
 def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
+    b = bind_args(args, kwargs, ("tensors", "dim"), {"dim": 0})
     vals = list(b["tensors"])
     dim = b["dim"] % out.ndim
     tracked = [v for v in vals if isinstance(v, TVal) and v.tracked]
@@ -305,12 +306,12 @@ def _pieces(ctx: RuleContext, x: Any, dim: int, out: Any, equal_at_runtime: bool
 
 
 def _chunk(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "chunks", "dim"), {"dim": 0})
+    b = bind_args(args, kwargs, ("input", "chunks", "dim"), {"dim": 0})
     return _pieces(ctx, b["input"], b["dim"], out, True, "chunk into uneven pieces")
 
 
 def _split(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("tensor", "split_size_or_sections", "dim"), {"dim": 0})
+    b = bind_args(args, kwargs, ("tensor", "split_size_or_sections", "dim"), {"dim": 0})
     size = b.get("split_size_or_sections", b.get("split_size"))
     sections = list(size) if isinstance(size, tuple | list) else [size] * len(out)
     x = b["tensor"]
@@ -350,7 +351,7 @@ def _split_by_attributes(ctx: RuleContext, x: TVal, sections: list[Any], out: An
 
 def _stack(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     """A new dim at ``dim``: channels stay where they were (shifted), shared position-wise."""
-    b = _bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
+    b = bind_args(args, kwargs, ("tensors", "dim"), {"dim": 0})
     vals = list(b["tensors"])
     tracked = [v for v in vals if isinstance(v, TVal) and v.tracked]
     if not tracked or not isinstance(out, TVal):
@@ -366,7 +367,7 @@ def _stack(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out:
 
 
 def _unbind(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "dim"), {"dim": 0})
+    b = bind_args(args, kwargs, ("input", "dim"), {"dim": 0})
     x = b["input"]
     if not isinstance(x, TVal) or not x.tracked:
         return out
@@ -428,7 +429,7 @@ register_function_rule([operator.getitem], _getitem, name="getitem")
 
 # --- layout: reshape, flatten, permute ------------------------------------------------------------
 
-def _blocks(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+def reshape_blocks(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
     """Split a reshape into blocks of input dims and output dims with equal products."""
     blocks: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -469,7 +470,7 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
     """
     if not isinstance(x, TVal) or not x.tracked:
         return out
-    blocks = _blocks(x.shape, out.shape)
+    blocks = reshape_blocks(x.shape, out.shape)
     hit = [k for k, (ins, _) in enumerate(blocks or []) if set(ins) & set(x.tdims)]
     if not blocks or not hit:
         return ctx.opaque([x], out, f"{op} that cannot be followed")
@@ -556,7 +557,7 @@ def _view(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
 
 
 def _unflatten(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "dim", "sizes"), {})
+    b = bind_args(args, kwargs, ("input", "dim", "sizes"), {})
     x = b["input"]
     sizes = list(b["sizes"])
     if not isinstance(x, TVal) or not x.tracked:
@@ -588,7 +589,7 @@ def permute(x: Any, dims: Sequence[int], out: Any) -> Any:
 
 
 def _transpose(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "dim0", "dim1"), {})
+    b = bind_args(args, kwargs, ("input", "dim0", "dim1"), {})
     x = b["input"]
     dims = list(range(x.ndim))
     d0, d1 = b["dim0"] % x.ndim, b["dim1"] % x.ndim
@@ -621,7 +622,7 @@ register_function_rule([torch.flatten, "flatten", "squeeze", "unsqueeze", torch.
                         torch.unsqueeze], _flatten, name="flatten")
 register_function_rule([torch.permute, "permute"], _permute, name="permute")
 def _swap(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "axis0", "axis1"), {})
+    b = bind_args(args, kwargs, ("input", "axis0", "axis1"), {})
     return _transpose(ctx, (b["input"], b.get("axis0", b.get("dim0")),
                             b.get("axis1", b.get("dim1"))), {}, out)
 
@@ -634,7 +635,7 @@ register_function_rule([torch.swapaxes, torch.swapdims, "swapaxes", "swapdims"],
 # --- reductions and channel-wise normalisations ---------------------------------------------------
 
 def _reduce(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+    b = bind_args(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
     x, dim = b["input"], b["dim"]
     if not isinstance(x, TVal) or not x.tracked:
         return out
@@ -652,7 +653,7 @@ register_function_rule([torch.mean, torch.sum, torch.amax, torch.amin, "mean", "
 
 
 def _softmax(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "dim"), {"dim": None})
+    b = bind_args(args, kwargs, ("input", "dim"), {"dim": None})
     x = b["input"]
     if isinstance(x, TVal) and x.tracked and (b["dim"] is None or b["dim"] % x.ndim in x.tdims):
         return ctx.opaque([x], out, "softmax over channels")
@@ -664,7 +665,7 @@ register_function_rule([F.softmax, F.log_softmax, torch.softmax, torch.log_softm
 
 
 def _layer_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
+    b = bind_args(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
               {"weight": None, "bias": None})
     x, n = b["input"], len(b["normalized_shape"])
     if not isinstance(x, TVal) or not x.tracked:

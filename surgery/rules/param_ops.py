@@ -25,7 +25,7 @@ from ..groups import TVal
 from . import ModuleRule, passthrough, register_function_rule
 from .context import RuleContext
 from .conv import ConvRule, ConvTransposeRule
-from .functions import _bind
+from .functions import bind_args
 from .linear import LinearRule
 from .norm import BatchNormRule, GroupNormRule, InstanceNormRule
 from .pointwise import PReLURule
@@ -70,7 +70,7 @@ def _feature_norm(rule_type: type[ModuleRule], op: str) -> Any:
     names = ("running_mean", "running_var", "weight", "bias")
 
     def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        b = _bind(args, kwargs, ("input", *names), dict.fromkeys(names))
+        b = bind_args(args, kwargs, ("input", *names), dict.fromkeys(names))
         tensors = tuple(b[n] for n in names)
         for t in tensors:
             done = _delegate(ctx, t, rule_type, names, b["input"], out)
@@ -82,7 +82,7 @@ def _feature_norm(rule_type: type[ModuleRule], op: str) -> Any:
 
 
 def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "num_groups", "weight", "bias"),
+    b = bind_args(args, kwargs, ("input", "num_groups", "weight", "bias"),
               {"weight": None, "bias": None})
     x = b["input"]
     for t in (b["weight"], b["bias"]):
@@ -132,7 +132,7 @@ def _conv(transposed: bool) -> Any:
     def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         names = ("input", "weight", "bias", "stride", "padding")
         names += ("output_padding", "groups") if transposed else ("dilation", "groups")
-        b = _bind(args, kwargs, names, {"bias": None, "groups": 1})
+        b = bind_args(args, kwargs, names, {"bias": None, "groups": 1})
         x, w, bias = b["input"], b["weight"], b["bias"]
         done = _delegate(ctx, w, rule_type, ("weight",), x, out)
         if done is not None:
@@ -150,7 +150,7 @@ def _conv(transposed: bool) -> Any:
 
 
 def _linear(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    b = bind_args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     x, w, bias = b["input"], b["weight"], b["bias"]
     done = _delegate(ctx, w, LinearRule, ("weight",), x, out)
     if done is not None:
@@ -161,7 +161,7 @@ def _linear(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
 
 
 def _prelu(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "weight"), {})
+    b = bind_args(args, kwargs, ("input", "weight"), {})
     x, w = b["input"], b["weight"]
     if isinstance(w, TVal) and w.shape in ((), (1,)):
         return passthrough(ctx, x, out)
@@ -170,7 +170,7 @@ def _prelu(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out:
 
 
 def _embedding(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = _bind(args, kwargs, ("input", "weight"), {})
+    b = bind_args(args, kwargs, ("input", "weight"), {})
     w = b["weight"]
     if not isinstance(out, TVal) or not isinstance(w, TVal) or w.param is None or w.ndim != 2:
         return ctx.opaque([b["input"], w], out)

@@ -1,5 +1,7 @@
-"""Replace a directory with a freshly written one so that a kill at any moment leaves the old or
-the complete new one, and leftovers of killed runs are cleaned by the next one.
+"""Writing files and directories so that a kill at any moment leaves the old or the complete new
+one, never a half-written one; leftovers of killed runs are cleaned by the next one.
+
+A file is written to a hidden temp file beside it and renamed over it (:func:`atomic_file`).
 
 The new directory is written as a hidden sibling ``.NAME.tmp-PID-XXXX`` and swapped in with one
 ``renameat2(RENAME_EXCHANGE)`` (Linux): the name never points at nothing. Where the exchange is not
@@ -93,3 +95,36 @@ def replacing(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def default_mode(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """Give a temp file/dir the permissions a plain open()/mkdir() would (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temp path beside ``target`` to write; on success it becomes ``target``
+    (with the permissions a plain open() gives); on any error it is removed and ``target`` is
+    untouched."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"folder {target.parent} does not exist; create it first")
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        default_mode(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``target`` atomically."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(text)

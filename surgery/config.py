@@ -1,0 +1,171 @@
+"""What to prune, as data: a typed, JSON-round-trippable configuration.
+
+One config object says how much to remove and how to choose; :func:`surgery.plan` and
+:func:`surgery.prune` take it, the command line builds it from its flags, and every plan records
+it (``plan.settings["config"]``), so a plan says how it was made::
+
+    surgery.prune(model, x, surgery.Uniform(0.5))
+    surgery.prune(model, x, surgery.MacBudget(0.25))                  # keep 25% of the MACs
+    surgery.prune(model, x, surgery.RuntimeAware(0.5, runtime="ort"))  # same MACs, faster layout
+    surgery.Uniform(0.5, overrides={"layer4.0.conv1": 0.2, "re:^fc": 0.0})
+
+``overrides`` set another ratio for the groups of the layers named (a name or ``re:`` regex;
+as ``ignore=`` takes them: a parent's name covers its layers; the first match wins; ``0.0``
+keeps them whole).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+__all__ = ["MacBudget", "PruneConfig", "RuntimeAware", "Uniform", "config_from_dict"]
+
+
+def _ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(f"{name} must be a number in [0, 1) but received {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """Settings every strategy shares.
+
+    Args:
+        criterion: a registered criterion name (``l1``, ``l2``, ``bn_scale``, ``random``).
+        round_to: keep channel counts multiples of this, rounding up (1: exact counts).
+        ignore: layer names or ``re:`` regexes to keep as they are.
+        seed: for the ``random`` criterion.
+        exact: leave whole the groups that pass a cross-channel norm (a transformer's embedding
+            width), so the plan stays exactly equivalent.
+        overrides: layer name or ``re:`` regex -> the ratio of the groups that layer is in.
+    """
+
+    criterion: str = "l2"
+    round_to: int = 8
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+    exact: bool = False
+    overrides: Mapping[str, float] = field(default_factory=dict)
+
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.criterion, str):
+            raise ConfigError(f"criterion must be a name but received {self.criterion!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) \
+                or self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive int but received {self.round_to!r}")
+        if isinstance(self.ignore, str):
+            object.__setattr__(self, "ignore", (self.ignore,))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(f"overrides must map layer names to ratios but received "
+                              f"{self.overrides!r}")
+        for key, value in self.overrides.items():
+            _ratio(f"overrides[{key!r}]", value)
+            if isinstance(key, str) and key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as e:
+                    raise ConfigError(f"overrides key {key!r} is not a valid regex: {e}") from e
+        object.__setattr__(self, "overrides", dict(self.overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"kind": "Uniform", "ratio": 0.5, ...}``."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else dict(v) if isinstance(
+                v, Mapping) else v
+        return out
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Uniform(PruneConfig):
+    """Remove ``ratio`` of every coupled group's prunable channels."""
+
+    ratio: float
+    kind: ClassVar[str] = "Uniform"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _ratio("ratio", self.ratio)
+
+
+@dataclass(frozen=True)
+class MacBudget(PruneConfig):
+    """Keep at most ``keep`` of the original MACs (e.g. 0.25 = a quarter), with the smallest
+    uniform ratio that gets there."""
+
+    keep: float
+    kind: ClassVar[str] = "MacBudget"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int | float) \
+                or not 0 < self.keep < 1:
+            raise ConfigError(f"keep (the fraction of MACs kept) must be in (0, 1) but received "
+                              f"{self.keep!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeAware(PruneConfig):
+    """Remove as many MACs as the uniform ``ratio`` would, from the layers where ``runtime``
+    (timed here with ``threads`` threads) saves the most time; ``budget="latency"`` stops at
+    the uniform plan's estimated time instead."""
+
+    ratio: float
+    runtime: str = "ort"
+    threads: int = 1
+    budget: str = "macs"
+    max_ratio: float | None = None
+    kind: ClassVar[str] = "RuntimeAware"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _ratio("ratio", self.ratio)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) \
+                or self.threads < 1:
+            raise ConfigError(f"threads must be a positive int but received {self.threads!r}")
+        if self.overrides:
+            raise ConfigError("overrides work with Uniform and MacBudget; RuntimeAware chooses "
+                              "every group's width itself (use ignore= to keep layers whole)")
+
+
+_KINDS: dict[str, type[PruneConfig]] = {c.kind: c for c in (Uniform, MacBudget, RuntimeAware)}
+
+
+def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
+    """The config ``to_dict`` wrote (a plan's ``settings["config"]``)."""
+    if not isinstance(data, Mapping) or data.get("kind") not in _KINDS:
+        raise ConfigError(f"not a prune config: {data!r}; expected a dict with kind one of "
+                          f"{sorted(_KINDS)}")
+    cls = _KINDS[data["kind"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"kind"})
+    if unknown:
+        raise ConfigError(f"{data['kind']} has no setting {', '.join(unknown)}; it takes "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {k: tuple(v) if k == "ignore" else v for k, v in data.items() if k != "kind"}
+    return cls(**kwargs)
+
+
+def override_for(config: PruneConfig, paths: list[str]) -> float | None:
+    """The override ratio of a group whose layers are ``paths``: the first override (in the
+    config's order) that names one of them; None when none does."""
+    from .graph import matches  # names as ignore= takes them: a layer, a parent, re:regex
+
+    for key, value in config.overrides.items():
+        if any(matches(p, [key]) for p in paths):
+            return float(value)
+    return None

@@ -1,0 +1,36 @@
+"""Comparing model outputs: the tensors of an output, and one relative error for every check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (nested tuples, lists and dicts), in the order an exported
+    ONNX graph lists them (dicts by insertion order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
+def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -> float:
+    """max|got - want| / max|want|: the largest difference relative to the reference's scale.
+
+    An all-zero reference gives the absolute difference (so a non-zero result is not hidden);
+    integer outputs give 0 when equal and infinity otherwise; empty ones 0.
+    """
+    a, b = torch.as_tensor(got), torch.as_tensor(want)
+    if not b.numel():
+        return 0.0
+    if not b.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    diff = (a.to(b.dtype) - b).abs().max().item()
+    scale = b.abs().max().item()
+    return diff / scale if scale > 0 else diff
