@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -16,6 +16,7 @@ from .plan import Plan, make_plan
 from .runtimes import runtime_names
 from .stats import count_macs
 from .surgeon import apply
+from .verify import VerifyReport
 from .verify import verify as check
 
 
@@ -99,6 +100,34 @@ def prune(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None =
     if verify:
         check(model, small, p, example_inputs)
     return small
+
+
+def prune_in_steps(model: nn.Module, example_inputs: Inputs, config: Uniform, steps: int, *,
+                   between: Callable[[nn.Module, int], None] | None = None,
+                   on_step: Callable[[int, Plan], None] | None = None
+                   ) -> tuple[Plan, nn.Module, VerifyReport]:
+    """Reach ``config.ratio`` in ``steps`` prunes of ``1 - (1 - ratio) ** (1 / steps)`` each,
+    calling ``between(model, k)`` after every step but the last (to fine-tune). Returns the plan
+    of the whole (from the original), the pruned model and the last step's verification.
+    """
+    if not isinstance(config, Uniform):
+        raise ConfigError(f"pruning in steps takes a Uniform config, not {type(config).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be at least 1 but received {steps!r}")
+    step = config.replace(ratio=1 - (1 - config.ratio) ** (1 / steps))
+    current, total, report = model, None, None
+    for k in range(steps):
+        p = make_plan(current, example_inputs, step)  # type: ignore[arg-type]
+        small = apply(current, p)
+        report = check(current, small, p, example_inputs)
+        total = p if total is None else total.then(p)
+        if on_step is not None:
+            on_step(k, p)
+        if between is not None and k < steps - 1:
+            between(small, k)
+        current = small
+    assert total is not None and report is not None
+    return total, current, report
 
 
 #: a MAC target is met when the plan keeps at most the target and at most this much below it

@@ -187,3 +187,63 @@ def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
     if fingerprint(pruned) != meta["pruned_fingerprint"]:
         raise ArtifactError(f"{d} rebuilt to a different pruned architecture than was saved")
     return pruned
+
+
+def load_any(spec: str | os.PathLike[str], model_args: Mapping[str, Any] | None = None, *,
+             trust_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """A model from a spec (``torchvision:resnet18``, ``file.py:build`` …) or a saved directory,
+    and what is recorded about it (``spec``, ``model_args``, ``input_shape`` when saved)."""
+    if os.path.isdir(spec):
+        meta = read_meta(spec)
+        return load(spec, trust_code=trust_code), meta
+    spec = str(spec)
+    if spec.endswith(".onnx"):
+        raise ArtifactError(f"{spec} is an ONNX file; only `surgery bench` takes ONNX files")
+    kwargs = dict(model_args or {})
+    return build_model(spec, kwargs), {"spec": spec, "model_args": kwargs}
+
+
+def save_pruned(directory: str | os.PathLike[str], original: nn.Module, pruned: nn.Module,
+                plan: Plan, example_input: Any, check: Any, *, source: str,
+                meta: Mapping[str, Any], onnx: bool = True,
+                exporting: Callable[[], Any] = contextlib.nullcontext) -> tuple[Path, dict]:
+    """Save a pruned model with its prune report (``report.json``, ``report.md``) and, with
+    ``onnx``, a parity-checked ``model.onnx``; returns the directory and the report.
+
+    ``source`` is what was pruned (a spec, or a saved directory: then the saved plan is chained
+    with this one, so the new directory's plan still starts from the original model); ``meta``:
+    its ``spec``, ``model_args`` and ``input_shape``. ``exporting``: a context the ONNX export
+    runs in (a progress display).
+    """
+    from .report import prune_report, to_markdown
+
+    report = prune_report(original, pruned, plan, example_input, check, spec=str(source))
+
+    def write_onnx(path: Path) -> None:
+        from .export import export_onnx
+
+        with exporting():
+            report["onnx"] = {**export_onnx(pruned, example_input, path).__dict__,
+                              "path": "model.onnx"}
+
+    def write_reports(path: Path) -> None:
+        (path.parent / "report.json").write_text(json.dumps(report, indent=1))
+        path.write_text(to_markdown(report))
+
+    extra: dict[str, Callable[[Path], None]] = {"model.onnx": write_onnx} if onnx else {}
+    extra["report.md"] = write_reports
+    if os.path.isdir(source):  # pruning a saved model again: one plan for the original spec
+        plan = Plan.load(Path(source) / PLAN).then(plan)
+    target = save(directory, pruned, plan, spec=meta["spec"], model_args=meta.get("model_args"),
+                  input_shape=tuple(example_input.shape), extra=extra)
+    return target, report
+
+
+def save_trained(directory: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, Any],
+                 data: str, size: int) -> Path:
+    """Save a model trained from scratch as an artifact with an empty plan (so it can be
+    pruned, fine-tuned and loaded like any other)."""
+    model.cpu()
+    empty = Plan(type(model).__name__, fingerprint(model), {}, True, {"trained_on": data})
+    return save(directory, model, empty, spec=meta["spec"], model_args=meta.get("model_args"),
+                input_shape=(1, 3, size, size))

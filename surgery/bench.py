@@ -315,3 +315,34 @@ def ort_op_profile(onnx_path: str, input_shape: Sequence[int], *, threads: int =
                 op += " (grouped/depthwise)"
             per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / runs
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def models_to_bench(specs: Sequence[str], model_args: Mapping[str, Any] | None = None, *,
+                    trust_code: bool = False, input_shape: Sequence[int] | None = None
+                    ) -> tuple[dict[str, nn.Module | None], dict[str, str], tuple[int, ...]]:
+    """Models named as the command line names them, ready for :func:`bench`: specs, saved
+    directories (timed beside the original they were pruned from, with their parity-checked
+    ``model.onnx`` where the shape matches) and ``.onnx`` files. Returns the models, the ONNX
+    files and the input shape (given, else the first saved one, else 1x3x224x224)."""
+    from . import artifact
+
+    nets: dict[str, nn.Module | None] = {}
+    onnx_files: dict[str, str] = {}
+    shape = tuple(input_shape) if input_shape else None
+    for spec in specs:
+        if spec.endswith(".onnx"):
+            if not os.path.isfile(spec):
+                raise ConfigError(f"ONNX file {spec} does not exist")
+            nets[spec], onnx_files[spec] = None, spec
+            continue
+        net, meta = artifact.load_any(spec, model_args, trust_code=trust_code)
+        shape = shape or tuple(meta.get("input_shape") or (1, 3, 224, 224))
+        if not os.path.isdir(spec):
+            nets[spec] = net
+            continue
+        nets[meta["spec"]] = artifact.build_original(spec, meta, trust_code=trust_code)
+        nets[f"{spec} (pruned)"] = net
+        saved = Path(spec) / "model.onnx"
+        if saved.is_file() and tuple(shape[1:]) == tuple(meta["input_shape"][1:]):
+            onnx_files[f"{spec} (pruned)"] = str(saved)  # parity-checked at prune time
+    return nets, onnx_files, shape or (1, 3, 224, 224)

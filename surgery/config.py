@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -169,3 +169,19 @@ def override_for(config: PruneConfig, paths: list[str]) -> float | None:
         if any(matches(p, [key]) for p in paths):
             return float(value)
     return None
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, float]:
+    """``LAYER=RATIO`` strings (command-line ``--override``) as an overrides dict; the last
+    ``=`` splits, so a regex may hold one."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            name = ""
+        if not name:
+            raise ConfigError(f"--override takes LAYER=RATIO (e.g. layer4=0.2 or 're:^fc$=0'), "
+                              f"not {item!r}")
+    return out

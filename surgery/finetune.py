@@ -48,6 +48,12 @@ class EpochLog:
     val_acc: float | None
     lr: float
 
+    def line(self, epochs: int) -> str:
+        """One line for a person: ``epoch 3/10: loss 0.41, train acc 0.88, val acc 0.86``."""
+        val = f"{self.val_acc:.4f}" if self.val_acc is not None else "-"
+        return (f"epoch {self.epoch}/{epochs}: loss {self.loss:.4f}, train acc "
+                f"{self.train_acc:.4f}, val acc {val}")
+
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy in eval mode (the model's mode is restored)."""
@@ -338,3 +344,78 @@ def run_under_torchrun(worker: Callable[..., None], *args: Any, backend: str = "
         worker(*args)
     finally:
         dist.destroy_process_group()
+
+
+def finetune_on(model: nn.Module, data: str, *, size: int, config: FinetuneConfig,
+                teacher: nn.Module | None = None, checkpoint: str | os.PathLike[str] | None = None,
+                distributed: bool = False, device: str | torch.device | None = None,
+                on_epoch: Callable[[EpochLog], None] | None = None,
+                on_batch: Callable[[int, int, float], None] | None = None) -> list[EpochLog]:
+    """:func:`finetune` on data named as the command line names it (``digits``, a CIFAR-10
+    folder, an ImageFolder directory) at ``size`` pixels, seeded by ``config.seed``."""
+    from .data import load as load_data
+
+    train, val = load_data(data, size=size)
+    torch.manual_seed(config.seed)
+    return finetune(model, train, val, teacher=teacher, config=config, checkpoint=checkpoint,
+                    on_epoch=on_epoch, on_batch=on_batch, distributed=distributed, device=device)
+
+
+def finetune_saved(directory: str | os.PathLike[str], data: str, *, config: FinetuneConfig,
+                   size: int | None = None, teacher: str | os.PathLike[str] | None = None,
+                   checkpoint: str | os.PathLike[str] | None = None,
+                   device: str | torch.device | None = None, trust_code: bool = False,
+                   on_epoch: Callable[[EpochLog], None] | None = None,
+                   on_batch: Callable[[int, int, float], None] | None = None,
+                   rank_hashes: str | None = None) -> Path | None:
+    """Fine-tune the model saved in ``directory`` (distilling from the saved ``teacher``
+    directory when given) and save it back atomically; the directory's path on rank 0, None on
+    the other ranks of a data-parallel run (``launch`` / torchrun call this once per rank).
+
+    ``rank_hashes``: write each rank's final weight hash to ``PATH.rankN`` (for tests).
+    """
+    import hashlib
+
+    from . import artifact
+    from .plan import Plan
+
+    net, meta = artifact.load_any(directory, trust_code=trust_code)
+    teach = artifact.load_any(teacher, trust_code=trust_code)[0] if teacher else None
+    finetune_on(net, data, size=size or int(meta["input_shape"][-1]),
+                config=config if teach is not None else FinetuneConfig(
+                    **{**asdict(config), "distill": 0.0}),
+                teacher=teach, checkpoint=checkpoint, distributed=dist.is_initialized(),
+                device=device, on_epoch=on_epoch, on_batch=on_batch)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    net.cpu()
+    if rank_hashes:
+        h = hashlib.sha256(b"".join(t.detach().numpy().tobytes()
+                                    for t in net.state_dict().values()))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        Path(f"{rank_hashes}.rank{rank}").write_text(f"world={world} {h.hexdigest()}")
+    if rank != 0:
+        return None
+    plan = Plan.load(Path(directory) / artifact.PLAN)
+    return artifact.save(directory, net, plan, spec=meta["spec"],
+                         model_args=meta.get("model_args"), input_shape=meta["input_shape"])
+
+
+def data_parallel(worker: Callable[..., None], *args: Any, nproc: int = 1,
+                  device: str | torch.device | None = "cpu") -> None:
+    """Run ``worker(*args)`` once, in ``nproc`` data-parallel processes, or as this rank of a
+    ``torchrun`` job: gloo on CPUs, NCCL with one GPU per rank when ``device`` is cuda."""
+    target = resolve_device(device)
+    backend = "nccl" if target.type == "cuda" else "gloo"
+    check_nproc(nproc, backend)
+    if (nproc > 1 or under_torchrun()) and target.index is not None:
+        raise ConfigError(f"--device {device} names one GPU, but each rank takes its own; pass "
+                          "--device cuda")
+    if under_torchrun():
+        if nproc != 1:
+            raise ConfigError("under torchrun, give the process count to torchrun "
+                              "(--nproc-per-node) and leave --nproc at 1")
+        run_under_torchrun(worker, *args, backend=backend)
+    elif nproc == 1:
+        worker(*args)
+    else:
+        launch(worker, nproc, *args, backend=backend)

@@ -45,6 +45,22 @@ def group_table(model: nn.Module, graph: ChannelGraph, x: torch.Tensor) -> list[
     return rows
 
 
+def print_group_table(model_class: str, rows: list[dict[str, Any]]) -> None:
+    """The group table (:func:`group_table`) as a terminal table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model_class}: {len(rows)} coupled groups")
+    for col in ("#", "channels", "units", "prunable", "params", "MACs", "members"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["group"]), str(r["channels"]), f"{r['free']}+{r['pinned']} pinned",
+                      "yes" if r["prunable"] else f"no: {r['why']}", f"{r['params']:,}",
+                      f"{r['macs']:,}", ", ".join(r["members"][:4]) +
+                      (f" (+{len(r['members']) - 4})" if len(r["members"]) > 4 else ""))
+    Console(width=160).print(table)
+
+
 def _widths(model: nn.Module) -> dict[str, list[int]]:
     out = {}
     for name, m in model.named_modules():

@@ -1,0 +1,86 @@
+"""What the command line shows while it works: one spinner, one progress bar, plain lines.
+
+Both draw on stderr and only on a terminal, so piped output (``--json``, a path) stays clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+BatchHook = Callable[[int, int, float], None]
+
+
+class Console:
+    """Output settings of one command: ``quiet`` prints only what was asked for."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def emit(self, text: str) -> None:
+        """A line on stdout, unless quiet."""
+        if not self.quiet:
+            click.echo(text)
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        """A spinner for anything that may take more than a moment (a terminal only)."""
+        if self.quiet or not sys.stderr.isatty():
+            yield
+            return
+        from rich.console import Console as RichConsole
+
+        with RichConsole(stderr=True).status(text):
+            yield
+
+    @contextlib.contextmanager
+    def batches(self, epochs: int) -> Iterator[BatchHook | None]:
+        """A progress bar over each epoch's batches with the running loss (a terminal only):
+        yields the ``on_batch(step, steps, loss)`` hook for :func:`surgery.finetune`."""
+        if self.quiet or not sys.stderr.isatty():
+            yield None
+            return
+        from rich.console import Console as RichConsole
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.4f}"),
+                      console=RichConsole(stderr=True), transient=True) as bar:
+            task = bar.add_task("epoch 1", total=None, loss=float("nan"))
+            state = {"epoch": 1}
+
+            def on_batch(step: int, steps: int, loss: float) -> None:
+                if step == 1 and bar.tasks[task].completed:
+                    state["epoch"] += 1
+                bar.update(task, completed=step, total=steps, loss=loss,
+                           description=f"epoch {state['epoch']}/{epochs}")
+
+            yield on_batch
+
+
+#: keyword arguments of the Python API as the command line spells them
+_FLAGS = ("target_macs", "round_to", "criterion", "device", "allocate", "threads", "ratio")
+
+
+def as_flags(message: str) -> str:
+    """A library message in command-line words: ``ignore=['a', 'b']`` -> ``--ignore a --ignore
+    b``, ``target_macs=`` -> ``--target-macs``, ``trust_code=True`` -> ``--trust-code``."""
+    import re
+
+    def ignore(m: re.Match[str]) -> str:
+        names = re.findall(r"'([^']*)'|\"([^\"]*)\"", m.group(1))
+        return " ".join(f"--ignore {a or b}" for a, b in names) or "--ignore LAYER"
+
+    message = re.sub(r"\bignore=\[([^\]]*)\]", ignore, message)
+    message = re.sub(r"\btrust_code=True\b", "--trust-code", message)
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")=(?=\S)",
+                  lambda m: f"--{m.group(1).replace('_', '-')} ", message)
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    click.echo(f"warning: {as_flags(str(message))}", err=True)
