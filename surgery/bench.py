@@ -83,6 +83,7 @@ class BenchReport:
             if r.speedup is not None and r.speedup_p10 is not None:
                 opt[0] += f" ({r.speedup_p10:.2f}–{r.speedup_p90:.2f})"
             if r.efficiency is not None and r.mac_ratio and r.speedup_p10 is not None:
+                assert r.speedup_p90 is not None  # the spread is set as a pair
                 opt[2] += (f" ({r.speedup_p10 / r.mac_ratio:.2f}–"
                            f"{r.speedup_p90 / r.mac_ratio:.2f})")
             lines.append(f"| {r.model} | {r.runtime} | {r.batch} | {r.median_ms:.2f} | "
@@ -197,6 +198,7 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
             for name, m in models.items():
                 if name in onnx_paths:
                     continue
+                assert m is not None  # a model given as None has a file (checked above)
                 if progress:
                     progress(f"exporting {name} to ONNX")
                 p = os.path.join(tmpdir.name, f"{len(onnx_paths)}.onnx")
@@ -216,7 +218,7 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
                     med = float(np.median(t))
                     params, macs = stats[name]
                     rel = name != baseline and base is not None
-                    speedup = base / med if rel else None
+                    speedup = base / med if rel and base is not None else None
                     mac_ratio = stats[baseline][1] / macs if rel and macs else None
                     spread = _spread(times[baseline], t, rounds) if rel else (None, None)
                     report.rows.append(Measurement(

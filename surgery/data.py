@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .errors import SurgeryError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 
 class DataError(SurgeryError, ValueError):
@@ -38,7 +42,7 @@ def digits(split: str = "train", *, size: int = 32, channels: int = 3) -> Tensor
     return TensorDataset(x.contiguous(), y[idx])
 
 
-def image_folder(path: str | os.PathLike[str], *, size: int = 32) -> Dataset:
+def image_folder(path: str | os.PathLike[str], *, size: int = 32) -> ImageFolder:
     """An ``ImageFolder`` (one sub-folder per class) resized to ``size``."""
     import torchvision
     from torchvision import transforms
@@ -102,9 +106,9 @@ def load(spec: str, *, size: int = 32) -> tuple[Dataset, Dataset]:
     if (root / "cifar-10-batches-py").is_dir():
         return cifar10(root, "train"), cifar10(root, "test")
     ds = image_folder(root, size=size)
-    if len(ds) < 2:  # type: ignore[arg-type]
+    if len(ds) < 2:
         raise DataError(f"data folder {root} has fewer than 2 images")
-    n_val = max(1, len(ds) // 5)  # type: ignore[arg-type]
+    n_val = max(1, len(ds) // 5)
     g = torch.Generator().manual_seed(0)
     train, val = torch.utils.data.random_split(ds, [len(ds) - n_val, n_val], generator=g)
     train.classes = val.classes = ds.classes  # type: ignore[attr-defined]

@@ -19,9 +19,9 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import switched_mode
-from .rules import function_rule, leaf_rule, module_rule
+from .rules import ModuleRule, function_rule, leaf_rule, module_rule
 from .sizes import AttrInt, Dyn, attribute_ints, derive
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -441,7 +441,7 @@ class _Context:
     def record_contracted(self, atoms: np.ndarray) -> None:
         self.contracted.append(atoms)
 
-    def owner(self, p: Any) -> tuple[str, nn.Module, Any] | None:
+    def owner(self, p: Any) -> tuple[str, nn.Module, ModuleRule | None] | None:
         """(path, module, rule) of the module owning parameter/buffer ``p``, if ``p`` is one."""
         if not isinstance(p, TVal) or p.param is None or self.model is None:
             return None
@@ -519,7 +519,8 @@ class _Context:
     def _function(self, node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
         rule = function_rule(node.target)
         result = rule.propagate(self, args, kwargs, out) if rule is not None else NotImplemented
-        if result is not NotImplemented:  # a rule may decline: treated as an op without one
+        # a rule may decline: treated as an op without one (no rule gives NotImplemented)
+        if rule is not None and result is not NotImplemented:
             if rule.name in _POSITIONWISE:
                 result = _param_lineage(rule.name, args, kwargs, result)
             return result
@@ -528,6 +529,7 @@ class _Context:
         params = [v for v in _walk([args, kwargs]) if v.param is not None]
         tracked = any(v.tracked for v in _walk([args, kwargs]))
         for p in params:
+            assert p.param is not None  # as filtered
             owner = p.param.rpartition(".")[0]
             if tracked and not matches(owner, self.opaque_names):
                 cls = type(self.model.get_submodule(owner)).__name__ if self.model else "?"
@@ -551,7 +553,7 @@ class _WrappedCall(Exception):
         self.error, self.name = error, name
 
 
-def _user_function(target: Any) -> bool:
+def _user_function(target: Any) -> TypeGuard[Callable[..., Any]]:
     module = (getattr(target, "__module__", "") or "").split(".")[0]
     return callable(target) and not isinstance(target, str) and \
         module not in ("torch", "builtins", "_operator", "operator", "math")
@@ -720,8 +722,9 @@ def _mentions_training(cls: type) -> bool:
 def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:
     """Could the forward differ in train mode? Only classes we trace into can branch on it."""
     leaves = {str(n.target) for n in graph.nodes if n.op == "call_module"}
-    return any(_mentions_training(type(m)) for name, m in model.named_modules()
-               if name not in leaves)
+    # ignore: mypy does not see a class as Hashable (python/mypy#20409)
+    return any(_mentions_training(type(m))  # type: ignore[arg-type]
+               for name, m in model.named_modules() if name not in leaves)
 
 
 def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:

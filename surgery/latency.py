@@ -70,6 +70,13 @@ def cost_rule(m: nn.Module | type) -> CostRule | None:
     return cost if cost is not None and issubclass(cls, cost.types) else None
 
 
+def _costed(m: nn.Module) -> CostRule:
+    """The cost model of a module known to have one (a call :func:`find_calls` recorded)."""
+    rule = cost_rule(m)
+    assert rule is not None
+    return rule
+
+
 def _time_ms(fn: Callable[[], Any], runtime: Runtime, budget_s: float = 0.06,
              reps: int = 50) -> float:
     """Lower quartile of repeated runs (at least 5, up to ``reps`` within ``budget_s``): a
@@ -95,7 +102,7 @@ def find_calls(model: nn.Module, example_inputs: Inputs, graph: ChannelGraph) ->
     def hook(m: nn.Module, args: tuple, out: Any) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             p = names[m]
-            axes = cost_rule(m).slot_axes  # type: ignore[union-attr]
+            axes = _costed(m).slot_axes  # hooked only where there is a cost model
             slots = {axes[a]: key for a, key in by_path.get(p, {}).items() if a in axes}
             calls.append(Call(p, m, tuple(args[0].shape), tuple(out.shape), slots))
 
@@ -142,14 +149,14 @@ class LatencyModel:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self.rules = [cost_rule(c.module) for c in self.calls]
-        self.full = [r.widths(c) for r, c in zip(self.rules, self.calls, strict=True)]  # type: ignore[union-attr]
+        self.rules = [_costed(c.module) for c in self.calls]
+        self.full = [r.widths(c) for r, c in zip(self.rules, self.calls, strict=True)]
 
     def ms(self, i: int, w: dict[str, int]) -> float:
         return self.tables[i](w["in"], w["out"])
 
     def macs(self, i: int, w: dict[str, int]) -> float:
-        return self.rules[i].macs(self.calls[i], w)  # type: ignore[union-attr]
+        return self.rules[i].macs(self.calls[i], w)
 
 
 Timer = Callable[[Call, dict[str, int]], float]

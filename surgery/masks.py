@@ -142,6 +142,7 @@ def _fold_constants(clean: nn.Module, small: nn.Module, plan: Plan, inputs: tupl
         if getattr(old, "groups", 1) != 1 or not isinstance(old, nn.Conv1d | nn.Conv2d |
                                                                nn.Conv3d | nn.Linear):
             continue
+        assert isinstance(new, type(old))  # surgery keeps a layer's class
         gone = torch.tensor(sorted(set(range(ap.size)) - set(ap.keep)), dtype=torch.long)
         x = seen[path]
         dim = x.ndim - 1 if isinstance(old, nn.Linear) else 1

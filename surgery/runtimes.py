@@ -12,6 +12,7 @@ eager on the CPU), ``cuda`` (PyTorch on the first CUDA device), ``ort`` (ONNX Ru
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -247,7 +248,7 @@ def runtime_names() -> list[str]:
     return list(_RUNTIMES)
 
 
-def ort_session(model: str | bytes, threads: int | None = None,
+def ort_session(model: str | os.PathLike[str] | bytes, threads: int | None = None,
                 provider: str = "CPUExecutionProvider") -> Any:
     """An ONNX Runtime session with the benchmark's options on ``provider``."""
     rt = next((r for r in _RUNTIMES.values()

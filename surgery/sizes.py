@@ -111,14 +111,15 @@ def _arith(op: Callable[..., Any], swap: bool = False) -> Callable[..., Any]:
     return method
 
 
-def _install(cls: type) -> None:
+def _install(cls: type[int]) -> None:
     import operator
     for name, op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
                      ("floordiv", operator.floordiv), ("mod", operator.mod),
                      ("pow", operator.pow), ("truediv", operator.truediv)):
         setattr(cls, f"__{name}__", _arith(op))
         setattr(cls, f"__r{name}__", _arith(op, swap=True))
-    cls.__neg__ = _arith(operator.neg)
+    # setattr like the loop: mypy rejects assigning a method (and misreads ``cls.__neg__ =``)
+    setattr(cls, "__neg__", _arith(operator.neg))  # noqa: B010
 
 
 _install(Dyn)

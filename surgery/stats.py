@@ -21,7 +21,9 @@ def _counted(model: nn.Module, example_inputs: Inputs, per_module: bool) -> Flop
     # a parameter passed into a submodule as is (timm's PiT hands its class token on): count
     # with no parameter requiring grad
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    counter = FlopCounterMode(display=False, depth=None if per_module else 2)
+    # torch annotates depth as int, but its table reads None as unlimited
+    counter = FlopCounterMode(display=False,
+                              depth=None if per_module else 2)  # type: ignore[arg-type]
     try:
         for p, _ in grads:
             p.requires_grad_(False)

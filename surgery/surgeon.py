@@ -41,7 +41,7 @@ def _validate(model: nn.Module, plan: Plan) -> None:
             raise PlanError(
                 f"the plan names layer '{path}' which this model does not have") from None
         for axis, ap in lp.axes.items():
-            if lp.kind == "module":
+            if isinstance(target, nn.Module):  # lp.kind == "module"; else a tensor
                 rule = module_rule(target)
                 if rule is None or axis not in rule.axes:
                     raise PlanError(f"layer '{path}' ({type(target).__name__}) has no prunable "
@@ -77,7 +77,10 @@ def _build(model: nn.Module, plan: Plan) -> Built:
             if lp.kind == "module":
                 old = model.get_submodule(path)
                 keep = {a: torch.tensor(ap.keep, dtype=torch.long) for a, ap in lp.axes.items()}
-                modules[id(old)] = module_rule(old).shrink(old, keep)
+                rule = module_rule(old)
+                # _validate found a rule for every axis the plan prunes
+                assert rule is not None, f"no module rule for {type(old).__name__}"
+                modules[id(old)] = rule.shrink(old, keep)
             else:
                 t = _tensor(model, path)
                 for axis, ap in lp.axes.items():

@@ -64,6 +64,7 @@ def zeroed_reference(model: nn.Module, plan: Plan) -> nn.Module:
         for axis, ap in lp.axes.items():
             kept = torch.zeros(ap.size, dtype=torch.bool)
             kept[list(ap.keep)] = True
+            assert rule is not None  # a plan prunes only the axes of a ruled layer
             rule.zero_removed(m, axis, torch.nonzero(~kept).flatten())
     return ref
 
@@ -174,7 +175,7 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
             "probably hard-codes a channel count the surgery changed; compute it from x.size() "
             "or keep that layer with ignore=[...]. The original model is unchanged.") from e
     ref = zeroed_reference(original, plan)
-    dtype = torch.float64
+    dtype: torch.dtype | None = torch.float64
     inner_want: Inner = {}
     inner_got: Inner = {}
     try:

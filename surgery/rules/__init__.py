@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 from torch import nn
 
 from ..groups import TVal
 from .context import RuleContext
+
+if TYPE_CHECKING:
+    from .cost import CostRule
 
 __all__ = [
     "FunctionRule",
@@ -31,8 +34,11 @@ __all__ = [
     "register_module_rule",
 ]
 
+#: the module class a rule handles (``ModuleRule[nn.Linear]``); a bare ``ModuleRule`` takes any
+M = TypeVar("M", bound=nn.Module)
 
-class ModuleRule:
+
+class ModuleRule(Generic[M]):
     """How one family of leaf modules passes, couples, scores and loses channels.
 
     Subclasses set ``types`` (the classes it covers, subclasses included) and ``axes`` (the names
@@ -58,7 +64,7 @@ class ModuleRule:
     param_axes: dict[str, Any] = {}
     #: the layer's cost model (a ``surgery.rules.cost.CostRule``: MACs at given widths and a
     #: one-layer runner per runtime), read by latency-aware allocation; None: not modelled
-    cost: Any = None
+    cost: CostRule | None = None
     #: how many of the layer's leading outputs verification compares inside the model (None:
     #: all); e.g. attention weights averaged over heads change when heads go, and are checked
     #: only where the model uses them (then the rule keeps the heads)
@@ -72,18 +78,18 @@ class ModuleRule:
         pairs = (entry,) if isinstance(entry[0], str) else entry
         return next((axis for axis, d in pairs if d == dim), None)
 
-    def propagate(self, ctx: RuleContext, path: str, module: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, module: M, inputs: list[Any],
                   out: Any) -> Any:
         raise NotImplementedError
 
-    def shrink(self, module: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, module: M, keep: dict[str, torch.Tensor]) -> nn.Module:
         raise NotImplementedError
 
-    def importance(self, module: nn.Module, axis: str) -> torch.Tensor | None:
+    def importance(self, module: M, axis: str) -> torch.Tensor | None:
         """Weights of every position along ``axis`` as rows of a 2-D tensor (None: no weights)."""
         return None
 
-    def zero_removed(self, module: nn.Module, axis: str, idx: torch.Tensor) -> None:
+    def zero_removed(self, module: M, axis: str, idx: torch.Tensor) -> None:
         """Zero the weights that read the removed input positions (the equivalence reference)."""
 
 
@@ -149,7 +155,8 @@ def leaf_rule(module: nn.Module) -> ModuleRule | None:
     for base in cls.__mro__:
         rule = _MODULE_RULES.get(base)
         if rule is not None:
-            return rule if cls.forward is base.forward else None
+            # a registered class is a module class (``rule.types``)
+            return rule if cls.forward is cast("type[nn.Module]", base).forward else None
     return None
 
 
@@ -160,7 +167,7 @@ def function_rule(target: Any) -> FunctionRule | None:
         return None
 
 
-def clone_module(module: nn.Module) -> nn.Module:
+def clone_module(module: M) -> M:
     """A shallow copy with its own parameter/buffer/hook tables: same class, attributes, mode.
 
     Keeping the object (rather than calling the constructor again) preserves every constructor

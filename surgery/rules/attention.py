@@ -93,7 +93,7 @@ def _merged_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor 
     return mask
 
 
-class MultiheadAttentionRule(ModuleRule):
+class MultiheadAttentionRule(ModuleRule[nn.MultiheadAttention]):
     """Axes: ``in`` (the query/key/value width read by ``in_proj``), ``heads`` (the inner width,
     one unit per head) and ``out`` (``out_proj``'s output)."""
 
@@ -101,7 +101,7 @@ class MultiheadAttentionRule(ModuleRule):
     axes = ("in", "heads", "out")
     compared_outputs = 1  # the weights averaged over heads differ once heads go
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: nn.MultiheadAttention, inputs: list[Any],
                   out: Any) -> Any:
         q = inputs[0] if inputs else None
         supported = (m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
@@ -109,6 +109,7 @@ class MultiheadAttentionRule(ModuleRule):
         if not supported:
             return ctx.opaque(inputs, out, f"MultiheadAttention '{path}' with separate key/value "
                                            "widths, bias_k or add_zero_attn")
+        assert isinstance(q, TVal)  # part of ``supported``
         last = q.ndim - 1
         a_in = ctx.slot(path, "in", ctx.channels_in(q, last, m.embed_dim))
         for kv in inputs[1:3]:
@@ -127,7 +128,7 @@ class MultiheadAttentionRule(ModuleRule):
         first = TVal(result.shape, (result.ndim - 1,), a_out)
         return (first, *out[1:]) if isinstance(out, tuple | list) else first
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: nn.MultiheadAttention, keep: dict[str, torch.Tensor]) -> nn.Module:
         e = m.num_heads * m.head_dim
         kin = keep.get("in", torch.arange(m.embed_dim))
         kh = keep.get("heads", torch.arange(e))
@@ -152,7 +153,7 @@ class MultiheadAttentionRule(ModuleRule):
         new.embed_dim = new.kdim = new.vdim = len(kin)
         return new
 
-    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
+    def importance(self, m: nn.MultiheadAttention, axis: str) -> torch.Tensor:
         w = m.in_proj_weight.detach()
         if axis == "in":
             return w.t()
@@ -161,7 +162,7 @@ class MultiheadAttentionRule(ModuleRule):
             return torch.cat([w[:e], w[e:2 * e], w[2 * e:], m.out_proj.weight.detach().t()], 1)
         return m.out_proj.weight.detach()
 
-    def zero_removed(self, m: nn.Module, axis: str, idx: torch.Tensor) -> None:
+    def zero_removed(self, m: nn.MultiheadAttention, axis: str, idx: torch.Tensor) -> None:
         if not len(idx):
             return
         with torch.no_grad():

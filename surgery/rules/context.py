@@ -20,6 +20,7 @@ from torch import nn
 from ..groups import TVal, UnionFind
 
 if TYPE_CHECKING:
+    from ..sizes import AttrInt
     from . import ModuleRule
 
 
@@ -115,11 +116,11 @@ class RuleContext(Protocol):
         """Sizes ``s`` must keep their value: pin the channels they count, freeze attributes."""
         ...
 
-    def freeze(self, attrs: Iterable[Any]) -> None:
+    def freeze(self, attrs: Iterable[AttrInt]) -> None:
         """These attributes (``AttrInt``) keep their value."""
         ...
 
-    def attr_size(self, attr: Any, atoms: np.ndarray) -> None:
+    def attr_size(self, attr: AttrInt, atoms: np.ndarray) -> None:
         """Attribute ``attr`` (an ``AttrInt``) counts the positions ``atoms``: the plan rewrites
         it to the number kept."""
         ...

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..errors import PlanError
 from ..groups import TVal
@@ -51,7 +52,7 @@ def _same_in_every_group(keep: torch.Tensor, per: int, groups: int) -> torch.Ten
     return rel if torch.equal(torch.sort(keep).values, expected) else None
 
 
-def _kept_groups(m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
+def _kept_groups(m: _ConvNd, kin: torch.Tensor, kout: torch.Tensor) -> int:
     ipg, opg = m.in_channels // m.groups, m.out_channels // m.groups
     g_in, g_out = torch.unique(kin // ipg), torch.unique(kout // opg)
     if (not torch.equal(g_in, g_out) or len(kin) != len(g_in) * ipg
@@ -63,11 +64,11 @@ def _kept_groups(m: nn.Module, kin: torch.Tensor, kout: torch.Tensor) -> int:
     return len(g_in)
 
 
-class _ConvBase(ModuleRule):
+class _ConvBase(ModuleRule[_ConvNd]):
     axes = ("in", "out")
     transposed = False
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: _ConvNd, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         cdim = x.ndim - len(m.kernel_size) - 1
@@ -82,7 +83,7 @@ class _ConvBase(ModuleRule):
         couple_groups(ctx, a_in, a_out, m.groups)
         return TVal(out.shape, (cdim,), a_out)
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: _ConvNd, keep: dict[str, torch.Tensor]) -> nn.Module:
         kin = keep.get("in", torch.arange(m.in_channels))
         kout = keep.get("out", torch.arange(m.out_channels))
         w = m.weight.detach()
@@ -107,7 +108,7 @@ class _ConvBase(ModuleRule):
         new.in_channels, new.out_channels, new.groups = len(kin), len(kout), groups
         return new
 
-    def _grouped(self, m: nn.Module) -> torch.Tensor:
+    def _grouped(self, m: _ConvNd) -> torch.Tensor:
         """Weight as [g, out/g, in/g, K] whatever the layout."""
         w = m.weight.detach()
         g = m.groups
@@ -115,13 +116,13 @@ class _ConvBase(ModuleRule):
             return w.reshape(g, m.in_channels // g, m.out_channels // g, -1).transpose(1, 2)
         return w.reshape(g, m.out_channels // g, m.in_channels // g, -1)
 
-    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
+    def importance(self, m: _ConvNd, axis: str) -> torch.Tensor:
         w = self._grouped(m)  # [g, opg, ipg, K]
         if axis == "out":
             return w.reshape(m.out_channels, -1)
         return w.transpose(1, 2).reshape(m.in_channels, -1)
 
-    def zero_removed(self, m: nn.Module, axis: str, idx: torch.Tensor) -> None:
+    def zero_removed(self, m: _ConvNd, axis: str, idx: torch.Tensor) -> None:
         if axis != "in" or len(idx) == 0:
             return
         with torch.no_grad():

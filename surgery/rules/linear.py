@@ -19,12 +19,12 @@ from .context import RuleContext
 from .cost import LinearCost
 
 
-class LinearRule(ModuleRule):
+class LinearRule(ModuleRule[nn.Linear]):
     types = (nn.Linear,)
     cost = LinearCost()  # MACs and a one-layer runner (latency-aware allocation)
     axes = ("in", "out")
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Linear, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         last = x.ndim - 1
@@ -32,7 +32,7 @@ class LinearRule(ModuleRule):
         a_out = ctx.out_atoms(path, "out", m.out_features)
         return TVal(out.shape, (last,), a_out)
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: nn.Linear, keep: dict[str, torch.Tensor]) -> nn.Module:
         kin = keep.get("in", torch.arange(m.in_features))
         kout = keep.get("out", torch.arange(m.out_features))
         new = clone_module(m)
@@ -42,11 +42,11 @@ class LinearRule(ModuleRule):
         new.in_features, new.out_features = len(kin), len(kout)
         return new
 
-    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
+    def importance(self, m: nn.Linear, axis: str) -> torch.Tensor:
         w = m.weight.detach()
         return w if axis == "out" else w.t()
 
-    def zero_removed(self, m: nn.Module, axis: str, idx: torch.Tensor) -> None:
+    def zero_removed(self, m: nn.Linear, axis: str, idx: torch.Tensor) -> None:
         if axis == "in" and len(idx):
             with torch.no_grad():
                 m.weight[:, idx] = 0

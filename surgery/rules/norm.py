@@ -11,10 +11,13 @@ verifier knows it from ``cross_channel``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import PlanError
 from ..groups import TVal
@@ -24,8 +27,10 @@ from .cost import NormCost
 
 _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
+_N = TypeVar("_N", bound=nn.Module)
 
-class _FeatureRule(ModuleRule):
+
+class _FeatureRule(ModuleRule[_N]):
     """Norms with one channel axis ``features`` and per-channel tensors."""
 
     axes = ("features",)
@@ -33,13 +38,13 @@ class _FeatureRule(ModuleRule):
     is_norm = True
     param_axes = {name: ("features", 0) for name in _PER_CHANNEL}
 
-    def channel_dim(self, m: nn.Module, x: TVal) -> int:
+    def channel_dim(self, m: _N, x: TVal) -> int:
         return 1
 
-    def couple(self, ctx: RuleContext, m: nn.Module, atoms: Any) -> None:
+    def couple(self, ctx: RuleContext, m: _N, atoms: np.ndarray) -> None:
         pass
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: _N, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         cdim = self.channel_dim(m, x)
@@ -48,7 +53,7 @@ class _FeatureRule(ModuleRule):
         self.couple(ctx, m, atoms)
         return TVal(out.shape, (cdim,), atoms)
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: _N, keep: dict[str, torch.Tensor]) -> _N:
         k = keep["features"]
         new = clone_module(m)
         for name in _PER_CHANNEL:
@@ -58,30 +63,30 @@ class _FeatureRule(ModuleRule):
         setattr(new, self.size_attr, len(k))
         return new
 
-    def importance(self, m: nn.Module, axis: str) -> torch.Tensor | None:
+    def importance(self, m: _N, axis: str) -> torch.Tensor | None:
         w = getattr(m, "weight", None)
         return None if w is None else w.detach().reshape(-1, 1)
 
 
-class BatchNormRule(_FeatureRule):
+class BatchNormRule(_FeatureRule[_BatchNorm]):
     types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     cost = NormCost()  # MACs and a one-layer runner (latency-aware allocation)
 
 
-class InstanceNormRule(_FeatureRule):
+class InstanceNormRule(_FeatureRule[_InstanceNorm]):
     types = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
     _spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
 
-    def channel_dim(self, m: nn.Module, x: TVal) -> int:
+    def channel_dim(self, m: _InstanceNorm, x: TVal) -> int:
         spatial = next(v for k, v in self._spatial.items() if isinstance(m, k))
         return x.ndim - spatial - 1
 
 
-class GroupNormRule(_FeatureRule):
+class GroupNormRule(_FeatureRule[nn.GroupNorm]):
     types = (nn.GroupNorm,)
     size_attr = "num_channels"
 
-    def couple(self, ctx: RuleContext, m: nn.Module, atoms: Any) -> None:
+    def couple(self, ctx: RuleContext, m: nn.GroupNorm, atoms: np.ndarray) -> None:
         if m.num_groups == 1:  # one group normalises over all channels: like LayerNorm
             ctx.record_cross_channel(atoms)
             return
@@ -89,7 +94,7 @@ class GroupNormRule(_FeatureRule):
         for g in range(m.num_groups):
             ctx.uf.union_all(atoms[g * width:(g + 1) * width])
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: nn.GroupNorm, keep: dict[str, torch.Tensor]) -> nn.GroupNorm:
         k = keep["features"]
         if m.num_groups == 1:
             return super().shrink(m, keep)
@@ -103,12 +108,12 @@ class GroupNormRule(_FeatureRule):
         return new
 
 
-class LayerNormRule(_FeatureRule):
+class LayerNormRule(_FeatureRule[nn.LayerNorm]):
     types = (nn.LayerNorm,)
     cross_channel = True
     param_axes = {"weight": ("features", 0), "bias": ("features", 0)}
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: nn.LayerNorm, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         n = len(m.normalized_shape)
@@ -121,7 +126,7 @@ class LayerNormRule(_FeatureRule):
         atoms = ctx.slot(path, "features", atoms, cross_channel=True)
         return TVal(out.shape, (x.ndim - 1,), atoms)
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: nn.LayerNorm, keep: dict[str, torch.Tensor]) -> nn.LayerNorm:
         k = keep["features"]
         new = clone_module(m)
         for name in ("weight", "bias"):

@@ -17,9 +17,10 @@ no rule is opaque: its input channels are kept, which is always safe.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch.nn.functional as F
+from torch import nn
 
 from ..groups import TVal
 from . import ModuleRule, passthrough, register_function_rule
@@ -89,7 +90,8 @@ def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
         found = ctx.owner(t)
         if (found is not None and isinstance(found[2], GroupNormRule)
                 and found[1].num_groups == b["num_groups"]):
-            return found[2].propagate(ctx, found[0], found[1], [x], out)
+            # a GroupNormRule is looked up by its module's class: the owner is a GroupNorm
+            return found[2].propagate(ctx, found[0], cast(nn.GroupNorm, found[1]), [x], out)
     if b["num_groups"] == 1:  # one group: no group structure, normalises over every channel
         if not isinstance(x, TVal) or not x.tracked:
             return out
@@ -108,18 +110,27 @@ def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
                                 f"{ctx.where()} (use nn.GroupNorm so the count can change)")
 
 
+def _owner_rule(ctx: RuleContext, p: TVal) -> ModuleRule | None:
+    """The rule of the module owning parameter ``p`` (one it has, ``p.param`` being set)."""
+    found = ctx.owner(p)
+    assert found is not None  # a parameter always has an owner while the model is traced
+    return found[2]
+
+
 def _raw_weight(ctx: RuleContext, x: Any, w: Any, bias: Any, out: Any, cdim: int, in_dim: int,
                 out_dim: int, op: str) -> Any:
     """A weight that is a raw Parameter of a module without a rule: its input dim reads ``x``'s
     channels on ``cdim``, its output dim (and the bias) makes the output's."""
-    if not isinstance(w, TVal) or w.param is None or ctx.owner(w)[2] is not None:
+    if not isinstance(w, TVal) or w.param is None or _owner_rule(ctx, w) is not None:
         return ctx.opaque([x], out, f"{op} with a weight computed in forward or owned by "
                                     "another layer")
     if ctx.bind_param(w, in_dim, ctx.channels_in(x, cdim, w.shape[in_dim]), reads=True) is None:
         return ctx.opaque([x], out)
     a_out = ctx.bind_param(w, out_dim, ctx.uf.new(w.shape[out_dim]))
+    assert a_out is not None  # not expected: the owner has no rule, so this is a raw slot
     if isinstance(bias, TVal) and bias.param is not None:
         a_out = ctx.bind_param(bias, 0, a_out)
+        assert a_out is not None  # not expected: a bias read by a ruled layer of its own
     elif isinstance(bias, TVal):
         ctx.pin(a_out, f"{op} with a bias computed in forward {ctx.where()}")
     return TVal(out.shape, (cdim,), a_out)
@@ -130,7 +141,7 @@ def _conv(transposed: bool) -> Any:
     op = "conv_transpose" if transposed else "conv"
 
     def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        names = ("input", "weight", "bias", "stride", "padding")
+        names: tuple[str, ...] = ("input", "weight", "bias", "stride", "padding")
         names += ("output_padding", "groups") if transposed else ("dilation", "groups")
         b = bind_args(args, kwargs, names, {"bias": None, "groups": 1})
         x, w, bias = b["input"], b["weight"], b["bias"]

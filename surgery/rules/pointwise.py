@@ -44,10 +44,13 @@ class FlattenRule(ModuleRule):
         return reshape(ctx, inputs[0], out, None, "nn.Flatten")
 
 
-class SoftmaxRule(ModuleRule):
+_Softmax = nn.Softmax | nn.LogSoftmax | nn.Softmin
+
+
+class SoftmaxRule(ModuleRule[_Softmax]):
     types = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: _Softmax, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         if isinstance(x, TVal) and x.tracked and (m.dim is None or m.dim % x.ndim in x.tdims):
@@ -55,12 +58,12 @@ class SoftmaxRule(ModuleRule):
         return passthrough(ctx, x, out)
 
 
-class ChannelShuffleRule(ModuleRule):
+class ChannelShuffleRule(ModuleRule[nn.ChannelShuffle]):
     """(N, C, ...) viewed as (N, g, C/g, ...), transposed, flattened back; g is fixed."""
 
     types = (nn.ChannelShuffle,)
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: nn.ChannelShuffle, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         if not isinstance(x, TVal) or x.tdims != (1,):
@@ -72,12 +75,12 @@ class ChannelShuffleRule(ModuleRule):
         return TVal(out.shape, (1,), grid.T.reshape(-1).copy())
 
 
-class PReLURule(ModuleRule):
+class PReLURule(ModuleRule[nn.PReLU]):
     types = (nn.PReLU,)
     axes = ("features",)
     param_axes = {"weight": ("features", 0)}
 
-    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+    def propagate(self, ctx: RuleContext, path: str, m: nn.PReLU, inputs: list[Any],
                   out: Any) -> Any:
         x = inputs[0]
         if m.num_parameters == 1:
@@ -86,13 +89,13 @@ class PReLURule(ModuleRule):
         atoms = ctx.slot(path, "features", ctx.channels_in(x, cdim, m.num_parameters))
         return TVal(out.shape, (cdim,), atoms)
 
-    def shrink(self, m: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+    def shrink(self, m: nn.PReLU, keep: dict[str, torch.Tensor]) -> nn.PReLU:
         new = clone_module(m)
         set_tensor(new, "weight", m.weight.detach()[keep["features"]])
         new.num_parameters = len(keep["features"])
         return new
 
-    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
+    def importance(self, m: nn.PReLU, axis: str) -> torch.Tensor:
         return m.weight.detach().reshape(-1, 1)
 
 
