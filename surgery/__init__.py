@@ -25,42 +25,32 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
+#: module -> the public names it defines (``surgery.NAME`` loads ``surgery.MODULE.NAME``)
+_EXPORTS = {
+    "api": "plan plan_for_macs prune",
+    "artifact": "ArtifactError load save",
+    "bench": "bench BenchReport Measurement",
+    "config": "config_from_dict MacBudget PruneConfig RuntimeAware Uniform",
+    "criteria": "criteria register_criterion",
+    "errors": ("ConfigError ExampleInputError NothingToPruneError PlanError RuntimeMissingError "
+               "SurgeryError TraceError UnsupportedLayerError VerificationError"),
+    "export": "export_onnx ExportError ExportReport",
+    "finetune": "finetune FinetuneConfig",
+    "graph": "ChannelGraph fingerprint trace",
+    "groups": "TVal",
+    "latency": "latency_model latency_plan LatencyModel register_cost",
+    "masks": "from_masks MaskReport",
+    "plan": "Plan",
+    "rules": "ModuleRule register_function_rule register_module_rule RuleContext",
+    "runtimes": "get_runtime LayerProgram register_runtime Runtime runtime_names",
+    "stats": "count_macs count_params",
+    "surgeon": "apply apply_",
+    "verify": "verify VerifyReport",
+}
 #: public name -> (module, attribute); attribute None: the module itself
 _PUBLIC: dict[str, tuple[str, str | None]] = {
-    "apply": ("surgeon", "apply"), "apply_": ("surgeon", "apply_"),
-    "ArtifactError": ("artifact", "ArtifactError"), "bench": ("bench", "bench"),
-    "BenchReport": ("bench", "BenchReport"), "ChannelGraph": ("graph", "ChannelGraph"),
-    "ConfigError": ("errors", "ConfigError"), "count_macs": ("stats", "count_macs"),
-    "count_params": ("stats", "count_params"), "criteria": ("criteria", "criteria"),
-    "ExampleInputError": ("errors", "ExampleInputError"),
-    "export_onnx": ("export", "export_onnx"), "ExportError": ("export", "ExportError"),
-    "ExportReport": ("export", "ExportReport"), "fingerprint": ("graph", "fingerprint"),
-    "LatencyModel": ("latency", "LatencyModel"), "latency_model": ("latency", "latency_model"),
-    "latency_plan": ("latency", "latency_plan"), "from_masks": ("masks", "from_masks"),
-    "load": ("artifact", "load"), "MaskReport": ("masks", "MaskReport"),
-    "NothingToPruneError": ("errors", "NothingToPruneError"),
-    "Measurement": ("bench", "Measurement"), "ModuleRule": ("rules", "ModuleRule"),
-    "Plan": ("plan", "Plan"), "plan": ("api", "plan"),
-    "plan_for_macs": ("api", "plan_for_macs"), "PlanError": ("errors", "PlanError"),
-    "prune": ("api", "prune"), "register_cost": ("latency", "register_cost"),
-    "register_criterion": ("criteria", "register_criterion"),
-    "register_function_rule": ("rules", "register_function_rule"),
-    "register_module_rule": ("rules", "register_module_rule"),
-    "RuleContext": ("rules", "RuleContext"),
-    "RuntimeMissingError": ("errors", "RuntimeMissingError"), "save": ("artifact", "save"),
-    "sparse": ("sparse", None), "SurgeryError": ("errors", "SurgeryError"),
-    "trace": ("graph", "trace"), "TraceError": ("errors", "TraceError"),
-    "TVal": ("groups", "TVal"), "UnsupportedLayerError": ("errors", "UnsupportedLayerError"),
-    "VerificationError": ("errors", "VerificationError"), "verify": ("verify", "verify"),
-    "VerifyReport": ("verify", "VerifyReport"),
-    "finetune": ("finetune", "finetune"), "FinetuneConfig": ("finetune", "FinetuneConfig"),
-    "Runtime": ("runtimes", "Runtime"), "LayerProgram": ("runtimes", "LayerProgram"),
-    "register_runtime": ("runtimes", "register_runtime"),
-    "get_runtime": ("runtimes", "get_runtime"), "runtime_names": ("runtimes", "runtime_names"),
-    "PruneConfig": ("config", "PruneConfig"), "Uniform": ("config", "Uniform"),
-    "MacBudget": ("config", "MacBudget"), "RuntimeAware": ("config", "RuntimeAware"),
-    "config_from_dict": ("config", "config_from_dict"),
-}
+    name: (mod, name) for mod, names in _EXPORTS.items() for name in names.split()}
+_PUBLIC["sparse"] = ("sparse", None)
 __all__ = ["__version__", *_PUBLIC]
 
 #: public functions that share their name with a submodule: the function wins, as it would with

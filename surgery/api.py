@@ -35,8 +35,8 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
     if allocate not in ("uniform", *runtime_names()):
         raise ConfigError(f"allocate must be 'uniform' or a runtime to allocate for "
                           f"({', '.join(runtime_names())}), not {allocate!r}")
-    common = {"criterion": criterion, "round_to": round_to, "ignore": tuple(ignore),
-              "seed": seed, "exact": exact}
+    common: dict[str, Any] = {"criterion": criterion, "round_to": round_to,
+                              "ignore": tuple(ignore), "seed": seed, "exact": exact}
     if allocate != "uniform":
         if target_macs is not None:
             raise ConfigError("target_macs= works with allocate='uniform' only; give ratio= "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,9 @@ import click
 from .console import Console, as_flags, show_warning
 from .errors import SurgeryError
 from .spec import SpecError, parse_kwargs
+
+#: a click option, as the commands stack them
+Decorator = Callable[[Any], Any]
 
 if TYPE_CHECKING:  # torch is imported where a command needs it: `surgery --help` stays fast
     from torch import nn
@@ -113,15 +116,15 @@ def _set_trust(ctx: click.Context, _param: click.Parameter, value: bool) -> None
     ctx.obj["trust_code"] = ctx.obj.get("trust_code", False) or value
 
 
-model_arg = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+model_arg: Decorator = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
                          help="Keyword argument for the model factory (repeatable).")
-trust_code = click.option(
+trust_code: Decorator = click.option(
     "--trust-code", is_flag=True, expose_value=False, callback=_set_trust,
     help="Allow a saved DIR whose model is built by a Python file (file.py:factory) to run that "
          "file. Off by default: a saved directory from elsewhere must not run code.")
-input_shape = click.option("--input-shape", default=None, metavar="N,C,H,W",
+input_shape: Decorator = click.option("--input-shape", default=None, metavar="N,C,H,W",
                            help="Example input shape (default 1,3,224,224 or the saved one).")
-ignore_option = click.option("--ignore", multiple=True,
+ignore_option: Decorator = click.option("--ignore", multiple=True,
                              help="Layer name or re:regex to keep (repeatable).")
 
 
@@ -173,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-from . import cli_model, cli_training  # noqa: E402,F401  (the commands register on `cli`)
+if not TYPE_CHECKING:  # the commands register on `cli` (mypy checks them on their own: no cycle)
+    from . import cli_model, cli_training  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

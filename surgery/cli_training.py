@@ -13,26 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli import (
-    EXAMPLES,
-    UserError,
-    check_output,
-    cli,
-    console,
-    example_shape,
-    input_shape,
-    load_model,
-    model_arg,
-    train_on,
-    trust_code,
-    usage,
-)
+from . import cli as shell
 from .console import Console
 
 if TYPE_CHECKING:
     pass
 
-EXAMPLES.update({
+shell.EXAMPLES.update({
     "train": "surgery train resnet20 --data digits --epochs 30 --out out/r20",
     "finetune": "surgery prune out/r20 --ratio 0.5 --input-shape 1,3,32,32 --out out/r20-half\n"
                 "  surgery finetune out/r20-half --data digits --teacher out/r20 --epochs 10\n"
@@ -87,10 +74,11 @@ def _finetune_config(kw: dict[str, Any], distill: float = 0.0) -> Any:
                           batch_size=kw["batch_size"], seed=kw["seed"], distill=distill)
 
 
-@cli.command(help=usage("train", "Train MODEL from scratch on --data and save it to --out DIR "
-                                 "(an artifact with an empty plan)."))
+@shell.cli.command(help=shell.usage(
+    "train", "Train MODEL from scratch on --data and save it to --out DIR (an artifact with an "
+             "empty plan)."))
 @click.argument("model")
-@model_arg
+@shell.model_arg
 @data_option
 @size_option
 @click.option("--out", "out_dir", required=True)
@@ -101,17 +89,18 @@ def train(model: str, model_args: tuple[str, ...], data: str, size: int | None, 
     from .artifact import save_trained
 
     if os.path.isdir(model):
-        raise UserError(f"{model} is a saved model; use `surgery finetune {model}` instead")
-    net, meta = load_model(model, model_args)
-    train_on(net, data, size or 32, _finetune_config(kw), checkpoint=checkpoint,
+        raise shell.UserError(f"{model} is a saved model; use `surgery finetune {model}` instead")
+    net, meta = shell.load_model(model, model_args)
+    shell.train_on(net, data, size or 32, _finetune_config(kw), checkpoint=checkpoint,
            device=kw["device"])
     click.echo(str(save_trained(out_dir, net, meta, data, size or 32)))
 
 
-@cli.command(help=usage("finetune", "Fine-tune a saved DIR on --data (optionally distilling "
-                                    "from --teacher DIR) and save it back atomically."))
+@shell.cli.command(help=shell.usage(
+    "finetune", "Fine-tune a saved DIR on --data (optionally distilling from --teacher DIR) and "
+                "save it back atomically."))
 @click.argument("directory")
-@trust_code
+@shell.trust_code
 @data_option
 @size_option
 @click.option("--teacher", default=None, help="A saved DIR (e.g. the unpruned trained model).")
@@ -130,7 +119,8 @@ def finetune_cmd(directory: str, data: str, size: int | None, teacher: str | Non
     from .finetune import data_parallel
 
     if not os.path.isdir(directory):
-        raise UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out DIR` first")
+        raise shell.UserError(f"{directory} is not a saved DIR; run `surgery prune ... --out "
+                              "DIR` first")
     job = {"directory": directory, "data": data, "teacher": teacher, "checkpoint": checkpoint,
            "size": size, "config": _finetune_config(kw, distill if teacher else 0.0),
            "device": kw["device"], "rank_hashes": rank_hashes,
@@ -138,13 +128,14 @@ def finetune_cmd(directory: str, data: str, size: int | None, teacher: str | Non
     data_parallel(_finetune_rank, job, nproc=nproc, device=kw["device"])
 
 
-@cli.command(help=usage("sparsify", "Unstructured magnitude pruning (torch.nn.utils.prune), "
-                                    "optional fine-tuning with the masks on, then a sparse "
-                                    "weights file; reports the real file sizes and latencies."))
+@shell.cli.command(help=shell.usage(
+    "sparsify", "Unstructured magnitude pruning (torch.nn.utils.prune), optional fine-tuning "
+                "with the masks on, then a sparse weights file; reports the real file sizes and "
+                "latencies."))
 @click.argument("model")
-@model_arg
-@trust_code
-@input_shape
+@shell.model_arg
+@shell.trust_code
+@shell.input_shape
 @click.option("--amount", type=float, required=True, help="Fraction of weights set to zero.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default="global",
               show_default=True, help="Rank weights over all layers or within each layer.")
@@ -164,18 +155,19 @@ def sparsify(model: str, model_args: tuple[str, ...], input_shape: str | None, a
     from .sparse import sparsify_lines
 
     if epochs > 0 and data is None:
-        raise UserError("--epochs needs --data (the data to fine-tune on)")
-    check_output("--out", out_path)
-    net, meta = load_model(model, model_args)
-    shape = example_shape(meta, input_shape)
+        raise shell.UserError("--epochs needs --data (the data to fine-tune on)")
+    shell.check_output("--out", out_path)
+    net, meta = shell.load_model(model, model_args)
+    shape = shell.example_shape(meta, input_shape)
     config = FinetuneConfig(epochs=epochs, lr=lr, optimizer="sgd", batch_size=64, seed=0)
-    with console().step("sparsifying" + (", benchmarking dense vs zeroed" if do_bench else "")):
+    doing = "sparsifying" + (", benchmarking dense vs zeroed" if do_bench else "")
+    with shell.console().step(doing):
         report = run(net, amount, out_path, scope=scope, bench_shape=shape[1:] if do_bench
-                     else None, train=(lambda m: train_on(m, data, shape[-1], config))  # type: ignore[arg-type]
+                     else None, train=(lambda m: shell.train_on(m, data, shape[-1], config))  # type: ignore[arg-type]
                      if epochs > 0 else None)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     for line in [] if as_json else sparsify_lines(report):
-        console().emit(line)
+        shell.console().emit(line)
 
 

@@ -156,7 +156,8 @@ def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
     if unknown:
         raise ConfigError(f"{data['kind']} has no setting {', '.join(unknown)}; it takes "
                           f"{', '.join(sorted(names))}")
-    kwargs = {k: tuple(v) if k == "ignore" else v for k, v in data.items() if k != "kind"}
+    kwargs: dict[str, Any] = {k: tuple(v) if k == "ignore" else v for k, v in data.items()
+                              if k != "kind"}
     return cls(**kwargs)
 
 

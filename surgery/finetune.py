@@ -237,7 +237,8 @@ def finetune(model: nn.Module, train: Dataset, val: Dataset | None = None, *,
         model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model)
     for epoch in range(start, cfg.epochs):
         if distributed:
-            sampler = DistributedSampler(train, world, rank, shuffle=True, seed=cfg.seed)
+            sampler: DistributedSampler[Any] = DistributedSampler(train, world, rank,
+                                                                 shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
             loader = DataLoader(train, batch_size=max(1, cfg.batch_size // world),
                                 sampler=sampler)

@@ -52,7 +52,8 @@ class Sparsity:
     total: int
 
 
-def _weights(model: nn.Module, types: Sequence[type[nn.Module]]) -> list[tuple[str, nn.Module]]:
+def _weights(model: nn.Module, types: Sequence[type[nn.Module]]) -> list[tuple[str, Any]]:
+    """(name, layer) of the layers of ``types`` that have a weight tensor."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, tuple(types)) and isinstance(getattr(m, "weight", None), torch.Tensor)]
 

@@ -226,7 +226,11 @@ def _ultralytics_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         model = YOLO(name, verbose=False).model
     except (FileNotFoundError, OSError) as e:
         raise SpecError(f"{spec}: ultralytics has no model yaml {name!r} ({e})") from None
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{spec}: ultralytics built no model from {name!r}")
     if kwargs:
-        cls = type(model)
+        cls: Any = type(model)
         return _call(lambda **kw: cls(name, **{"verbose": False, **kw}), kwargs, spec)
     return model

@@ -1,4 +1,5 @@
-"""The code base passes ruff (bugbear, isort, pyupgrade, simplify: see pyproject.toml)."""
+"""The code base passes ruff (bugbear, isort, pyupgrade, simplify: see pyproject.toml) and the
+package passes mypy."""
 
 from __future__ import annotations
 
@@ -18,4 +19,12 @@ def test_ruff_is_clean() -> None:
         pytest.skip("ruff is not installed in this environment (./run installs it)")
     res = subprocess.run([ruff, "check", "surgery", "tests", "benchmarks", "models"], cwd=ROOT,
                          capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_mypy_is_clean() -> None:
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    if mypy is None:
+        pytest.skip("mypy is not installed in this environment (./run installs it)")
+    res = subprocess.run([mypy, "surgery"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout

@@ -136,6 +136,17 @@ def _raw_weight(ctx: RuleContext, x: Any, w: Any, bias: Any, out: Any, cdim: int
     return TVal(out.shape, (cdim,), a_out)
 
 
+def _layer_call(ctx: RuleContext, b: dict[str, Any], rule_type: type[ModuleRule], out: Any
+                ) -> tuple[Any, Any, Any, Any]:
+    """(input, weight, bias) of a functional conv/linear call, and its result already where the
+    weight's owner rule takes the call, or where nothing can be followed (else None)."""
+    x, w, bias = b["input"], b["weight"], b["bias"]
+    done = _delegate(ctx, w, rule_type, ("weight",), x, out)
+    if done is None and not (isinstance(x, TVal) and isinstance(out, TVal)):
+        done = ctx.opaque([x, w, bias], out)
+    return x, w, bias, done
+
+
 def _conv(transposed: bool) -> Any:
     rule_type = ConvTransposeRule if transposed else ConvRule
     op = "conv_transpose" if transposed else "conv"
@@ -144,12 +155,9 @@ def _conv(transposed: bool) -> Any:
         names: tuple[str, ...] = ("input", "weight", "bias", "stride", "padding")
         names += ("output_padding", "groups") if transposed else ("dilation", "groups")
         b = bind_args(args, kwargs, names, {"bias": None, "groups": 1})
-        x, w, bias = b["input"], b["weight"], b["bias"]
-        done = _delegate(ctx, w, rule_type, ("weight",), x, out)
+        x, w, bias, done = _layer_call(ctx, b, rule_type, out)
         if done is not None:
             return done
-        if not isinstance(x, TVal) or not isinstance(out, TVal):
-            return ctx.opaque([x, w, bias], out)
         if b["groups"] != 1:
             return ctx.opaque([x], out, f"grouped functional {op} (groups={b['groups']}) of a "
                                         "module without a rule")
@@ -162,12 +170,9 @@ def _conv(transposed: bool) -> Any:
 
 def _linear(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = bind_args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
-    x, w, bias = b["input"], b["weight"], b["bias"]
-    done = _delegate(ctx, w, LinearRule, ("weight",), x, out)
+    x, w, bias, done = _layer_call(ctx, b, LinearRule, out)
     if done is not None:
         return done
-    if not isinstance(x, TVal) or not isinstance(out, TVal):
-        return ctx.opaque([x, w, bias], out)
     return _raw_weight(ctx, x, w, bias, out, x.ndim - 1, 1, 0, "linear")
 
 
