@@ -26,6 +26,7 @@ from torch import nn
 from .graph import Inputs, as_tuple, trace
 from .modes import switched_mode
 from .plan import Plan, plan_removing
+from .rules import module_rule
 from .surgeon import apply
 from .tensors import output_tensors, rel_error
 
@@ -61,10 +62,11 @@ def _unmasked_copy(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]
         for hook in list(m._forward_pre_hooks.values()):
             if isinstance(hook, tprune.BasePruningMethod):
                 tensor = hook._tensor_name
-                mask = getattr(m, tensor + "_mask")
-                if tensor == "weight" and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d |
-                                                      nn.Linear):
-                    dead[name] = (mask.flatten(1) == 0).all(1)
+                rule = module_rule(m)
+                rows = rule.weight_rows(m, "out", getattr(m, tensor + "_mask")) \
+                    if rule is not None and tensor == "weight" and "out" in rule.axes else None
+                if rows is not None:
+                    dead[name] = (rows == 0).all(1)
                 tprune.remove(m, tensor)
     return clean, dead
 
@@ -104,7 +106,7 @@ def from_masks(model: nn.Module, example_inputs: Inputs) -> tuple[nn.Module, Mas
             masked_any |= any_dead
         disagree = masked_any & ~units_dead
         if disagree.any():
-            alive = [k.split(":")[0] for k in producers if k.split(":")[0] not in dead]
+            alive = [graph.slots[k].path for k in producers if graph.slots[k].path not in dead]
             kept.append(f"{int(disagree.sum())} masked channels of {', '.join(producers[:3])} "
                         f"kept: coupled layers still produce them "
                         f"({', '.join(alive[:3]) or 'their masks differ'})")
@@ -139,23 +141,18 @@ def _fold_constants(clean: nn.Module, small: nn.Module, plan: Plan, inputs: tupl
     folded = 0
     for path, ap in consumers.items():
         old, new = clean.get_submodule(path), small.get_submodule(path)
-        if getattr(old, "groups", 1) != 1 or not isinstance(old, nn.Conv1d | nn.Conv2d |
-                                                               nn.Conv3d | nn.Linear):
+        rule = module_rule(old)
+        gone = torch.tensor(sorted(set(range(ap.size)) - set(ap.keep)), dtype=torch.long)
+        extra = rule.bias_of_removed_inputs(old, seen[path], gone) if rule is not None else None
+        if extra is None or not extra.abs().max() > 0:
             continue
         assert isinstance(new, type(old))  # surgery keeps a layer's class
-        gone = torch.tensor(sorted(set(range(ap.size)) - set(ap.keep)), dtype=torch.long)
-        x = seen[path]
-        dim = x.ndim - 1 if isinstance(old, nn.Linear) else 1
-        k = x.index_select(dim, gone).movedim(dim, 0).flatten(1).median(1).values  # [removed]
-        if not k.abs().max() > 0:
-            continue
-        w = old.weight.detach().index_select(1, gone)  # [out, removed, *kernel]
-        extra = (w.flatten(2).sum(2) if w.ndim > 2 else w) @ k.to(w.dtype)
+        bias = getattr(new, "bias", None)
         with torch.no_grad():
-            if new.bias is None:
-                new.bias = nn.Parameter(extra)
+            if isinstance(bias, torch.Tensor):
+                bias += extra
             else:
-                new.bias += extra
+                new.bias = nn.Parameter(extra)
         folded += 1
     return folded
 

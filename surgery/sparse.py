@@ -33,9 +33,16 @@ from .atomic import atomic_file
 from .errors import ConfigError, SurgeryError
 
 FORMAT = "surgery.sparse/1"
-PRUNABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
-                                         nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                         nn.ConvTranspose3d)
+
+
+def prunable_types() -> tuple[type[nn.Module], ...]:
+    """The layer classes whose rule lays out a weight by input and output channel (convs,
+    linear layers, and whatever a registered rule adds): the weights worth zeroing."""
+    from .rules import ModuleRule, module_rules
+
+    return tuple(cls for cls, rule in module_rules().items()
+                 if {"in", "out"} <= set(rule.axes)
+                 and type(rule).weight_rows is not ModuleRule.weight_rows)
 
 
 class SparseFileError(SurgeryError, ValueError):
@@ -52,14 +59,17 @@ class Sparsity:
     total: int
 
 
-def _weights(model: nn.Module, types: Sequence[type[nn.Module]]) -> list[tuple[str, Any]]:
-    """(name, layer) of the layers of ``types`` that have a weight tensor."""
+def _weights(model: nn.Module, types: Sequence[type[nn.Module]] | None
+             ) -> list[tuple[str, Any]]:
+    """(name, layer) of the layers of ``types`` (default: :func:`prunable_types`) that have a
+    weight tensor."""
+    types = prunable_types() if types is None else types
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, tuple(types)) and isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
 def magnitude_prune_(model: nn.Module, amount: float, *, scope: str = "global",
-                     types: Sequence[type[nn.Module]] = PRUNABLE) -> nn.Module:
+                     types: Sequence[type[nn.Module]] | None = None) -> nn.Module:
     """Zero the ``amount`` smallest-magnitude weights of every conv and linear layer, in place.
 
     ``scope="global"`` ranks all those weights together (layers end with different sparsity);
@@ -74,6 +84,7 @@ def magnitude_prune_(model: nn.Module, amount: float, *, scope: str = "global",
         raise ConfigError(f"amount must be a fraction in [0, 1) but received {amount!r}")
     if scope not in ("global", "layer"):
         raise ConfigError(f"scope must be 'global' or 'layer' but received {scope!r}")
+    types = prunable_types() if types is None else tuple(types)
     layers = _weights(model, types)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no layer of the types "
@@ -94,7 +105,7 @@ def make_permanent_(model: nn.Module) -> nn.Module:
     return model
 
 
-def sparsity(model: nn.Module, types: Sequence[type[nn.Module]] = PRUNABLE) -> Sparsity:
+def sparsity(model: nn.Module, types: Sequence[type[nn.Module]] | None = None) -> Sparsity:
     """How many weights of the conv and linear layers are exactly zero."""
     per, zeros, total = {}, 0, 0
     for name, m in _weights(model, types):

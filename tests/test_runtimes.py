@@ -3,12 +3,14 @@ new runtime and a new layer added each as one entry, from this file alone."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 
 import surgery
@@ -123,7 +125,12 @@ class MixRule(ModuleRule):
         return new
 
     def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
-        return m.weight.detach() if axis == "out" else m.weight.detach().t()
+        return self.weight_rows(m, axis)
+
+    def weight_rows(self, m: nn.Module, axis: str, weight: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        w = m.weight.detach() if weight is None else weight
+        return w if axis == "out" else w.t()
 
     def zero_removed(self, m: nn.Module, axis: str, idx: torch.Tensor) -> None:
         if axis == "in" and len(idx):
@@ -154,6 +161,12 @@ def test_a_new_runtime_and_a_new_layer_are_one_entry_each() -> None:
                            runtimes=("torch", rt.name), rounds=2, min_round_ms=1)
     assert {r.runtime for r in report.rows} == {"torch", rt.name}
     assert all(r.median_ms > 0 for r in report.rows)
+    # what the rule says about its weight serves the mask and sparse tools too
+    assert Mix in surgery.sparse.prunable_types()
+    masked = copy.deepcopy(model)
+    torch.nn.utils.prune.ln_structured(masked[3], "weight", 0.5, n=2, dim=0)
+    from_masks, report = surgery.from_masks(masked, x)
+    assert from_masks[3].weight.shape[0] == 32 and report.max_rel_error < 1e-5
     # the same layer program also runs on ONNX Runtime
     ort = surgery.get_runtime("ort")
     program = MixCost().program(lat.calls[[c.path for c in lat.calls].index("3")],

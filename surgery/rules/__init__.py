@@ -30,6 +30,7 @@ __all__ = [
     "function_rule",
     "leaf_rule",
     "module_rule",
+    "module_rules",
     "register_function_rule",
     "register_module_rule",
 ]
@@ -89,6 +90,20 @@ class ModuleRule(Generic[M]):
         """Weights of every position along ``axis`` as rows of a 2-D tensor (None: no weights)."""
         return None
 
+    def weight_rows(self, module: M, axis: str, weight: torch.Tensor | None = None
+                    ) -> torch.Tensor | None:
+        """A tensor shaped like the layer's main weight (default: the weight itself) as one row
+        per position along ``axis``; None where the layer has no such weight. Read by the
+        criteria (through ``importance``), by :func:`surgery.from_masks` (which output channels a
+        pruning mask zeroed) and by :mod:`surgery.sparse` (which layers have weights to zero)."""
+        return None
+
+    def bias_of_removed_inputs(self, module: M, x: torch.Tensor, gone: torch.Tensor
+                               ) -> torch.Tensor | None:
+        """What constant input channels ``gone`` (their median in the layer's input ``x``) add
+        to every output: folded into the bias when they are removed. None: not foldable."""
+        return None
+
     def zero_removed(self, module: M, axis: str, idx: torch.Tensor) -> None:
         """Zero the weights that read the removed input positions (the equivalence reference)."""
 
@@ -133,6 +148,11 @@ def register_function_rule(targets: Iterable[Any], fn: Callable[..., Any], *, na
             raise ValueError(f"a function rule for {t!r} is already registered")
         _FUNCTION_RULES[t] = rule
     return rule
+
+
+def module_rules() -> dict[type, ModuleRule]:
+    """Every registered module rule by the class it was registered for (a copy)."""
+    return dict(_MODULE_RULES)
 
 
 def module_rule(module: nn.Module | type) -> ModuleRule | None:

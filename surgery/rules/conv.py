@@ -108,19 +108,31 @@ class _ConvBase(ModuleRule[_ConvNd]):
         new.in_channels, new.out_channels, new.groups = len(kin), len(kout), groups
         return new
 
-    def _grouped(self, m: _ConvNd) -> torch.Tensor:
-        """Weight as [g, out/g, in/g, K] whatever the layout."""
-        w = m.weight.detach()
+    def _grouped(self, m: _ConvNd, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Weight (or a tensor shaped like it) as [g, out/g, in/g, K] whatever the layout."""
+        w = m.weight.detach() if w is None else w
         g = m.groups
         if self.transposed:  # [in, out/g, *k] -> [g, in/g, out/g, K] -> [g, out/g, in/g, K]
             return w.reshape(g, m.in_channels // g, m.out_channels // g, -1).transpose(1, 2)
         return w.reshape(g, m.out_channels // g, m.in_channels // g, -1)
 
     def importance(self, m: _ConvNd, axis: str) -> torch.Tensor:
-        w = self._grouped(m)  # [g, opg, ipg, K]
+        return self.weight_rows(m, axis)
+
+    def weight_rows(self, m: _ConvNd, axis: str, weight: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        w = self._grouped(m, weight)  # [g, opg, ipg, K]
         if axis == "out":
             return w.reshape(m.out_channels, -1)
         return w.transpose(1, 2).reshape(m.in_channels, -1)
+
+    def bias_of_removed_inputs(self, m: _ConvNd, x: torch.Tensor, gone: torch.Tensor
+                               ) -> torch.Tensor | None:
+        if m.groups != 1 or self.transposed:
+            return None
+        k = x.index_select(1, gone).movedim(1, 0).flatten(1).median(1).values  # [removed]
+        w = m.weight.detach().index_select(1, gone)  # [out, removed, *kernel]
+        return w.flatten(2).sum(2) @ k.to(w.dtype)
 
     def zero_removed(self, m: _ConvNd, axis: str, idx: torch.Tensor) -> None:
         if axis != "in" or len(idx) == 0:

@@ -43,8 +43,17 @@ class LinearRule(ModuleRule[nn.Linear]):
         return new
 
     def importance(self, m: nn.Linear, axis: str) -> torch.Tensor:
-        w = m.weight.detach()
+        return self.weight_rows(m, axis)
+
+    def weight_rows(self, m: nn.Linear, axis: str, weight: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        w = m.weight.detach() if weight is None else weight
         return w if axis == "out" else w.t()
+
+    def bias_of_removed_inputs(self, m: nn.Linear, x: torch.Tensor, gone: torch.Tensor
+                               ) -> torch.Tensor:
+        k = x.index_select(-1, gone).movedim(-1, 0).flatten(1).median(1).values  # [removed]
+        return m.weight.detach().index_select(1, gone) @ k.to(m.weight.dtype)
 
     def zero_removed(self, m: nn.Linear, axis: str, idx: torch.Tensor) -> None:
         if axis == "in" and len(idx):
