@@ -30,7 +30,7 @@ _EXPORTS = {
     "api": "plan plan_for_macs prune",
     "artifact": "ArtifactError load save",
     "bench": "bench BenchReport Measurement",
-    "config": "config_from_dict MacBudget PruneConfig RuntimeAware Uniform",
+    "config": "config_from_dict LatencyTarget MacBudget PruneConfig RuntimeAware Uniform",
     "criteria": "criteria register_criterion",
     "errors": ("ConfigError ExampleInputError NothingToPruneError PlanError RuntimeMissingError "
                "SurgeryError TraceError UnsupportedLayerError VerificationError"),
@@ -90,7 +90,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
     from .api import plan, plan_for_macs, prune
     from .artifact import ArtifactError, load, save
     from .bench import BenchReport, Measurement, bench
-    from .config import MacBudget, PruneConfig, RuntimeAware, Uniform, config_from_dict
+    from .config import (
+        LatencyTarget,
+        MacBudget,
+        PruneConfig,
+        RuntimeAware,
+        Uniform,
+        config_from_dict,
+    )
     from .criteria import criteria, register_criterion
     from .errors import (
         ConfigError,

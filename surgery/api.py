@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import MacBudget, PruneConfig, RuntimeAware, Uniform
+from .config import LatencyTarget, MacBudget, PruneConfig, RuntimeAware, Uniform
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, trace
 from .latency import latency_plan
@@ -23,8 +23,14 @@ from .verify import verify as check
 def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
               target_macs: float | None = None, allocate: str = "uniform", threads: int = 1,
               criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
-              seed: int = 0, exact: bool = False) -> PruneConfig:
-    """``config``, or the config the keyword settings describe (the older calling style)."""
+              seed: int = 0, exact: bool = False, target_speedup: float | None = None,
+              target_latency: float | None = None, runtime: str = "ort", batch: int = 1
+              ) -> PruneConfig:
+    """``config``, or the config the keyword settings describe (the older calling style):
+    ``ratio`` (Uniform, or RuntimeAware with ``allocate=RUNTIME``), ``target_macs``
+    (MacBudget), ``target_speedup`` / ``target_latency`` in ms (LatencyTarget, measured on
+    ``runtime`` with ``threads`` and ``batch``; ``allocate=RUNTIME`` lays it out for that
+    runtime)."""
     if config is not None:
         if not isinstance(config, PruneConfig):
             raise ConfigError(f"expected a prune config (surgery.Uniform(0.5), MacBudget, "
@@ -37,6 +43,17 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
                           f"({', '.join(runtime_names())}), not {allocate!r}")
     common: dict[str, Any] = {"criterion": criterion, "round_to": round_to,
                               "ignore": tuple(ignore), "seed": seed, "exact": exact}
+    if target_speedup is not None or target_latency is not None:
+        if ratio is not None or target_macs is not None:
+            raise ConfigError("give one of ratio=, target_macs=, target_speedup= or "
+                              "target_latency=")
+        if allocate not in ("uniform", runtime):
+            raise ConfigError(f"allocate={allocate!r} with a latency target on {runtime!r}: "
+                              f"lay it out for the runtime it is measured on "
+                              f"(allocate={runtime!r}) or uniformly")
+        return LatencyTarget(speedup=target_speedup, latency_ms=target_latency,
+                             runtime=runtime, threads=threads, batch=batch,
+                             allocate=allocate != "uniform", **common)
     if allocate != "uniform":
         if target_macs is not None:
             raise ConfigError("target_macs= works with allocate='uniform' only; give ratio= "
@@ -56,21 +73,29 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
 
 
 def plan(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = None, *,
-         graph: ChannelGraph | None = None, **settings: Any) -> Plan:
+         graph: ChannelGraph | None = None,
+         on_round: Callable[[int, float, float, float], None] | None = None,
+         **settings: Any) -> Plan:
     """Decide which channels every layer keeps, as ``config`` says.
 
     ``config`` is a :class:`surgery.Uniform` (remove a ratio of every group), a
     :class:`surgery.MacBudget` (keep a fraction of the MACs) or a :class:`surgery.RuntimeAware`
     (as many MACs as a ratio, laid out where a runtime saves most time); or give its settings as
     keywords (``ratio=0.5``, ``target_macs=0.25``, ``allocate="ort"``, ``criterion`` …).
-    ``graph``: a graph from :func:`surgery.trace` of the same model, to skip tracing again. The
-    plan records the config (``plan.settings["config"]``).
+    A :class:`surgery.LatencyTarget` (a measured speedup or latency on a runtime) plans, builds
+    and times the pruned model round by round; ``on_round(k, ratio, ms, speedup)`` sees each
+    round. ``graph``: a graph from :func:`surgery.trace` of the same model, to skip tracing
+    again. The plan records the config (``plan.settings["config"]``).
 
     Example:
         >>> p = surgery.plan(model, torch.randn(1, 3, 224, 224), surgery.Uniform(0.5))
         >>> p.save("plan.json")
     """
     cfg = as_config(config, **settings)
+    if isinstance(cfg, LatencyTarget):
+        from .target import plan_for_latency
+
+        return plan_for_latency(model, example_inputs, cfg, graph=graph, on_round=on_round)
     if isinstance(cfg, RuntimeAware):
         return latency_plan(model, example_inputs, ratio=cfg.ratio, runtime=cfg.runtime,
                             threads=cfg.threads, criterion=cfg.criterion, round_to=cfg.round_to,
@@ -83,7 +108,9 @@ def plan(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = 
 
 
 def prune(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = None, *,
-          verify: bool = True, **settings: Any) -> nn.Module:
+          verify: bool = True,
+          on_round: Callable[[int, float, float, float], None] | None = None,
+          **settings: Any) -> nn.Module:
     """A new, physically smaller model, pruned as ``config`` says (see :func:`surgery.plan`;
     ``ratio=0.5`` and the other keyword settings work too).
 
@@ -95,7 +122,7 @@ def prune(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None =
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
         ...                       surgery.Uniform(0.5))
     """
-    p = plan(model, example_inputs, config, **settings)
+    p = plan(model, example_inputs, config, on_round=on_round, **settings)
     small = apply(model, p)
     if verify:
         check(model, small, p, example_inputs)

@@ -179,5 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if not TYPE_CHECKING:  # the commands register on `cli` (mypy checks them on their own: no cycle)
     from . import cli_model, cli_training  # noqa: E402,F401
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m surgery.cli: the commands registered on surgery.cli's group
+    from surgery.cli import main as package_main
+
+    sys.exit(package_main())

@@ -84,6 +84,15 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
                                                         "to remove, in [0, 1).")
 @click.option("--target-macs", type=float, default=None,
               help="Instead of --ratio: keep at most this fraction of the MACs (e.g. 0.5).")
+@click.option("--target-speedup", type=float, default=None, help="Instead of --ratio: prune "
+              "until the model measures this many times faster on --runtime (plan, build, "
+              "time, correct, repeat).")
+@click.option("--target-latency", type=float, default=None, metavar="MS",
+              help="Instead of --ratio: prune until the model runs in MS milliseconds there.")
+@click.option("--runtime", type=click.Choice(runtime_names()), default="ort", show_default=True,
+              help="Where --target-speedup/--target-latency are measured.")
+@click.option("--batch", type=int, default=1, show_default=True,
+              help="Batch size the latency target is measured at.")
 @click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
 @click.option("--round-to", default=8, show_default=True, type=int,
               help="Keep channel counts multiples of N.")
@@ -119,15 +128,20 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
     if not dry_run and not out_dir:
         raise UserError("--out DIR is required (or pass --dry-run)")
     out_dir = None if dry_run else out_dir
-    if (settings["ratio"] is None) == (settings["target_macs"] is None):
-        raise UserError("give exactly one of --ratio or --target-macs")
+    asked = [k for k in ("ratio", "target_macs", "target_speedup", "target_latency")
+             if settings[k] is not None]
+    if len(asked) != 1:
+        raise UserError("give exactly one of --ratio or --target-macs (or --target-speedup, "
+                        "--target-latency)")
     if steps < 1 or steps > 1 and (settings["ratio"] is None or data is None):
         raise UserError(f"--steps must be at least 1 but received {steps}" if steps < 1 else
                         "--steps K needs --ratio and --data (fine-tuning runs between steps)")
     if steps == 1 and data is not None:
         raise UserError("--data is used only between --steps K > 1; to fine-tune after "
                         "pruning, run `surgery finetune DIR --data ...`")
-    if settings["allocate"] != "uniform" and (settings["ratio"] is None or steps > 1):
+    target = settings["target_speedup"] or settings["target_latency"]
+    if settings["allocate"] != "uniform" and (settings["ratio"] is None and target is None
+                                              or steps > 1):
         raise UserError(f"--allocate {settings['allocate']} needs --ratio (it removes as many "
                         "MACs as that ratio would) and works in one step")
     if settings["threads"] < 1:
@@ -147,10 +161,14 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
             between=lambda m, k: train_on(m, data, x.shape[-1],  # type: ignore[arg-type]
                                         FinetuneConfig(**{**tune.__dict__, "seed": k})))
         return _finish(model, meta, net, small, p, x, check, out_dir, no_onnx, as_json)
+    def round_done(k: int, ratio: float, ms: float, speedup: float) -> None:
+        out.progress(f"round {k + 1}: ratio {ratio:.3f} -> {ms:.2f} ms on "
+                     f"{settings['runtime']}, {speedup:.2f}x faster")
+
     with out.step(f"tracing and planning {model}" if settings["allocate"] == "uniform" else
                   f"timing every layer on {settings['allocate']} ({settings['threads']} "
                   f"threads) and planning {model}"):
-        p = plan(net, x, config)
+        p = plan(net, x, config, on_round=round_done)
     _rebuild(model, meta, net, p, x, out_dir, no_onnx, as_json)
 
 

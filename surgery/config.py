@@ -7,6 +7,7 @@ it (``plan.settings["config"]``), so a plan says how it was made::
     surgery.prune(model, x, surgery.Uniform(0.5))
     surgery.prune(model, x, surgery.MacBudget(0.25))                  # keep 25% of the MACs
     surgery.prune(model, x, surgery.RuntimeAware(0.5, runtime="ort"))  # same MACs, faster layout
+    surgery.prune(model, x, surgery.LatencyTarget(speedup=2, runtime="ort", threads=2))  # measured
     surgery.Uniform(0.5, overrides={"layer4.0.conv1": 0.2, "re:^fc": 0.0})
 
 ``overrides`` set another ratio for the groups of the layers named (a name or ``re:`` regex;
@@ -24,7 +25,8 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["MacBudget", "PruneConfig", "RuntimeAware", "Uniform", "config_from_dict"]
+__all__ = ["LatencyTarget", "MacBudget", "PruneConfig", "RuntimeAware", "Uniform",
+           "config_from_dict"]
 
 
 def _ratio(name: str, value: Any) -> None:
@@ -142,7 +144,47 @@ class RuntimeAware(PruneConfig):
                               "every group's width itself (use ignore= to keep layers whole)")
 
 
-_KINDS: dict[str, type[PruneConfig]] = {c.kind: c for c in (Uniform, MacBudget, RuntimeAware)}
+@dataclass(frozen=True)
+class LatencyTarget(PruneConfig):
+    """Prune until the whole model, measured on ``runtime`` (``threads`` threads, ``batch``),
+    is ``speedup`` times faster than the original (or runs in ``latency_ms``): plan, build,
+    time, correct the ratio, repeat (at most ``rounds`` times), landing in
+    ``[target, (1 + tolerance) * target]``. ``allocate`` lays each round's plan out where the
+    runtime saves most (as :class:`RuntimeAware`); else uniformly."""
+
+    speedup: float | None = None
+    latency_ms: float | None = None
+    runtime: str = "ort"
+    threads: int = 1
+    batch: int = 1
+    tolerance: float = 0.15
+    rounds: int = 8
+    allocate: bool = True
+    kind: ClassVar[str] = "LatencyTarget"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.speedup is None) == (self.latency_ms is None):
+            raise ConfigError("give exactly one of speedup= (e.g. 2.0) or latency_ms=")
+        for name in ("speedup", "latency_ms"):
+            v = getattr(self, name)
+            low = 1 if name == "speedup" else 0
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or v <= low):
+                raise ConfigError(f"{name} must be a number above {low} but received {v!r}")
+        for name in ("threads", "batch", "rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive int but received {v!r}")
+        if not isinstance(self.tolerance, int | float) or not 0 < self.tolerance < 1:
+            raise ConfigError(f"tolerance must be in (0, 1) but received {self.tolerance!r}")
+        if self.overrides:
+            raise ConfigError("overrides work with Uniform and MacBudget; LatencyTarget chooses "
+                              "the ratio itself (use ignore= to keep layers whole)")
+
+
+_KINDS: dict[str, type[PruneConfig]] = {c.kind: c for c in (Uniform, MacBudget, RuntimeAware,
+                                                            LatencyTarget)}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:

@@ -26,6 +26,11 @@ class Console:
         if not self.quiet:
             click.echo(text)
 
+    def progress(self, text: str) -> None:
+        """A progress line on stderr (stdout stays for results), unless quiet."""
+        if not self.quiet:
+            click.echo(text, err=True)
+
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
         """A spinner for anything that may take more than a moment (a terminal only)."""

@@ -89,7 +89,7 @@ def prune_report(original: nn.Module, pruned: nn.Module, plan: Plan, x: torch.Te
 def to_markdown(report: dict[str, Any]) -> str:
     p, m, v = report["params"], report["macs"], report["verification"]
     settings = {k: val for k, val in report["settings"].items()
-                if k not in ("trace_notes", "warnings")}
+                if k not in ("trace_notes", "warnings", "config", "trajectory", "measured")}
     warned = [f"**warning**: {w}" for w in report["settings"].get("warnings", [])]
     lines = [f"# surgery prune report: {report['model']}", "", *warned, *([""] if warned else [])]
     lines += [f"settings: {settings}", ""]
@@ -110,6 +110,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         o = report["onnx"]
         lines += [f"ONNX: {o['path']} ({o['file_bytes'] / 1e6:.2f} MB), ONNX Runtime max "
                   f"relative error {o['max_rel_error']:.1e}", ""]
+    measured = report["settings"].get("measured")
+    if measured:  # a latency target: what was measured, round by round
+        lines += [f"measured on {measured['runtime']} ({measured['threads']} threads, batch "
+                  f"{measured['batch']}): {measured['ms']:.2f} ms vs {measured['original_ms']:.2f}"
+                  f" ms, {measured['speedup']:.2f}x for a target of "
+                  f"{measured['target_speedup']:.2f}x "
+                  f"({'met' if measured['met'] else 'NOT met'})", "",
+                  "| round | ratio | ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {k + 1} | {t['ratio']:.3f} | {t['ms']:.2f} | {t['speedup']:.2f}x |"
+                  for k, t in enumerate(report["settings"].get("trajectory", []))] + [""]
     changed = report.get("attributes", {})
     if changed:  # sizes the forward reads from attributes (heads, split sections)
         lines += ["attributes rewritten: " + ", ".join(

@@ -1,0 +1,188 @@
+"""Latency targets: prune until the model, measured on the deployment runtime, is fast enough.
+
+A MAC budget is a proxy; the user's goal is a latency. :func:`plan_for_latency` closes the loop
+on real measurements: plan at a ratio, build the pruned model, time it against the original on
+the target runtime (alternating runs, :func:`surgery.bench`), correct the ratio and repeat until
+the measured speedup lands in ``[target, (1 + tolerance) * target]``. The ratio is corrected by
+interpolating the measured speedups (log scale) between the last ratio too slow and the last one
+fast enough; before both are known, by the arithmetic (MACs fall with the square of the kept
+width). The plan records every round (``settings["trajectory"]``) and the result.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bench import bench
+from .config import LatencyTarget, Uniform
+from .errors import ConfigError
+from .graph import ChannelGraph, Inputs, as_tuple, trace
+from .latency import LatencyModel, latency_model, latency_plan
+from .plan import Plan, make_plan
+from .runtimes import get_runtime
+from .surgeon import apply
+
+#: one round: (round index, ratio, measured pruned ms, measured speedup)
+RoundHook = Callable[[int, float, float, float], None]
+
+_MAX_RATIO = 0.95
+
+
+def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTarget, *,
+                     graph: ChannelGraph | None = None,
+                     on_round: RoundHook | None = None) -> Plan:
+    """The plan whose pruned model meets ``config``'s speedup (or latency) on its runtime,
+    as measured here; see the module docstring. ``on_round(k, ratio, ms, speedup)`` is called
+    after every measurement (a progress display)."""
+    rt = get_runtime(config.runtime)
+    rt.check()
+    inputs = as_tuple(example_inputs)
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+        raise ConfigError("a latency target times models with one input tensor; this model "
+                          f"takes {len(inputs)} inputs")
+    shape = tuple(inputs[0].shape[1:])
+    x = torch.randn(config.batch, *shape)
+    graph = graph if graph is not None else trace(model, example_inputs, ignore=config.ignore)
+    lat: LatencyModel | None = None
+    if config.allocate:
+        lat = latency_model(model, x, runtime=config.runtime, threads=config.threads,
+                            lowest=1 - _MAX_RATIO, graph=graph)
+    trajectory: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        original_onnx = None
+        if rt.form == "onnx":
+            from .export import export_onnx
+
+            original_onnx = str(Path(tmp) / "original.onnx")
+            export_onnx(model, inputs[0][:1], original_onnx)
+
+        def measure(small: nn.Module) -> tuple[float, float, float]:
+            rep = bench({"original": model, "pruned": small}, shape, runtimes=[config.runtime],
+                        batches=[config.batch], threads=config.threads, rounds=10,
+                        onnx_files={"original": original_onnx} if original_onnx else None)
+            rows = {r.model: r for r in rep.rows}
+            return rows["pruned"].median_ms, rows["original"].median_ms, \
+                float(rows["pruned"].speedup or 1.0)
+
+        seen: dict[str, tuple[float, float, float]] = {}
+
+        def attempt(ratio: float, cfg: LatencyTarget) -> tuple[Plan, float, float, float, bool]:
+            """The plan at ``ratio`` and its measurement (a plan measured before is not timed
+            again: fresh is False)."""
+            p = _plan_at(model, example_inputs, x, cfg, ratio, graph, lat)
+            key = repr((p.layers, p.attributes))
+            fresh = key not in seen
+            if fresh:
+                seen[key] = measure(apply(model, p))
+            ms, base, speedup = seen[key]
+            if fresh:
+                trajectory.append({"ratio": round(ratio, 4), "round_to": cfg.round_to,
+                                   "ms": round(ms, 4), "original_ms": round(base, 4),
+                                   "speedup": round(speedup, 4)})
+                if on_round is not None:
+                    on_round(len(trajectory) - 1, ratio, ms, speedup)
+            return p, ms, base, speedup, fresh
+
+        notes: list[str] = []
+        best = _search(config, attempt)
+        if not _met(config, best) and config.round_to > 1:  # the channel steps are too coarse
+            finer = _search(config.replace(round_to=1), attempt)  # type: ignore[arg-type]
+            if _met(config, finer) or abs(math.log(finer[3] / finer[4])) < abs(
+                    math.log(best[3] / best[4])):
+                notes.append(f"round_to={config.round_to} steps the speedup too coarsely to land "
+                             "in the target range; used round_to=1")
+                best = finer
+    p, ms, base, speedup, target = best
+    met = _met(config, best)
+    settings = {**p.settings, "config": config.to_dict(), "trajectory": trajectory,
+                "measured": {"runtime": config.runtime, "threads": config.threads,
+                             "batch": config.batch, "ms": round(ms, 4),
+                             "original_ms": round(base, 4), "speedup": round(speedup, 4),
+                             "target_speedup": round(target, 4), "met": met}}
+    if not met:
+        rounds = ", ".join(f"ratio {t['ratio']:.2f}: {t['speedup']:.2f}x" for t in trajectory)
+        notes.append(f"the latency target (speedup {target:.2f}x on {config.runtime}) was not "
+                     f"met in {len(trajectory)} rounds: the closest plan measured "
+                     f"{speedup:.2f}x ({rounds})")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    if notes:
+        settings["warnings"] = [*settings.get("warnings", []), *notes]
+    return Plan(p.model_class, p.fingerprint, p.layers, p.exact, settings, p.attributes)
+
+
+def _plan_at(model: nn.Module, example_inputs: Inputs, x: torch.Tensor, config: LatencyTarget,
+             ratio: float, graph: ChannelGraph, lat: LatencyModel | None) -> Plan:
+    common: dict[str, Any] = {"criterion": config.criterion, "round_to": config.round_to,
+                              "ignore": config.ignore, "seed": config.seed,
+                              "exact": config.exact}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rounds' notes are not the answer's
+        if lat is None:
+            return make_plan(model, example_inputs, Uniform(ratio=ratio, **common), graph=graph)
+        return latency_plan(model, x, ratio=ratio, runtime=config.runtime,
+                            threads=config.threads, max_ratio=min(_MAX_RATIO, max(
+                                ratio, ratio + (1 - ratio) / 2)), graph=graph, latency=lat,
+                            **common)
+
+
+def _met(config: LatencyTarget, found: tuple[Plan, float, float, float, float]) -> bool:
+    speedup, target = found[3], found[4]
+    return target <= speedup <= (1 + config.tolerance) * target
+
+
+def _search(config: LatencyTarget,
+            attempt: Callable[[float, LatencyTarget], tuple[Plan, float, float, float, bool]]
+            ) -> tuple[Plan, float, float, float, float]:
+    """Correct the ratio round by round (``config.rounds`` measurements at most); the best plan
+    and its (ms, original ms, speedup, target speedup): the first in range, else the least
+    overshoot, else the fastest."""
+    tol = config.tolerance
+    target = config.speedup
+    ratio = 1 - 1 / math.sqrt(target) if target else 0.5
+    slow: tuple[float, float] = (0.0, 1.0)  # (ratio, speedup) too slow
+    fast: tuple[float, float] | None = None  # fast enough
+    tried: list[tuple[Plan, float, float, float, float]] = []
+    measured = 0
+    for _ in range(4 * config.rounds):  # plans measured before cost nothing: more steps
+        p, ms, base, speedup, fresh = attempt(ratio, config)
+        measured += fresh
+        target = config.speedup or base / float(config.latency_ms)  # type: ignore[arg-type]
+        tried.append((p, ms, base, speedup, target))
+        if _met(config, tried[-1]) or measured >= config.rounds:
+            break
+        if speedup < target:
+            slow = max(slow, (ratio, speedup))
+        elif fast is None or ratio < fast[0]:
+            fast = (ratio, speedup)
+        aim = target * (1 + tol / 2)  # the middle of the range
+        if fast is not None and slow[0] < fast[0]:  # interpolate log-speedup in the bracket
+            (r0, s0), (r1, s1) = slow, fast
+            t = (math.log(aim) - math.log(s0)) / max(math.log(s1) - math.log(s0), 1e-9)
+            # the same plan again: the steps are coarse here, so halve the bracket instead
+            nxt = r0 + (0.5 if not fresh else min(max(t, 0.1), 0.9)) * (r1 - r0)
+        else:  # extrapolate: time ~ MACs ~ kept width squared
+            nxt = 1 - (1 - ratio) * math.sqrt(speedup / aim)
+            if not fresh:
+                nxt = ratio + 2 * (nxt - ratio)
+        nxt = min(max(nxt, 0.0), _MAX_RATIO)
+        if abs(nxt - ratio) < 1e-3 or (fast is not None and fast[0] - slow[0] < 2e-3):
+            break
+        if speedup < target and ratio >= _MAX_RATIO:
+            break  # as far as it goes
+        ratio = nxt
+    for found in tried:
+        if _met(config, found):
+            return found
+    feasible = [t for t in tried if t[3] >= t[4]]
+    if feasible:
+        return min(feasible, key=lambda t: t[3])
+    return max(tried, key=lambda t: t[3])
