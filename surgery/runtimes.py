@@ -4,8 +4,9 @@ and the command line.
 A :class:`Runtime` knows whether it is available here, how to run a whole model (a PyTorch module
 or an exported ONNX file) and a single layer (a :class:`LayerProgram` from the layer's cost
 model), and how to time one call with the synchronisation it needs. Built in: ``torch`` (PyTorch
-eager on the CPU), ``cuda`` (PyTorch on the first CUDA device), ``ort`` (ONNX Runtime CPU) and
-``ort-cuda`` (ONNX Runtime's CUDA execution provider). Adding one is one
+eager on the CPU), ``cuda`` (PyTorch on the first CUDA device), ``ort`` (ONNX Runtime CPU),
+``ort-cuda`` (ONNX Runtime's CUDA execution provider) and ``torch-fused`` (PyTorch eager with
+BatchNorm folded into the convs: the deploy form, as ONNX Runtime folds it). Adding one is one
 :func:`register_runtime` call.
 """
 
@@ -36,7 +37,8 @@ class LayerProgram:
     ``inputs``: the tensors it is called with (random, the right shapes); ``torch``: the eager
     call on them, or None where eager pays nothing for it; ``onnx_nodes``/``onnx_inits``: the same
     layer as ONNX nodes reading ``x`` (the first input) and writing ``y``, with their initializers
-    (name -> array), or ``onnx_nodes=None`` where ONNX Runtime folds the layer away (BatchNorm).
+    (name -> array), or ``onnx_nodes=None`` where ONNX Runtime folds the layer away;
+    ``folds``: a deploy-time fusion folds it into the layer before (BatchNorm into its conv).
     """
 
     inputs: list[torch.Tensor]
@@ -44,6 +46,7 @@ class LayerProgram:
     onnx_nodes: list[Any] | None = None
     onnx_inits: dict[str, np.ndarray] = field(default_factory=dict)
     out_rank: int = 4
+    folds: bool = False
 
     def onnx_model(self) -> bytes:
         """The layer as a serialised one-node ONNX model (opset 17)."""
@@ -158,6 +161,41 @@ class CudaRuntime(TorchRuntime):
         return float(start.elapsed_time(end))
 
 
+class FusedTorchRuntime(TorchRuntime):
+    """PyTorch eager in deploy form: every BatchNorm folded into the conv before it
+    (``torch.fx.experimental.optimization.fuse``), as ONNX Runtime does on its own, so eager
+    timings compare like with like. A model torch.fx cannot trace runs unfused."""
+
+    name = "torch-fused"
+    description = "PyTorch eager, BatchNorm folded into convs"
+
+    def model_runner(self, model: nn.Module | None, x: torch.Tensor, onnx: str | None,
+                     threads: int) -> Callable[[], Any]:
+        if model is None:
+            raise ConfigError(f"runtime {self.name!r} runs a PyTorch module, not an ONNX file")
+        return super().model_runner(fused(model), x, onnx, threads)
+
+    def layer_runner(self, layer: LayerProgram, threads: int) -> Callable[[], Any] | None:
+        return None if layer.folds else super().layer_runner(layer, threads)
+
+
+def fused(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with each BatchNorm folded into the conv before it (the
+    model itself is untouched); the copy unfused where torch.fx cannot trace the model."""
+    import warnings
+
+    from torch.fx.experimental.optimization import fuse
+
+    frozen = copy.deepcopy(model).eval()
+    try:
+        return fuse(frozen)
+    except Exception as e:  # fx cannot trace it: time it as it is, and say so
+        warnings.warn(f"{type(model).__name__} runs unfused on torch-fused: torch.fx cannot "
+                      f"trace it ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                      stacklevel=2)
+        return frozen
+
+
 class OrtRuntime(Runtime):
     """ONNX Runtime with one execution provider; ``session.run`` returns when the work is done."""
 
@@ -270,3 +308,4 @@ register_runtime(CudaRuntime())
 register_runtime(OrtRuntime("ort", "CPUExecutionProvider", "ONNX Runtime on the CPU"))
 register_runtime(OrtRuntime("ort-cuda", "CUDAExecutionProvider",
                             "ONNX Runtime with its CUDA execution provider"))
+register_runtime(FusedTorchRuntime())

@@ -173,3 +173,27 @@ def test_a_new_runtime_and_a_new_layer_are_one_entry_each() -> None:
                                 {"in": 32, "out": 64})
     run = ort.layer_runner(program, threads=1)
     assert run is not None and run()[0].shape == (1, 64, 16, 16)
+
+
+def test_fused_eager_folds_batchnorm_and_matches() -> None:
+    """torch-fused: eager in deploy form (BatchNorm folded into the conv), so eager timings of
+    the original and the pruned model compare like with like; a folded layer costs nothing."""
+    from surgery.runtimes import fused
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    folded = fused(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert isinstance(model[1], nn.BatchNorm2d)  # the model itself is untouched
+    assert torch.allclose(folded(x), model(x), atol=1e-5)
+    rt = surgery.get_runtime("torch-fused")
+    lat = surgery.latency_model(model, x, runtime="torch-fused")
+    bn = [i for i, c in enumerate(lat.calls) if isinstance(c.module, nn.BatchNorm2d)]
+    assert bn and all(lat.ms(i, lat.full[i]) == 0.0 for i in bn)
+    report = surgery.bench({"m": model}, (3, 16, 16), runtimes=("torch", rt.name), rounds=2,
+                           min_round_ms=1)
+    assert {r.runtime for r in report.rows} == {"torch", "torch-fused"}

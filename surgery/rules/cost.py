@@ -142,4 +142,4 @@ class NormCost(CostRule[nn.BatchNorm2d]):
         stats = [torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c)]
         return LayerProgram(  # ONNX Runtime folds it into the conv before: no nodes
             [x, *stats], lambda x, m, v, g, b: F.batch_norm(x, m, v, g, b, False, 0.0, 1e-5),
-            None)
+            None, folds=True)
