@@ -53,6 +53,8 @@ class Measurement:
     efficiency: float | None = None
     speedup_p10: float | None = None  # the speedup's spread over the alternating rounds
     speedup_p90: float | None = None
+    speedup_ci_low: float | None = None  # bootstrap 95% interval of the median speedup
+    speedup_ci_high: float | None = None
 
 
 @dataclass
@@ -80,19 +82,18 @@ class BenchReport:
         for r in self.rows:
             opt = [f"{v:.2f}" if v is not None else "" for v in (r.speedup, r.mac_ratio,
                                                                  r.efficiency)]
-            if r.speedup is not None and r.speedup_p10 is not None:
-                opt[0] += f" ({r.speedup_p10:.2f}–{r.speedup_p90:.2f})"
-            if r.efficiency is not None and r.mac_ratio and r.speedup_p10 is not None:
-                assert r.speedup_p90 is not None  # the spread is set as a pair
-                opt[2] += (f" ({r.speedup_p10 / r.mac_ratio:.2f}–"
-                           f"{r.speedup_p90 / r.mac_ratio:.2f})")
+            lo, hi = r.speedup_ci_low, r.speedup_ci_high
+            if r.speedup is not None and lo is not None and hi is not None:
+                opt[0] += f" ({lo:.2f}–{hi:.2f})"
+                if r.efficiency is not None and r.mac_ratio:
+                    opt[2] += f" ({lo / r.mac_ratio:.2f}–{hi / r.mac_ratio:.2f})"
             lines.append(f"| {r.model} | {r.runtime} | {r.batch} | {r.median_ms:.2f} | "
                          f"{r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.throughput:.1f} | "
                          f"{r.params / 1e6:.2f}M | {r.macs / 1e6:.0f}M | " + " | ".join(opt) + " |")
         env = ", ".join(f"{k}={v}" for k, v in self.env.items() if k != "warning")
         text = "\n".join(lines) + ("\n\nMedians of alternating runs; speedup and efficiency "
-                                   "with their 10th–90th percentile over the rounds. "
-                                   f"Environment: {env}\n")
+                                   "with a bootstrap 95% interval of the median (rounds "
+                                   f"resampled in pairs). Environment: {env}\n")
         if "warning" in self.env:
             text = f"**warning**: {self.env['warning']}\n\n{text}"
         return text
@@ -220,7 +221,7 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
                     rel = name != baseline and base is not None
                     speedup = base / med if rel and base is not None else None
                     mac_ratio = stats[baseline][1] / macs if rel and macs else None
-                    spread = _spread(times[baseline], t, rounds) if rel else (None, None)
+                    spread = _spread(times[baseline], t, rounds) if rel else (None,) * 4
                     report.rows.append(Measurement(
                         name, rt.name, b, threads, med, float(np.percentile(t, 90)),
                         float(np.percentile(t, 99)), b * 1e3 / med, len(t), params, macs,
@@ -250,15 +251,20 @@ def _macs(name: str, model: nn.Module, sample: torch.Tensor) -> int:
 
 
 def _spread(base: Sequence[float], t: Sequence[float], rounds: int
-            ) -> tuple[float | None, float | None]:
-    """10th-90th percentile of the speedup over rounds (each round times both models in turn,
-    each a few times: the round's median of each is compared)."""
+            ) -> tuple[float | None, float | None, float | None, float | None]:
+    """The speedup's 10th-90th percentile over rounds (each round times both models in turn,
+    each a few times: the round's median of each is compared), and a bootstrap 95% interval of
+    the median speedup (rounds resampled in pairs, so drift hits both models alike)."""
     if rounds < 3 or len(base) % rounds or len(t) % rounds:
-        return None, None
-    a = np.median(np.asarray(base).reshape(rounds, -1), axis=1)
-    b = np.median(np.asarray(t).reshape(rounds, -1), axis=1)
-    ratios = a / b
-    return float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
+        return None, None, None, None
+    a = np.asarray(base).reshape(rounds, -1)
+    b = np.asarray(t).reshape(rounds, -1)
+    ratios = np.median(a, axis=1) / np.median(b, axis=1)
+    pick = np.random.default_rng(0).integers(0, rounds, (2000, rounds))
+    boot = np.median(a[pick].reshape(2000, -1), axis=1) / np.median(b[pick].reshape(2000, -1),
+                                                                   axis=1)
+    return (float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90)),
+            float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
 
 
 def _onnx_weights(path: str) -> int:

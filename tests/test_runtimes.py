@@ -197,3 +197,35 @@ def test_fused_eager_folds_batchnorm_and_matches() -> None:
     report = surgery.bench({"m": model}, (3, 16, 16), runtimes=("torch", rt.name), rounds=2,
                            min_round_ms=1)
     assert {r.runtime for r in report.rows} == {"torch", "torch-fused"}
+
+
+class Drifting(surgery.Runtime):
+    """A toy clock: model time = its parameter count in ms times a slow drift (a machine that
+    heats up), plus seeded noise; alternation must cancel the drift."""
+
+    name = "drifting-clock"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.rng = torch.Generator().manual_seed(0)
+
+    def model_runner(self, model: Any, x: torch.Tensor, onnx: str | None, threads: int) -> Any:
+        n = sum(p.numel() for p in model.parameters())
+        return lambda: n
+
+    def time_ms(self, fn: Any) -> float:
+        self.calls += 1
+        noise = 1 + 0.05 * float(torch.rand(1, generator=self.rng))
+        return fn() / 100 * (1 + self.calls / 500) * noise
+
+
+def test_speedups_come_with_a_bootstrap_interval() -> None:
+    rt = surgery.register_runtime(Drifting(), replace=True)
+    big, small = nn.Linear(100, 100), nn.Linear(100, 50)  # 10100 vs 5050 parameters: 2x
+    report = surgery.bench({"big": big, "small": small}, (100,), runtimes=(rt.name,), rounds=12,
+                           min_round_ms=1)
+    row = next(r for r in report.rows if r.model == "small")
+    assert row.speedup_ci_low is not None and row.speedup_ci_high is not None
+    assert row.speedup_ci_low <= row.speedup <= row.speedup_ci_high
+    assert row.speedup_ci_low > 1.9 and row.speedup_ci_high < 2.1  # the drift cancels out
+    assert f"({row.speedup_ci_low:.2f}–{row.speedup_ci_high:.2f})" in report.to_markdown()
