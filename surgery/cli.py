@@ -91,6 +91,17 @@ def check_output(flag: str, path: str | None) -> None:
         raise UserError(f"{flag} {path}{'' if why.startswith(':') else ' '}{why}")
 
 
+def check_out_dir(flag: str, path: str | None) -> None:
+    """Refuse an output directory whose parent folder is missing, before any work is done (the
+    directory itself may exist: it is replaced)."""
+    if not path:
+        return
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it "
+                        "first")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only what was asked for (JSON, paths).")

@@ -17,6 +17,7 @@ import click
 from .cli import (
     EXAMPLES,
     UserError,
+    check_out_dir,
     check_output,
     cli,
     console,
@@ -128,6 +129,7 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
     if not dry_run and not out_dir:
         raise UserError("--out DIR is required (or pass --dry-run)")
     out_dir = None if dry_run else out_dir
+    check_out_dir("--out", out_dir)
     asked = [k for k in ("ratio", "target_macs", "target_speedup", "target_latency")
              if settings[k] is not None]
     if len(asked) != 1:
@@ -221,6 +223,7 @@ def apply_cmd(model: str, plan_path: str, model_args: tuple[str, ...], input_sha
     if os.path.isdir(model):
         raise UserError(f"{model} is a saved DIR; `surgery apply` takes the original model spec "
                         f"(a saved DIR's plan is {model}/plan.json)")
+    check_out_dir("--out", out_dir)
     plan = Plan.load(plan_path)
     net, meta = load_model(model, model_args)
     x = example_input(example_shape(meta, input_shape))

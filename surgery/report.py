@@ -58,7 +58,7 @@ def print_group_table(model_class: str, rows: list[dict[str, Any]]) -> None:
                       "yes" if r["prunable"] else f"no: {r['why']}", f"{r['params']:,}",
                       f"{r['macs']:,}", ", ".join(r["members"][:4]) +
                       (f" (+{len(r['members']) - 4})" if len(r["members"]) > 4 else ""))
-    Console(width=160).print(table)
+    Console().print(table)  # the terminal's width (COLUMNS, else 80 when not a terminal)
 
 
 def _widths(model: nn.Module) -> dict[str, list[int]]:
