@@ -171,9 +171,7 @@ class FusedTorchRuntime(TorchRuntime):
 
     def model_runner(self, model: nn.Module | None, x: torch.Tensor, onnx: str | None,
                      threads: int) -> Callable[[], Any]:
-        if model is None:
-            raise ConfigError(f"runtime {self.name!r} runs a PyTorch module, not an ONNX file")
-        return super().model_runner(fused(model), x, onnx, threads)
+        return super().model_runner(None if model is None else fused(model), x, onnx, threads)
 
     def layer_runner(self, layer: LayerProgram, threads: int) -> Callable[[], Any] | None:
         return None if layer.folds else super().layer_runner(layer, threads)
