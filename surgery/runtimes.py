@@ -142,9 +142,8 @@ class CudaRuntime(TorchRuntime):
 
     def model_runner(self, model: nn.Module | None, x: torch.Tensor, onnx: str | None,
                      threads: int) -> Callable[[], Any]:
-        if model is None:
-            raise ConfigError(f"runtime {self.name!r} runs a PyTorch module, not an ONNX file")
-        return super().model_runner(copy.deepcopy(model).to("cuda"), x.to("cuda"), None, threads)
+        on_gpu = None if model is None else copy.deepcopy(model).to("cuda")
+        return super().model_runner(on_gpu, x.to("cuda"), None, threads)
 
     def layer_runner(self, layer: LayerProgram, threads: int) -> Callable[[], Any] | None:
         on_gpu = LayerProgram([t.to("cuda") for t in layer.inputs], layer.torch)

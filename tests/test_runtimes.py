@@ -124,9 +124,6 @@ class MixRule(ModuleRule):
                    [:, keep.get("in", torch.arange(w.shape[1]))])
         return new
 
-    def importance(self, m: nn.Module, axis: str) -> torch.Tensor:
-        return self.weight_rows(m, axis)
-
     def weight_rows(self, m: nn.Module, axis: str, weight: torch.Tensor | None = None
                     ) -> torch.Tensor:
         w = m.weight.detach() if weight is None else weight

@@ -87,8 +87,9 @@ class ModuleRule(Generic[M]):
         raise NotImplementedError
 
     def importance(self, module: M, axis: str) -> torch.Tensor | None:
-        """Weights of every position along ``axis`` as rows of a 2-D tensor (None: no weights)."""
-        return None
+        """Weights of every position along ``axis`` as rows of a 2-D tensor (None: no weights);
+        by default the layer's :meth:`weight_rows`."""
+        return self.weight_rows(module, axis)
 
     def weight_rows(self, module: M, axis: str, weight: torch.Tensor | None = None
                     ) -> torch.Tensor | None:

@@ -116,9 +116,6 @@ class _ConvBase(ModuleRule[_ConvNd]):
             return w.reshape(g, m.in_channels // g, m.out_channels // g, -1).transpose(1, 2)
         return w.reshape(g, m.out_channels // g, m.in_channels // g, -1)
 
-    def importance(self, m: _ConvNd, axis: str) -> torch.Tensor:
-        return self.weight_rows(m, axis)
-
     def weight_rows(self, m: _ConvNd, axis: str, weight: torch.Tensor | None = None
                     ) -> torch.Tensor:
         w = self._grouped(m, weight)  # [g, opg, ipg, K]

@@ -42,9 +42,6 @@ class LinearRule(ModuleRule[nn.Linear]):
         new.in_features, new.out_features = len(kin), len(kout)
         return new
 
-    def importance(self, m: nn.Linear, axis: str) -> torch.Tensor:
-        return self.weight_rows(m, axis)
-
     def weight_rows(self, m: nn.Linear, axis: str, weight: torch.Tensor | None = None
                     ) -> torch.Tensor:
         w = m.weight.detach() if weight is None else weight
