@@ -32,6 +32,7 @@ _EXPORTS = {
     "bench": "bench BenchReport Measurement",
     "config": "config_from_dict LatencyTarget MacBudget PruneConfig RuntimeAware Uniform",
     "criteria": "criteria register_criterion",
+    "depth": "Bypass find_bypasses sensitivity",
     "errors": ("ConfigError ExampleInputError NothingToPruneError PlanError RuntimeMissingError "
                "SurgeryError TraceError UnsupportedLayerError VerificationError"),
     "export": "export_onnx ExportError ExportReport",
@@ -99,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
         config_from_dict,
     )
     from .criteria import criteria, register_criterion
+    from .depth import Bypass, find_bypasses, sensitivity
     from .errors import (
         ConfigError,
         ExampleInputError,

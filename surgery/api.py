@@ -24,13 +24,13 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
               target_macs: float | None = None, allocate: str = "uniform", threads: int = 1,
               criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
               seed: int = 0, exact: bool = False, target_speedup: float | None = None,
-              target_latency: float | None = None, runtime: str = "ort", batch: int = 1
-              ) -> PruneConfig:
+              target_latency: float | None = None, runtime: str = "ort", batch: int = 1,
+              depth: bool = False) -> PruneConfig:
     """``config``, or the config the keyword settings describe (the older calling style):
     ``ratio`` (Uniform, or RuntimeAware with ``allocate=RUNTIME``), ``target_macs``
     (MacBudget), ``target_speedup`` / ``target_latency`` in ms (LatencyTarget, measured on
     ``runtime`` with ``threads`` and ``batch``; ``allocate=RUNTIME`` lays it out for that
-    runtime)."""
+    runtime); ``depth`` (with ``allocate=RUNTIME``) also bypasses whole blocks."""
     if config is not None:
         if not isinstance(config, PruneConfig):
             raise ConfigError(f"expected a prune config (surgery.Uniform(0.5), MacBudget, "
@@ -41,6 +41,9 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
     if allocate not in ("uniform", *runtime_names()):
         raise ConfigError(f"allocate must be 'uniform' or a runtime to allocate for "
                           f"({', '.join(runtime_names())}), not {allocate!r}")
+    if depth and allocate == "uniform":
+        raise ConfigError("depth pruning is weighed against narrower layers by the runtime-aware "
+                          f"allocator: give allocate=RUNTIME ({', '.join(runtime_names())})")
     common: dict[str, Any] = {"criterion": criterion, "round_to": round_to,
                               "ignore": tuple(ignore), "seed": seed, "exact": exact}
     if target_speedup is not None or target_latency is not None:
@@ -53,7 +56,7 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
                               f"(allocate={runtime!r}) or uniformly")
         return LatencyTarget(speedup=target_speedup, latency_ms=target_latency,
                              runtime=runtime, threads=threads, batch=batch,
-                             allocate=allocate != "uniform", **common)
+                             allocate=allocate != "uniform", depth=depth, **common)
     if allocate != "uniform":
         if target_macs is not None:
             raise ConfigError("target_macs= works with allocate='uniform' only; give ratio= "
@@ -61,7 +64,8 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
         if ratio is None:
             raise ConfigError(f"allocate={allocate!r} needs ratio= (it removes as many MACs "
                               "as that ratio would)")
-        return RuntimeAware(ratio=ratio, runtime=allocate, threads=threads, **common)
+        return RuntimeAware(ratio=ratio, runtime=allocate, threads=threads, depth=depth,
+                            **common)
     if target_macs is not None:
         if not isinstance(target_macs, int | float) or not 0 < target_macs < 1:
             raise ConfigError(f"target_macs must be a fraction in (0, 1) but received "
@@ -100,7 +104,8 @@ def plan(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = 
         return latency_plan(model, example_inputs, ratio=cfg.ratio, runtime=cfg.runtime,
                             threads=cfg.threads, criterion=cfg.criterion, round_to=cfg.round_to,
                             ignore=cfg.ignore, seed=cfg.seed, budget=cfg.budget,
-                            max_ratio=cfg.max_ratio, graph=graph, exact=cfg.exact)
+                            max_ratio=cfg.max_ratio, graph=graph, exact=cfg.exact,
+                            depth=cfg.depth)
     if isinstance(cfg, MacBudget):
         return plan_for_macs(model, example_inputs, cfg, graph=graph)
     assert isinstance(cfg, Uniform)
@@ -227,5 +232,4 @@ def plan_for_macs(model: nn.Module, example_inputs: Inputs, config: MacBudget | 
                 "config": config.to_dict()}
     if notes:
         settings["warnings"] = [*settings.get("warnings", []), *notes]
-    return Plan(best.model_class, best.fingerprint, best.layers, best.exact, settings,
-                best.attributes)
+    return best.with_settings(settings)

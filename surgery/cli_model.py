@@ -109,6 +109,9 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
               "(each layer is timed here first).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Threads the runtime is timed with for --allocate RUNTIME.")
+@click.option("--depth", is_flag=True, help="With --allocate RUNTIME: also bypass whole residual "
+              "blocks and gates (x + f(x) -> x, x * gate -> x) where that saves more time than "
+              "narrowing them.")
 @click.option("--steps", type=int, default=1, show_default=True,
               help="Reach --ratio in K steps, fine-tuning on --data between them.")
 @click.option("--data", default=None, metavar="digits|DIR", help="Data for --steps fine-tuning.")
@@ -148,6 +151,9 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
                         "MACs as that ratio would) and works in one step")
     if settings["threads"] < 1:
         raise UserError(f"--threads must be at least 1 but received {settings['threads']}")
+    if settings["depth"] and settings["allocate"] == "uniform":
+        raise UserError("--depth needs --allocate RUNTIME (bypassed blocks are weighed against "
+                        "narrower layers by their time on that runtime)")
     config = as_config(**settings)
     if overrides:
         config = config.replace(overrides=parse_overrides(overrides))

@@ -131,6 +131,8 @@ class RuntimeAware(PruneConfig):
     threads: int = 1
     budget: str = "macs"
     max_ratio: float | None = None
+    #: also bypass whole residual bodies and gates where that saves more time (depth pruning)
+    depth: bool = False
     kind: ClassVar[str] = "RuntimeAware"
 
     def __post_init__(self) -> None:
@@ -160,6 +162,8 @@ class LatencyTarget(PruneConfig):
     tolerance: float = 0.15
     rounds: int = 8
     allocate: bool = True
+    #: with ``allocate``: also bypass whole residual bodies and gates (depth pruning)
+    depth: bool = False
     kind: ClassVar[str] = "LatencyTarget"
 
     def __post_init__(self) -> None:
@@ -178,6 +182,9 @@ class LatencyTarget(PruneConfig):
                 raise ConfigError(f"{name} must be a positive int but received {v!r}")
         if not isinstance(self.tolerance, int | float) or not 0 < self.tolerance < 1:
             raise ConfigError(f"tolerance must be in (0, 1) but received {self.tolerance!r}")
+        if self.depth and not self.allocate:
+            raise ConfigError("depth=True needs allocate=True: the runtime-aware allocator "
+                              "weighs bypassed blocks against narrower layers")
         if self.overrides:
             raise ConfigError("overrides work with Uniform and MacBudget; LatencyTarget chooses "
                               "the ratio itself (use ignore= to keep layers whole)")

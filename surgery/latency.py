@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import RuntimeAware
 from .criteria import get_criterion
+from .depth import Bypass, block_change, find_bypasses, sensitivity
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, as_tuple, trace
 from .modes import switched_mode
@@ -38,6 +39,7 @@ from .plan import Plan, keep_count, make_plan, per_unit, plan_removing
 from .rules import module_rule
 from .rules.cost import Call, CostRule
 from .runtimes import Runtime, get_runtime, runtime_names
+from .verify import zeroed_reference
 
 GRID = (1.0, 0.75, 0.5, 0.25)  # widths (fractions of the original) timed per axis
 
@@ -235,7 +237,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                  round_to: int = 8, max_ratio: float | None = None, budget: str = "macs",
                  ignore: Sequence[str] = (), seed: int = 0,
                  graph: ChannelGraph | None = None,
-                 latency: LatencyModel | None = None, exact: bool = False) -> Plan:
+                 latency: LatencyModel | None = None, exact: bool = False,
+                 depth: bool = False) -> Plan:
     """A plan with the budget of the uniform ``ratio`` plan, laid out where ``runtime``
     (``"ort"``: ONNX Runtime CPU, ``"torch"``: PyTorch eager, ``threads`` threads, at the batch of
     ``example_inputs``) saves the most time per MAC removed.
@@ -247,6 +250,10 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
             ``ratio`` and 1, at most 0.9), so no layer is starved.
         latency: a :class:`LatencyModel` of the same model (from :func:`latency_model`), to reuse
             its timings.
+        depth: also consider bypassing whole residual bodies and gates (:mod:`surgery.depth`):
+            a bypass competes with the width steps by estimated time saved per MAC, its MACs
+            weighted by its sensitivity relative to the median bypass's (a block that changes
+            its output little is cheap to lose).
 
     Example:
         >>> p = surgery.latency_plan(model, torch.randn(1, 3, 224, 224), ratio=0.5,
@@ -304,6 +311,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                                   touched))
         uniform_removed.append(n - keep_count(n, fixed, unit, ratio, round_to))
     kept: dict[str, float] = {key: s.size for key, s in graph.slots.items()}
+    stopped: set[int] = set()  # calls inside a bypassed body: they no longer run
+    depths: list[_DepthStep] = []
 
     def widths(i: int) -> dict[str, int]:
         slots = calls[i].slots
@@ -316,36 +325,53 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
 
     def measure_all() -> float:
         cost = latency.macs if budget == "macs" else latency.ms
-        return sum(cost(i, widths(i)) for i in range(len(calls)))
+        return sum(cost(i, widths(i)) for i in range(len(calls)) if i not in stopped)
 
     for st, r in zip(states, uniform_removed, strict=True):
         set_removed(st, r)
     limit = measure_all()
+    uniform_macs = [latency.macs(i, widths(i)) for i in range(len(calls))]
     for st, r in zip(states, uniform_removed, strict=True):
         set_removed(st, r, -1.0)
     total = measure_all()
+    if depth:
+        depths = _depth_steps(model, example_inputs, latency, uniform, uniform_macs, ignore)
+    cap = math.floor(ratio * len(depths) + 1e-9)  # at most `ratio` of the blocks go
 
     def gain(st: _GroupState) -> tuple[float, float, float]:
         """(ms saved per MAC, ms saved, MACs saved) of this group's next step."""
         if st.at + 1 >= len(st.keeps):
             return (-math.inf, 0.0, 0.0)
-        before = [(latency.ms(i, w), latency.macs(i, w)) for i in st.calls
-                  for w in [widths(i)]]
+        running = [i for i in st.calls if i not in stopped]
+        before = [(latency.ms(i, w), latency.macs(i, w)) for i in running for w in [widths(i)]]
         delta = st.keeps[st.at] - st.keeps[st.at + 1]
         set_removed(st, delta)
-        after = [(latency.ms(i, w), latency.macs(i, w)) for i in st.calls for w in [widths(i)]]
+        after = [(latency.ms(i, w), latency.macs(i, w)) for i in running for w in [widths(i)]]
         set_removed(st, delta, -1.0)
         dms = sum(b[0] for b in before) - sum(a[0] for a in after)
         dmac = sum(b[1] for b in before) - sum(a[1] for a in after)
         return (dms / dmac if dmac > 0 else -math.inf, dms, dmac)
 
+    def depth_gain(d: _DepthStep) -> tuple[float, float, float]:
+        """(ms saved per weighted MAC, ms saved, MACs saved) of bypassing ``d`` now."""
+        running = [i for i in d.calls if i not in stopped]
+        if d.taken or not running or sum(e.taken for e in depths) >= cap:
+            return (-math.inf, 0.0, 0.0)
+        dms = sum(latency.ms(i, widths(i)) for i in running)
+        dmac = sum(latency.macs(i, widths(i)) for i in running)
+        price = dmac * d.weight
+        return (dms / price if price > 0 else -math.inf, dms,
+                dmac if budget == "macs" else dms)
+
+    steps: list[_GroupState | _DepthStep] = [*states, *depths]
     cached = {id(st): gain(st) for st in states}
+    cached.update({id(d): depth_gain(d) for d in depths})
     share: dict[int, list[_GroupState]] = {}
     for st in states:
         for i in st.calls:
             share.setdefault(i, []).append(st)
     while total > limit:
-        open_ = [s for s in states if cached[id(s)][0] > -math.inf]
+        open_ = [s for s in steps if cached[id(s)][0] > -math.inf]
         if not open_:
             break
         best = max(open_, key=lambda s: cached[id(s)][0])
@@ -356,19 +382,75 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
             best = max(fits, key=lambda s: cached[id(s)][0]) if fits else \
                 min(open_, key=lambda s: cached[id(s)][2])
         per, dms, dmac = cached[id(best)]
-        set_removed(best, best.keeps[best.at] - best.keeps[best.at + 1])
-        best.at += 1
-        total -= dmac if budget == "macs" else dms
-        for i in best.calls:
-            for other in share[i]:
+        if isinstance(best, _DepthStep):
+            best.taken = True
+            touched = [i for i in best.calls if i not in stopped]
+            stopped.update(best.calls)
+            total -= dmac if budget == "macs" else dms
+        else:
+            set_removed(best, best.keeps[best.at] - best.keeps[best.at + 1])
+            best.at += 1
+            total -= dmac if budget == "macs" else dms
+            touched = best.calls
+        for i in touched:
+            for other in share.get(i, []):
                 cached[id(other)] = gain(other)
-        cached[id(best)] = gain(best)
+        for d in depths:
+            cached[id(d)] = depth_gain(d)
+        if not isinstance(best, _DepthStep):
+            cached[id(best)] = gain(best)
     gone = [st.order[:st.removed] for st in states if st.removed]
     config = RuntimeAware(ratio=ratio, runtime=latency.runtime, threads=latency.threads,
                           budget=budget, max_ratio=max_ratio, criterion=criterion,
-                          round_to=round_to, ignore=tuple(ignore), seed=seed, exact=exact)
+                          round_to=round_to, ignore=tuple(ignore), seed=seed, exact=exact,
+                          depth=depth)
     settings = {**uniform.settings, "allocation": "latency", "runtime": latency.runtime,
                 "threads": latency.threads, "max_ratio": max_ratio, "config": config.to_dict()}
-    return plan_removing(model, graph,
+    plan = plan_removing(model, graph,
                          np.unique(np.concatenate(gone)) if gone else np.zeros(0, np.int64),
                          settings)
+    taken = [d.bypass for d in depths if d.taken]
+    if taken:
+        plan = plan.bypassing(taken)
+        plan.settings["bypass_sensitivity"] = {d.bypass.key: round(d.score, 6) for d in depths
+                                               if d.taken}
+    return plan
+
+
+@dataclass
+class _DepthStep:
+    bypass: Bypass
+    calls: list[int]  # costed calls that stop running
+    weight: float  # sensitivity relative to the median bypass's: MACs lost count this much
+    score: float
+    taken: bool = False
+
+
+def _depth_steps(model: nn.Module, example_inputs: Inputs, latency: LatencyModel,
+                 uniform: Plan, uniform_macs: list[float],
+                 ignore: Sequence[str]) -> list[_DepthStep]:
+    """The bypasses of ``model`` as allocator steps (those that stop at least one timed call).
+
+    A bypass's MACs are weighted by its damage per MAC against the uniform plan's in the same
+    block: (output change when bypassed) / (output change with the uniform plan's channels
+    zeroed, per share of the block's MACs that plan removes). Below 1, losing the block costs
+    less per MAC than narrowing it."""
+    found = find_bypasses(model, ignore=ignore)
+    scores = sensitivity(model, example_inputs, found)
+    steps = []
+    for b, s in zip(found, scores, strict=True):
+        inside = [i for i, c in enumerate(latency.calls)
+                  if any(c.path == r or c.path.startswith(r + ".") for r in b.removes)]
+        if inside and math.isfinite(s):
+            steps.append(_DepthStep(b, inside, 1.0, s))
+    if not steps:
+        return steps
+    blocks = sorted({d.bypass.block for d in steps})
+    narrowed = dict(zip(blocks, block_change(model, zeroed_reference(model, uniform),
+                                             example_inputs, blocks), strict=True))
+    for d in steps:
+        full = sum(latency.macs(i, latency.full[i]) for i in d.calls)
+        share = 1 - sum(uniform_macs[i] for i in d.calls) / full if full > 0 else 0.0
+        per_mac = narrowed[d.bypass.block] / max(share, 0.05)
+        d.weight = (d.score + 1e-3) / (per_mac + 1e-3) if math.isfinite(per_mac) else 1.0
+    return steps

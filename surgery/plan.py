@@ -7,6 +7,7 @@ it to another architecture is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from torch import nn
 from .atomic import write_text
 from .config import Uniform, override_for
 from .criteria import get_criterion
+from .depth import Bypass, outermost
 from .errors import ConfigError, NothingToPruneError, PlanError
 from .graph import ChannelGraph, Inputs, trace
 from .groups import Group
@@ -55,6 +57,29 @@ class Plan:
     #: module attributes the forward uses as sizes, rewritten to the count kept:
     #: module path -> attribute -> (original value, kept positions) (e.g. heads kept)
     attributes: dict[str, dict[str, AxisPlan]] = field(default_factory=dict)
+    #: depth pruning: ops replaced by one operand (a residual body or a gate that stops running),
+    #: made before the layers shrink (see :mod:`surgery.depth`)
+    bypasses: tuple[Bypass, ...] = ()
+
+    def with_settings(self, settings: dict[str, Any]) -> Plan:
+        """The same plan with other settings."""
+        return dataclasses.replace(self, settings=settings)
+
+    def bypassing(self, bypasses: Sequence[Bypass]) -> Plan:
+        """This plan with ``bypasses`` made first; the layers they remove leave the plan."""
+        outer = tuple(outermost([*self.bypasses, *bypasses]))
+        gone = {r for b in outer for r in b.removes}
+
+        def running(path: str) -> bool:
+            return not any(path == r or path.startswith(r + ".") for r in gone)
+
+        return dataclasses.replace(
+            self, layers={k: v for k, v in self.layers.items() if running(k)},
+            attributes={k: v for k, v in self.attributes.items() if running(k)}, bypasses=outer)
+
+    def removed_layers(self) -> list[str]:
+        """The layers that no longer run (inside a bypassed body or gate)."""
+        return sorted({r for b in self.bypasses for r in b.removes})
 
     def attribute_changes(self) -> list[tuple[str, int, int]]:
         """``("blocks.0.attn.num_heads", 3, 2)`` for every attribute the plan rewrites."""
@@ -72,6 +97,7 @@ class Plan:
             "attributes": {path: {name: {"size": ap.size, "keep": list(ap.keep)}
                                   for name, ap in names.items()}
                            for path, names in self.attributes.items()},
+            "bypass": [b.to_dict() for b in self.bypasses],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -98,8 +124,9 @@ class Plan:
                       for path, lp in d["layers"].items()}
             attributes = {str(path): {str(n): axis(path, n, ap) for n, ap in names.items()}
                           for path, names in d.get("attributes", {}).items()}
+            bypasses = tuple(Bypass.from_dict(b) for b in d.get("bypass", []))
             return cls(str(d["model_class"]), str(d["fingerprint"]), layers, bool(d["exact"]),
-                       dict(d.get("settings", {})), attributes)
+                       dict(d.get("settings", {})), attributes, bypasses)
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -147,15 +174,17 @@ class Plan:
                 first = mine.get(name, AxisPlan(ap.size, tuple(range(ap.size))))
                 mine[name] = AxisPlan(first.size, tuple(first.keep[i] for i in ap.keep))
         return Plan(self.model_class, self.fingerprint, layers, self.exact and later.exact,
-                    {**self.settings, "then": later.settings}, attributes)
+                    {**self.settings, "then": later.settings}, attributes,
+                    self.bypasses + later.bypasses)
 
     def removed(self) -> int:
         """Number of channel positions removed over every layer and axis."""
         return sum(ap.size - len(ap.keep) for lp in self.layers.values() for ap in lp.axes.values())
 
     def __repr__(self) -> str:
+        depth = f", {len(self.bypasses)} blocks bypassed" if self.bypasses else ""
         return (f"Plan({self.model_class}, {len(self.layers)} layers shrunk, "
-                f"{self.removed()} positions removed, exact={self.exact})")
+                f"{self.removed()} positions removed{depth}, exact={self.exact})")
 
 
 def per_unit(graph: ChannelGraph, g: Group) -> int:

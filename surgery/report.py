@@ -80,6 +80,8 @@ def prune_report(original: nn.Module, pruned: nn.Module, plan: Plan, x: torch.Te
         "layers": {name: {"before": before[name], "after": after.get(name)}
                    for name in before if before[name] != after.get(name)},
         "attributes": {name: {"before": a, "after": b} for name, a, b in plan.attribute_changes()},
+        "bypassed": [{**b.to_dict(), "sensitivity": plan.settings.get(
+            "bypass_sensitivity", {}).get(b.key)} for b in plan.bypasses],
         "verification": {"passed": check.passed, "exact": check.exact_checked,
                          "max_rel_error": check.max_rel_error, "checked": check.checked,
                          "output_shapes": [list(s) for s in check.output_shapes]},
@@ -124,8 +126,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     if changed:  # sizes the forward reads from attributes (heads, split sections)
         lines += ["attributes rewritten: " + ", ".join(
             f"`{name}: {c['before']} → {c['after']}`" for name, c in changed.items()), ""]
+    bypassed = report.get("bypassed", [])
+    if bypassed:  # depth pruning
+        lines += [f"blocks bypassed ({len(bypassed)}; their layers no longer run):", ""]
+        lines += [f"- `{b['block']}` {b['kind']} ({len(b['removes'])} layers"
+                  + (f", output change {b['sensitivity']:.3f}" if b.get("sensitivity") is not None
+                     else "") + f"): {b['line'] or b['node']}" for b in bypassed] + [""]
     lines += ["| layer | weight before | weight after |", "|---|---|---|"]
-    lines += [f"| {name} | {w['before']} | {w['after']} |" for name, w in report["layers"].items()]
+    lines += [f"| {name} | {w['before']} | {w['after'] or 'bypassed'} |"
+              for name, w in report["layers"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from .depth import bypassed_modules
 from .errors import PlanError, SurgeryError
 from .graph import fingerprint
 from .groups import param_dim
@@ -34,6 +35,12 @@ def _validate(model: nn.Module, plan: Plan) -> None:
                         f"fingerprint {plan.fingerprint}) but the model is "
                         f"{type(model).__name__} with fingerprint {fp}; make a plan for this "
                         "model with surgery.plan(model, example_inputs, ratio=...)")
+    gone = plan.removed_layers()
+    for path in [*plan.layers, *plan.attributes]:
+        inside = next((r for r in gone if path == r or path.startswith(r + ".")), None)
+        if inside is not None:
+            raise PlanError(f"the plan shrinks '{path}', but its bypasses remove '{inside}' "
+                            "(it no longer runs); re-create the plan")
     for path, lp in plan.layers.items():
         try:
             target = model.get_submodule(path) if lp.kind == "module" else _tensor(model, path)
@@ -140,18 +147,32 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     rebuilt = {id(m): m for path, lp in plan.layers.items() if lp.kind == "module"
                for m in (model.get_submodule(path),)}
     target = copy.deepcopy(model, memo=dict(rebuilt))
+    bypassed = bypassed_modules(target, plan.bypasses)
     modules, tensors = _build(target, plan)
+    _swap_bypassed(target, bypassed)
     _swap(target, modules, tensors)
     if any(id(m) in rebuilt for m in target.modules()):  # referenced from outside _modules
         target = copy.deepcopy(model)
-        _swap(target, *_build(target, plan))
+        bypassed = bypassed_modules(target, plan.bypasses)
+        built = _build(target, plan)
+        _swap_bypassed(target, bypassed)
+        _swap(target, *built)
     _set_attributes(target, plan)
     return target
+
+
+def _swap_bypassed(model: nn.Module, bypassed: dict[str, nn.Module]) -> None:
+    for path, new in bypassed.items():
+        parent, _, name = path.rpartition(".")
+        model.get_submodule(parent).register_module(name, new)
 
 
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """In place: swap the smaller layers into ``model`` itself (atomic: all built first)."""
     _validate(model, plan)
-    _swap(model, *_build(model, plan))
+    bypassed = bypassed_modules(model, plan.bypasses)
+    built = _build(model, plan)
+    _swap_bypassed(model, bypassed)
+    _swap(model, *built)
     _set_attributes(model, plan)
     return model

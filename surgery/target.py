@@ -78,7 +78,7 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
             """The plan at ``ratio`` and its measurement (a plan measured before is not timed
             again: fresh is False)."""
             p = _plan_at(model, example_inputs, x, cfg, ratio, graph, lat)
-            key = repr((p.layers, p.attributes))
+            key = repr((p.layers, p.attributes, p.bypasses))
             fresh = key not in seen
             if fresh:
                 seen[key] = measure(apply(model, p))
@@ -116,7 +116,7 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
         warnings.warn(note, stacklevel=2)
     if notes:
         settings["warnings"] = [*settings.get("warnings", []), *notes]
-    return Plan(p.model_class, p.fingerprint, p.layers, p.exact, settings, p.attributes)
+    return p.with_settings(settings)
 
 
 def _plan_at(model: nn.Module, example_inputs: Inputs, x: torch.Tensor, config: LatencyTarget,
@@ -131,7 +131,7 @@ def _plan_at(model: nn.Module, example_inputs: Inputs, x: torch.Tensor, config: 
         return latency_plan(model, x, ratio=ratio, runtime=config.runtime,
                             threads=config.threads, max_ratio=min(_MAX_RATIO, max(
                                 ratio, ratio + (1 - ratio) / 2)), graph=graph, latency=lat,
-                            **common)
+                            depth=config.depth, **common)
 
 
 def _met(config: LatencyTarget, found: tuple[Plan, float, float, float, float]) -> bool:

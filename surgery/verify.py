@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .depth import bypass_in_place
 from .errors import ExampleInputError, VerificationError
 from .graph import Inputs, Recorder, as_tuple, fx_trace
 from .groups import param_dim, param_reads
@@ -53,8 +54,9 @@ class VerifyReport:
 
 
 def zeroed_reference(model: nn.Module, plan: Plan) -> nn.Module:
-    """A copy of ``model`` with every weight that reads a removed channel set to zero."""
-    ref = copy.deepcopy(model)
+    """A copy of ``model`` with the plan's bypasses made and every weight that reads a removed
+    channel set to zero."""
+    ref = bypass_in_place(copy.deepcopy(model), plan.bypasses)
     for path, lp in plan.layers.items():
         if lp.kind != "module":
             _zero_read_entries(ref, path, lp)
