@@ -24,7 +24,8 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
               target_macs: float | None = None, allocate: str = "uniform", threads: int = 1,
               criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
               seed: int = 0, exact: bool = False, target_speedup: float | None = None,
-              target_latency: float | None = None, runtime: str = "ort", batch: int = 1,
+              target_latency: float | None = None, runtime: str = "ort",
+              batch: int | tuple[int, ...] = 1,
               depth: bool = False) -> PruneConfig:
     """``config``, or the config the keyword settings describe (the older calling style):
     ``ratio`` (Uniform, or RuntimeAware with ``allocate=RUNTIME``), ``target_macs``

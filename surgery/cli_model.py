@@ -92,8 +92,9 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
               help="Instead of --ratio: prune until the model runs in MS milliseconds there.")
 @click.option("--runtime", type=click.Choice(runtime_names()), default="ort", show_default=True,
               help="Where --target-speedup/--target-latency are measured.")
-@click.option("--batch", type=int, default=1, show_default=True,
-              help="Batch size the latency target is measured at.")
+@click.option("--batch", default="1", show_default=True,
+              help="Batch size the latency target is measured at; several (1,8): the target is "
+              "their geometric-mean speedup.")
 @click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
 @click.option("--round-to", default=8, show_default=True, type=int,
               help="Keep channel counts multiples of N.")
@@ -151,6 +152,8 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
                         "MACs as that ratio would) and works in one step")
     if settings["threads"] < 1:
         raise UserError(f"--threads must be at least 1 but received {settings['threads']}")
+    sizes = ints(settings["batch"], "--batch")
+    settings["batch"] = sizes[0] if len(sizes) == 1 else tuple(sizes)
     if settings["depth"] and settings["allocate"] == "uniform":
         raise UserError("--depth needs --allocate RUNTIME (bypassed blocks are weighed against "
                         "narrower layers by their time on that runtime)")

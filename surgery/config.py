@@ -152,19 +152,29 @@ class LatencyTarget(PruneConfig):
     is ``speedup`` times faster than the original (or runs in ``latency_ms``): plan, build,
     time, correct the ratio, repeat (at most ``rounds`` times), landing in
     ``[target, (1 + tolerance) * target]``. ``allocate`` lays each round's plan out where the
-    runtime saves most (as :class:`RuntimeAware`); else uniformly."""
+    runtime saves most (as :class:`RuntimeAware`); else uniformly.
+
+    ``batch`` may be several sizes, e.g. ``(1, 8)``: every round is timed at each, and the
+    speedup that must land is their geometric mean weighted by ``batch_weights`` (equal by
+    default), so a plan for batch 1 does not lose at batch 8. Layers are timed at the first."""
 
     speedup: float | None = None
     latency_ms: float | None = None
     runtime: str = "ort"
     threads: int = 1
-    batch: int = 1
+    batch: int | tuple[int, ...] = 1
+    batch_weights: tuple[float, ...] | None = None
     tolerance: float = 0.15
     rounds: int = 8
     allocate: bool = True
     #: with ``allocate``: also bypass whole residual bodies and gates (depth pruning)
     depth: bool = False
     kind: ClassVar[str] = "LatencyTarget"
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes timed, the first one also for the per-layer timings."""
+        return self.batch if isinstance(self.batch, tuple) else (self.batch,)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,10 +186,27 @@ class LatencyTarget(PruneConfig):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
                                   or v <= low):
                 raise ConfigError(f"{name} must be a number above {low} but received {v!r}")
-        for name in ("threads", "batch", "rounds"):
+        for name in ("threads", "rounds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive int but received {v!r}")
+        if isinstance(self.batch, list | tuple):
+            object.__setattr__(self, "batch", tuple(self.batch))
+        sizes = self.batches
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                            for b in sizes) or len(set(sizes)) != len(sizes):
+            raise ConfigError(f"batch must be a positive int or distinct positive ints but "
+                              f"received {self.batch!r}")
+        if self.batch_weights is not None:
+            object.__setattr__(self, "batch_weights", tuple(self.batch_weights))
+            w = self.batch_weights
+            if len(w) != len(sizes) or any(isinstance(v, bool) or not isinstance(v, int | float)
+                                           or v <= 0 for v in w):
+                raise ConfigError(f"batch_weights must be {len(sizes)} positive numbers (one "
+                                  f"per batch size) but received {w!r}")
+        if self.latency_ms is not None and len(sizes) > 1:
+            raise ConfigError("a latency_ms target is for one batch size; give speedup= to "
+                              "weigh several")
         if not isinstance(self.tolerance, int | float) or not 0 < self.tolerance < 1:
             raise ConfigError(f"tolerance must be in (0, 1) but received {self.tolerance!r}")
         if self.depth and not self.allocate:
@@ -205,8 +232,8 @@ def config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
     if unknown:
         raise ConfigError(f"{data['kind']} has no setting {', '.join(unknown)}; it takes "
                           f"{', '.join(sorted(names))}")
-    kwargs: dict[str, Any] = {k: tuple(v) if k == "ignore" else v for k, v in data.items()
-                              if k != "kind"}
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                              for k, v in data.items() if k != "kind"}
     return cls(**kwargs)
 
 

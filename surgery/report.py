@@ -118,7 +118,10 @@ def to_markdown(report: dict[str, Any]) -> str:
                   f"{measured['batch']}): {measured['ms']:.2f} ms vs {measured['original_ms']:.2f}"
                   f" ms, {measured['speedup']:.2f}x for a target of "
                   f"{measured['target_speedup']:.2f}x "
-                  f"({'met' if measured['met'] else 'NOT met'})", "",
+                  f"({'met' if measured['met'] else 'NOT met'})"
+                  + ("; by batch: " + ", ".join(f"{b}: {v:.2f}x" for b, v in measured[
+                      "by_batch"].items()) + " (the target is their geometric mean)"
+                     if measured.get("by_batch") else ""), "",
                   "| round | ratio | ms | speedup |", "|---|---|---|---|"]
         lines += [f"| {k + 1} | {t['ratio']:.3f} | {t['ms']:.2f} | {t['speedup']:.2f}x |"
                   for k, t in enumerate(report["settings"].get("trajectory", []))] + [""]

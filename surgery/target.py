@@ -49,13 +49,15 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
         raise ConfigError("a latency target times models with one input tensor; this model "
                           f"takes {len(inputs)} inputs")
     shape = tuple(inputs[0].shape[1:])
-    x = torch.randn(config.batch, *shape)
+    batches = config.batches
+    weights = config.batch_weights or (1.0,) * len(batches)
+    x = torch.randn(batches[0], *shape)
     graph = graph if graph is not None else trace(model, example_inputs, ignore=config.ignore)
     lat: LatencyModel | None = None
     if config.allocate:
         lat = latency_model(model, x, runtime=config.runtime, threads=config.threads,
                             lowest=1 - _MAX_RATIO, graph=graph)
-    trajectory: list[dict[str, float]] = []
+    trajectory: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         original_onnx = None
         if rt.form == "onnx":
@@ -64,15 +66,22 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
             original_onnx = str(Path(tmp) / "original.onnx")
             export_onnx(model, inputs[0][:1], original_onnx)
 
-        def measure(small: nn.Module) -> tuple[float, float, float]:
+        def measure(small: nn.Module) -> tuple[float, float, float, dict[int, float]]:
+            """Pruned and original ms at the first batch, the weighted speedup, and the
+            speedup at every batch."""
             rep = bench({"original": model, "pruned": small}, shape, runtimes=[config.runtime],
-                        batches=[config.batch], threads=config.threads, rounds=10,
+                        batches=list(batches), threads=config.threads, rounds=10,
                         onnx_files={"original": original_onnx} if original_onnx else None)
-            rows = {r.model: r for r in rep.rows}
-            return rows["pruned"].median_ms, rows["original"].median_ms, \
-                float(rows["pruned"].speedup or 1.0)
+            rows = {(r.model, r.batch): r for r in rep.rows}
+            each = {b: float(rows["pruned", b].speedup or 1.0) for b in batches}
+            mean = math.exp(sum(w * math.log(each[b]) for b, w in zip(batches, weights,
+                                                                      strict=True)) / sum(weights))
+            first = batches[0]
+            return rows["pruned", first].median_ms, rows["original", first].median_ms, mean, \
+                each
 
-        seen: dict[str, tuple[float, float, float]] = {}
+        seen: dict[str, tuple[float, float, float, dict[int, float]]] = {}
+
 
         def attempt(ratio: float, cfg: LatencyTarget) -> tuple[Plan, float, float, float, bool]:
             """The plan at ``ratio`` and its measurement (a plan measured before is not timed
@@ -82,11 +91,13 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
             fresh = key not in seen
             if fresh:
                 seen[key] = measure(apply(model, p))
-            ms, base, speedup = seen[key]
+            ms, base, speedup, each = seen[key]
             if fresh:
                 trajectory.append({"ratio": round(ratio, 4), "round_to": cfg.round_to,
                                    "ms": round(ms, 4), "original_ms": round(base, 4),
-                                   "speedup": round(speedup, 4)})
+                                   "speedup": round(speedup, 4),
+                                   **({"by_batch": {str(b): round(v, 4) for b, v in each.items()}}
+                                      if len(batches) > 1 else {})})
                 if on_round is not None:
                     on_round(len(trajectory) - 1, ratio, ms, speedup)
             return p, ms, base, speedup, fresh
@@ -104,7 +115,11 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
     met = _met(config, best)
     settings = {**p.settings, "config": config.to_dict(), "trajectory": trajectory,
                 "measured": {"runtime": config.runtime, "threads": config.threads,
-                             "batch": config.batch, "ms": round(ms, 4),
+                             "batch": list(batches) if len(batches) > 1 else batches[0],
+                             **({"by_batch": {str(b): round(v, 4) for b, v in seen[repr(
+                                 (p.layers, p.attributes, p.bypasses))][3].items()}}
+                                if len(batches) > 1 else {}),
+                             "ms": round(ms, 4),
                              "original_ms": round(base, 4), "speedup": round(speedup, 4),
                              "target_speedup": round(target, 4), "met": met}}
     if not met:

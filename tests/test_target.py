@@ -70,6 +70,32 @@ def test_a_speedup_target_lands_in_range(clock: surgery.Runtime, allocate: bool)
     assert f"measured on {clock.name}" in text and "| 1 | " in text and "(met)" in text
 
 
+def test_a_target_over_several_batch_sizes_lands_on_their_weighted_mean(
+        clock: surgery.Runtime) -> None:
+    model = surgery.spec.build_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    config = surgery.LatencyTarget(speedup=2.0, runtime=clock.name, allocate=False, round_to=1,
+                                   batch=(1, 4), batch_weights=(3.0, 1.0))
+    plan = surgery.plan(model, x, config)
+    measured = plan.settings["measured"]
+    assert measured["batch"] == [1, 4] and set(measured["by_batch"]) == {"1", "4"}
+    small = surgery.apply(model, plan)
+
+    def speedup(b: int) -> float:  # the clock: 0.5 ms + 1 ms per million MACs of the batch
+        xb = torch.randn(b, 3, 32, 32)
+        return (0.5 + surgery.count_macs(model, xb) / 1e6) / (
+            0.5 + surgery.count_macs(small, xb) / 1e6)
+
+    by = {b: speedup(b) for b in (1, 4)}
+    assert measured["by_batch"]["4"] == pytest.approx(by[4], rel=1e-3)
+    assert measured["speedup"] == pytest.approx((by[1] ** 3 * by[4]) ** 0.25, rel=1e-3)
+    assert measured["met"] and 2.0 <= measured["speedup"] <= 2.3
+    assert config_from_dict(plan.settings["config"]) == config
+    text = to_markdown(prune_report(model, small, plan, x, surgery.verify(model, small, plan, x),
+                                    spec="resnet20"))
+    assert "by batch: 1: " in text and "geometric mean" in text
+
+
 def test_a_latency_target_and_one_out_of_reach(clock: surgery.Runtime) -> None:
     model = surgery.spec.build_model("resnet20").eval()
     x = torch.randn(1, 3, 32, 32)
@@ -89,6 +115,9 @@ def test_a_latency_target_and_one_out_of_reach(clock: surgery.Runtime) -> None:
     ({"speedup": 0.5}, "speedup must be a number above 1"),
     ({"speedup": 2, "batch": 0}, "batch must be a positive int"),
     ({"speedup": 2, "tolerance": 1.5}, "tolerance must be in (0, 1)"),
+    ({"speedup": 2, "batch": (1, 1)}, "distinct positive ints"),
+    ({"speedup": 2, "batch": (1, 8), "batch_weights": (1.0,)}, "batch_weights must be 2"),
+    ({"latency_ms": 2, "batch": (1, 8)}, "a latency_ms target is for one batch size"),
 ])
 def test_bad_targets_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(surgery.ConfigError) as e:
