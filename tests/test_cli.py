@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,30 @@ def test_apply_a_saved_plan_to_a_fresh_model(artifact_dir: Path, tmp_path: Path)
               str(tmp_path / "wrong"))
     assert res.returncode == 1 and "made for another architecture" in res.stderr
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_plan_inconsistent_with_the_model_is_refused(artifact_dir: Path, tmp_path: Path) -> None:
+    doc = json.loads((artifact_dir / "plan.json").read_text())
+    conv, bn = doc["layers"]["conv1"]["axes"]["out"], doc["layers"]["bn1"]["axes"]["features"]
+    assert conv["keep"] == bn["keep"]
+    bn["keep"] = sorted([*conv["keep"][:-1], min(set(range(conv["size"])) - set(conv["keep"]))])
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    res = run("apply", "resnet20", str(tmp_path / "plan.json"), *SHAPE, "--out",
+              str(tmp_path / "out"))
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    assert "bn1:features[" in lines[0] and "conv1:out[" in lines[0] and "same channel" in lines[0]
+    assert not (tmp_path / "out").exists()
+    # the same plan in a saved directory, its hash updated to match: refused on load
+    bad = _copy(artifact_dir, tmp_path / "bad")
+    (bad / "plan.json").write_text(json.dumps(doc))
+    meta = json.loads((bad / "artifact.json").read_text())
+    meta["files"]["plan.json"] = hashlib.sha256((bad / "plan.json").read_bytes()).hexdigest()
+    (bad / "artifact.json").write_text(json.dumps(meta))
+    res = run("bench", str(bad), "--runtime", "torch")
+    assert res.returncode == 1 and "plan.json: the plan is inconsistent" in res.stderr
+    assert "bn1:features[" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_prune_writes_a_complete_safe_artifact(artifact_dir: Path) -> None:
