@@ -282,11 +282,11 @@ def bench(models: tuple[str, ...], model_args: tuple[str, ...], input_shape: str
         nets, onnx_files, shape = models_to_bench(
             models, parse_kwargs(model_args), input_shape=shape,
             trust_code=click.get_current_context().obj.get("trust_code", False))
-    with console().step("benchmarking"):
+    with console().step("benchmarking") as doing:
         report = run_bench(nets, shape[1:], runtimes=[r.strip() for r in runtime.split(",")
                                                       if r.strip()],
                            batches=ints(batch, "--batch"), threads=threads, rounds=rounds,
-                           onnx_files=onnx_files)
+                           onnx_files=onnx_files, progress=doing)
     for path, text in ((json_path, report.to_json), (csv_path, report.to_csv)):
         if path:
             Path(path).write_text(text())
