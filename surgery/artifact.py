@@ -172,8 +172,9 @@ def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
         raise ArtifactError(f"{d} was made from a different architecture than what "
                             f"{meta['spec']!r} builds now (fingerprint "
                             f"{meta['original_fingerprint']} vs {fingerprint(original)})")
-    try:
-        pruned = apply(original, Plan.load(d / PLAN))
+    shape = meta.get("input_shape")
+    try:  # with the input shape it was pruned at, the plan is checked against the model's groups
+        pruned = apply(original, Plan.load(d / PLAN), _example(shape) if shape else None)
     except PlanError as e:
         raise ArtifactError(f"{d / PLAN}: {e}") from e
     try:
@@ -187,6 +188,12 @@ def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
     if fingerprint(pruned) != meta["pruned_fingerprint"]:
         raise ArtifactError(f"{d} rebuilt to a different pruned architecture than was saved")
     return pruned
+
+
+def _example(shape: Sequence[int]) -> Any:
+    import torch
+
+    return torch.randn(tuple(int(n) for n in shape), generator=torch.Generator().manual_seed(0))
 
 
 def load_any(spec: str | os.PathLike[str], model_args: Mapping[str, Any] | None = None, *,

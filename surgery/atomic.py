@@ -97,6 +97,21 @@ def replacing(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def unwritable(folder: str | os.PathLike[str]) -> str:
+    """Why no file can be created in ``folder``, or "" where one can. Tried for real, since
+    ``os.access`` says yes to root everywhere (a read-only mount, ``/proc``)."""
+    f = Path(folder)
+    if not f.is_dir():
+        return (f"{f} is a file, not a folder" if f.exists() else
+                f"folder {f} does not exist; create it first")
+    try:
+        with tempfile.TemporaryFile(dir=f):
+            pass
+    except OSError:
+        return f"folder {f} is not writable"
+    return ""
+
+
 def default_mode(path: str | os.PathLike[str], directory: bool = False) -> None:
     """Give a temp file/dir the permissions a plain open()/mkdir() would (mkstemp uses 0600)."""
     umask = os.umask(0)

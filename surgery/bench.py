@@ -209,7 +209,8 @@ def bench(models: Mapping[str, nn.Module | None], input_shape: Sequence[int] = (
             rt = get_runtime(rt_name)
             for b in batches:
                 if progress:
-                    progress(f"timing {len(models)} models on {rt.name}, batch {b}")
+                    progress(f"timing {len(models)} model{'s' * (len(models) != 1)} on {rt.name}, "
+                             f"batch {b}")
                 runnable = {n: m for n, m in models.items()
                             if m is not None or rt.form == "onnx"}
                 times = _alternate(runnable, rt, b, input_shape, onnx_paths, threads, warmup,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .atomic import unwritable
 from .console import Console, as_flags, show_warning
 from .errors import SurgeryError
 from .spec import SpecError, parse_kwargs
@@ -84,11 +85,11 @@ def check_output(flag: str, path: str | None) -> None:
     p = Path(path) if path else None
     if p is None:
         return
-    why = ("is a folder; give a file name" if p.is_dir() else
-           f": folder {p.parent} does not exist; create it first" if not p.parent.is_dir() else
-           f": folder {p.parent} is not writable" if not os.access(p.parent, os.W_OK) else "")
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    why = unwritable(p.parent)
     if why:
-        raise UserError(f"{flag} {path}{'' if why.startswith(':') else ' '}{why}")
+        raise UserError(f"{flag} {path}: {why}")
 
 
 def check_out_dir(flag: str, path: str | None) -> None:
@@ -96,10 +97,9 @@ def check_out_dir(flag: str, path: str | None) -> None:
     directory itself may exist: it is replaced)."""
     if not path:
         return
-    parent = Path(path).absolute().parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it "
-                        "first")
+    why = unwritable(Path(path).parent)
+    if why:
+        raise UserError(f"{flag} {path}: {why}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -184,13 +184,15 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
 
 
 def _rebuild(model: str, meta: dict[str, Any], net: nn.Module, plan: Any, x: Any,
-             out_dir: str | None, no_onnx: bool, as_json: bool) -> None:
-    """Apply the plan, verify, and report / save (prune and apply)."""
+             out_dir: str | None, no_onnx: bool, as_json: bool, from_file: bool = False) -> None:
+    """Apply the plan (``from_file``: first checked against the traced
+    model), verify, and report / save (prune and apply)."""
     from .surgeon import apply
     from .verify import verify
 
-    with console().step("rebuilding layers"):
-        small = apply(net, plan)
+    with console().step("checking the plan and rebuilding layers" if from_file else
+                        "rebuilding layers"):
+        small = apply(net, plan, x if from_file else None)
     with console().step("verifying"):
         check = verify(net, small, plan, x)
     _finish(model, meta, net, small, plan, x, check, out_dir, no_onnx, as_json)
@@ -236,7 +238,7 @@ def apply_cmd(model: str, plan_path: str, model_args: tuple[str, ...], input_sha
     plan = Plan.load(plan_path)
     net, meta = load_model(model, model_args)
     x = example_input(example_shape(meta, input_shape))
-    _rebuild(model, meta, net, plan, x, out_dir, no_onnx, False)
+    _rebuild(model, meta, net, plan, x, out_dir, no_onnx, False, from_file=True)
 
 
 @cli.command(help=usage("export", "Export MODEL (or a saved DIR) to ONNX, with a parity check."))
@@ -289,11 +291,11 @@ def bench(models: tuple[str, ...], model_args: tuple[str, ...], input_shape: str
         nets, onnx_files, shape = models_to_bench(
             models, parse_kwargs(model_args), input_shape=shape,
             trust_code=click.get_current_context().obj.get("trust_code", False))
-    with console().step("benchmarking"):
+    with console().step("benchmarking") as doing:
         report = run_bench(nets, shape[1:], runtimes=[r.strip() for r in runtime.split(",")
                                                       if r.strip()],
                            batches=ints(batch, "--batch"), threads=threads, rounds=rounds,
-                           onnx_files=onnx_files)
+                           onnx_files=onnx_files, progress=doing)
     for path, text in ((json_path, report.to_json), (csv_path, report.to_csv)):
         if path:
             Path(path).write_text(text())

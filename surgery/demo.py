@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in models.items():
         e = surgery.export_onnx(m, x, os.path.join(args.out, f"{name}.onnx"))
         files[name] = e.path
-        print(f"exported {e.path}: {e.file_bytes / 1e6:.1f} MB, ONNX Runtime parity "
-              f"{e.max_rel_error:.1e}")
+        print(f"exported {os.path.abspath(e.path)}: {e.file_bytes / 1e6:.1f} MB, ONNX Runtime "
+              f"parity {e.max_rel_error:.1e}")
     plan.save(os.path.join(args.out, "plan.json"))
+    print(f"saved the plan: {os.path.abspath(os.path.join(args.out, 'plan.json'))}")
     bench = surgery.bench(models, (3, args.size, args.size), runtimes=("torch", "ort"),
                           batches=(1,), threads=args.threads, onnx_files=files,
                           progress=lambda s: print(f"... {s}", flush=True))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import default_mode
+from .atomic import default_mode, unwritable
 from .errors import SurgeryError
 from .graph import Inputs, as_tuple
 from .runtimes import ort_session
@@ -48,10 +48,9 @@ class ExportReport:
 
 
 def _check_target(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise ExportError(f"cannot write {path}: folder {path.parent} does not exist; create it")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"cannot write {path}: folder {path.parent} is not writable")
+    why = unwritable(path.parent)
+    if why:
+        raise ExportError(f"cannot write {path}: {why}")
 
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike[str], *,

@@ -328,3 +328,65 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
     if graph.notes:
         settings["trace_notes"] = list(graph.notes)
     return Plan(graph.model_class, graph.fingerprint, layers, exact, settings, attributes)
+
+
+def check_coupling(plan: Plan, graph: ChannelGraph) -> None:
+    """Refuse (`PlanError`) a plan whose kept indices disagree with ``graph``'s coupled channels
+    (a conv keeps channels {0, 1, 2} while its BatchNorm keeps {0, 1, 3}, or the next layer's
+    input keeps others) or that removes channels that must stay (the network input, the model
+    output): a plan edited by hand, for instance."""
+    where = {(s.path, s.axis): s for s in graph.slots.values()}
+    parts: list[np.ndarray] = []
+    for path, lp in plan.layers.items():
+        for axis, ap in lp.axes.items():
+            slot = where.get((path, axis))
+            if slot is None or slot.size != ap.size:
+                there = "no such channels" if slot is None else f"{slot.size} channels there"
+                raise PlanError(f"the plan prunes layer '{path}' axis '{axis}' of {ap.size} "
+                                f"channels but the traced model has {there}; make a new plan "
+                                "with surgery.plan(model, x, ...)")
+            mask = np.ones(slot.size, bool)
+            mask[list(ap.keep)] = False
+            parts.append(graph.roots[slot.atoms][mask])
+    gone = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    fixed = [r for r in gone.tolist()
+             if not all("in ignore=" in why for why in graph.pinned.get(r, ["in ignore="]))]
+    if fixed:
+        slots = [s.key for s in graph.slots.values()
+                 if np.isin(graph.roots[s.atoms], fixed).any()]
+        raise PlanError(f"the plan removes channels that must stay ({graph.pinned[fixed[0]][0]})"
+                        f" from {', '.join(slots[:4])}; make a new plan with "
+                        "surgery.plan(model, x, ...)")
+    # every position of every slot (and sized attribute): its unit, and whether the plan keeps it
+    names, roots, kept, owner = [], [], [], []
+    for name, atoms, entry in (
+            [(s.key, s.atoms, plan.layers[s.path].axes.get(s.axis) if s.path in plan.layers
+              else None) for s in graph.slots.values()]
+            + [(f"attribute {key}", atoms, plan.attributes.get(key.rpartition(".")[0], {})
+                .get(key.rpartition(".")[2])) for key, atoms in graph.attrs.items()]):
+        mask = np.ones(len(atoms), bool)
+        if entry is not None:
+            mask[:] = False
+            mask[list(entry.keep)] = True
+        names.append(name)
+        roots.append(graph.roots[atoms])
+        kept.append(mask)
+        owner.append(np.full(len(atoms), len(names) - 1))
+    r, k, w = np.concatenate(roots), np.concatenate(kept), np.concatenate(owner)
+    torn = np.intersect1d(r[k], r[~k])
+    if len(torn):
+        first = r == torn[0]
+        hits = [(i, p) for i in np.unique(w[first]).tolist()
+                for p in np.flatnonzero(roots[i] == torn[0]).tolist()]
+        out = [f"{names[i]}[{p}]" for i, p in hits if not kept[i][p]]
+        keep = [f"{names[i]}[{p}]" for i, p in hits if kept[i][p]]
+        raise PlanError(
+            f"the plan is inconsistent with the model's coupled channels: it removes "
+            f"{_some(out)} but keeps {_some(keep)}, which are the same channel (coupled layers "
+            f"keep or remove it together; {len(torn)} channels disagree). The plan was edited or "
+            "is not for this model: make a new one with surgery.plan(model, x, ...)")
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, and how many more."""
+    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")

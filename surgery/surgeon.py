@@ -14,9 +14,9 @@ from torch import nn
 
 from .depth import bypassed_modules
 from .errors import PlanError, SurgeryError
-from .graph import fingerprint
+from .graph import Inputs, fingerprint, trace
 from .groups import param_dim
-from .plan import Plan
+from .plan import Plan, check_coupling
 from .rules import module_rule, set_tensor
 
 
@@ -135,13 +135,19 @@ def _set_attributes(model: nn.Module, plan: Plan) -> None:
                 setattr(module, attr, type(getattr(module, attr))(entries))
 
 
-def apply(model: nn.Module, plan: Plan) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, example_inputs: Inputs | None = None) -> nn.Module:
     """A new, physically smaller model; ``model`` itself is left bit-for-bit unchanged.
 
+    With ``example_inputs``, a plan from elsewhere (a file) is first checked against the model's
+    traced channel groups: coupled layers must keep the same channels (`PlanError` otherwise).
+
     Example:
-        >>> small = surgery.apply(model, surgery.Plan.load("plan.json"))
+        >>> small = surgery.apply(model, surgery.Plan.load("plan.json"), x)
     """
     _validate(model, plan)
+    if example_inputs is not None and (plan.layers or plan.attributes):
+        check_coupling(plan, trace(model, example_inputs,
+                                   ignore=plan.settings.get("ignore") or ()))
     # Layers the plan rebuilds are not worth copying: they are replaced by new modules built from
     # the originals (read only). Everything else is deep-copied.
     rebuilt = {id(m): m for path, lp in plan.layers.items() if lp.kind == "module"

@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surgery.console import PREFIX
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
@@ -33,3 +35,9 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert torch.equal(after[k], v), f"{k} was modified"
+
+
+def messages(stderr: str) -> list[str]:
+    """A command's stderr less the plain progress lines (``... tracing``) it shows where stderr
+    is not a terminal: what is left is its errors and warnings."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith(PREFIX)]

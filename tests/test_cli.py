@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import messages
 
 import surgery
 from surgery import cli
@@ -62,6 +64,30 @@ def test_apply_a_saved_plan_to_a_fresh_model(artifact_dir: Path, tmp_path: Path)
     assert not (tmp_path / "wrong").exists()
 
 
+def test_a_plan_inconsistent_with_the_model_is_refused(artifact_dir: Path, tmp_path: Path) -> None:
+    doc = json.loads((artifact_dir / "plan.json").read_text())
+    conv, bn = doc["layers"]["conv1"]["axes"]["out"], doc["layers"]["bn1"]["axes"]["features"]
+    assert conv["keep"] == bn["keep"]
+    bn["keep"] = sorted([*conv["keep"][:-1], min(set(range(conv["size"])) - set(conv["keep"]))])
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    res = run("apply", "resnet20", str(tmp_path / "plan.json"), *SHAPE, "--out",
+              str(tmp_path / "out"))
+    assert res.returncode == 1, res.stderr
+    lines = messages(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    assert "bn1:features[" in lines[0] and "conv1:out[" in lines[0] and "same channel" in lines[0]
+    assert not (tmp_path / "out").exists()
+    # the same plan in a saved directory, its hash updated to match: refused on load
+    bad = _copy(artifact_dir, tmp_path / "bad")
+    (bad / "plan.json").write_text(json.dumps(doc))
+    meta = json.loads((bad / "artifact.json").read_text())
+    meta["files"]["plan.json"] = hashlib.sha256((bad / "plan.json").read_bytes()).hexdigest()
+    (bad / "artifact.json").write_text(json.dumps(meta))
+    res = run("bench", str(bad), "--runtime", "torch")
+    assert res.returncode == 1 and "plan.json: the plan is inconsistent" in res.stderr
+    assert "bn1:features[" in res.stderr and len(messages(res.stderr)) == 1
+
+
 def test_prune_writes_a_complete_safe_artifact(artifact_dir: Path) -> None:
     names = sorted(p.name for p in artifact_dir.iterdir())
     assert names == ["artifact.json", "model.onnx", "plan.json", "report.json", "report.md",
@@ -103,6 +129,45 @@ def test_bench_export_inspect(artifact_dir: Path, tmp_path: Path) -> None:
     assert groups[1]["channels"] == 16 and groups[1]["macs"] > 0
 
 
+def test_progress_lines_when_not_a_terminal(artifact_dir: Path, tmp_path: Path) -> None:
+    """Piped, stderr shows a plain line per step (a long bench is not silent); stdout only
+    the results; -q none."""
+    res = run("bench", str(artifact_dir), "--runtime", "torch,ort", "--rounds", "2",
+              "--threads", "1", "--json", str(tmp_path / "b.json"))
+    assert res.returncode == 0, res.stderr
+    shown = [line for line in res.stderr.splitlines() if line.startswith("... ")]
+    assert shown[:2] == ["... building the models", "... benchmarking"], res.stderr
+    assert any(line.startswith("... timing 2 models on torch, batch 1") for line in shown)
+    assert any(line.startswith("... timing 2 models on ort, batch 1") for line in shown)
+    assert "| model | runtime |" in res.stdout and "..." not in res.stdout
+    res = run("prune", "resnet20", "--ratio", "0.5", *SHAPE, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert [line for line in res.stderr.splitlines() if line.startswith("... ")] == [
+        "... tracing and planning resnet20", "... rebuilding layers", "... verifying"]
+    assert "..." not in res.stdout
+    res = run("-q", "prune", "resnet20", "--ratio", "0.5", *SHAPE, "--dry-run")
+    assert res.returncode == 0 and res.stderr == ""
+
+
+def test_epoch_progress_is_throttled(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from surgery import console
+
+    with console.Console().batches(2) as on_batch:  # stderr is captured: not a terminal
+        assert on_batch is not None
+        for _ in range(2):
+            for step in range(1, 101):
+                on_batch(step, 100, 0.5)
+    assert capsys.readouterr().err == ""  # a fast run: no line per batch
+    monkeypatch.setattr(console, "EVERY", 0.0)
+    with console.Console().batches(2) as on_batch:
+        assert on_batch is not None
+        for _ in range(2):
+            for step in range(1, 4):
+                on_batch(step, 3, 0.25)
+    assert capsys.readouterr().err.splitlines() == [
+        f"... epoch {e}/2: batch {b}/3, loss 0.2500" for e in (1, 2) for b in (1, 2)]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["prune", "torchvision:nonet", "--ratio", "0.5", "--out", "OUT"], "has no model 'nonet'"),
     (["prune", "what:ever", "--ratio", "0.5", "--out", "OUT"], "unknown model spec 'what:ever'"),
@@ -129,7 +194,7 @@ def test_user_errors(args: list[str], message: str, tmp_path: Path) -> None:
     res = run(*args, cwd=tmp_path)
     assert res.returncode == 1, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    assert len(messages(res.stderr)) == 1 and messages(res.stderr)[0].startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +174,47 @@ def test_malformed_plan_json() -> None:
     good["layers"]["a.0"]["axes"]["out"]["keep"] = [5, 3]
     with pytest.raises(surgery.PlanError, match="'a.0' axis 'out'.*sorted"):
         surgery.Plan.from_dict(good)
+
+
+def test_plan_inconsistent_with_the_coupled_groups_is_refused(tmp_path) -> None:
+    model, x = Chain().eval(), torch.randn(1, 3, 16, 16)
+    plan = surgery.plan(model, x, ratio=0.5)
+    assert surgery.apply(model, plan, x).a[0].out_channels == 8  # a plan from surgery passes
+    doc = plan.to_dict()
+    conv = doc["layers"]["a.0"]["axes"]["out"]["keep"]
+    bn = doc["layers"]["a.1"]["axes"]["features"]["keep"]
+    assert bn == conv and doc["layers"]["b.0"]["axes"]["in"]["keep"] == conv
+    # the BatchNorm keeps other channels than its conv (same count: shapes alone would pass)
+    doc["layers"]["a.1"]["axes"]["features"]["keep"] = sorted(
+        [*conv[:-1], next(i for i in range(16) if i not in conv)])
+    bad = surgery.Plan.from_dict(doc)
+    before = snapshot(model)
+    with pytest.raises(surgery.PlanError, match=r"inconsistent .* coupled channels: it removes "
+                       r".* but keeps .*same channel.*surgery\.plan\(model") as e:
+        surgery.apply(model, bad, x)
+    assert "a.1:features[" in str(e.value) and "a.0:out[" in str(e.value)
+    assert_unchanged(model, before)
+    surgery.apply(model, bad)  # without example inputs only names and sizes are checked
+    # the next conv's input keeps a different count: caught by the same check
+    doc = plan.to_dict()
+    doc["layers"]["b.0"]["axes"]["in"]["keep"] = conv[:-1]
+    with pytest.raises(surgery.PlanError, match=r"removes b\.0:in\[\d+\] but keeps a\.0:out"):
+        surgery.apply(model, surgery.Plan.from_dict(doc), x)
+    # removing a channel that must stay (the network input)
+    doc = plan.to_dict()
+    doc["layers"]["a.0"]["axes"]["in"] = {"size": 3, "keep": [0, 1]}
+    with pytest.raises(surgery.PlanError, match=r"must stay \(fixed input channels.* a\.0:in"):
+        surgery.apply(model, surgery.Plan.from_dict(doc), x)
+    # a saved directory whose plan.json was edited and its hash updated to match
+    d = surgery.save(tmp_path / "chain", surgery.apply(model, plan), plan,
+                     spec="tests/patterns.py:Chain", input_shape=tuple(x.shape))
+    (d / "plan.json").write_text(bad.to_json())
+    meta = json.loads((d / "artifact.json").read_text())
+    meta["files"]["plan.json"] = hashlib.sha256((d / "plan.json").read_bytes()).hexdigest()
+    (d / "artifact.json").write_text(json.dumps(meta))
+    with pytest.raises(surgery.ArtifactError, match=r"plan\.json: the plan is inconsistent.*"
+                       r"a\.1:features"):
+        surgery.load(d, trust_code=True)
 
 
 def test_not_a_module() -> None:

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import onnx
 import pytest
 import torch
 import torchvision
+from conftest import messages
 from patterns import PATTERNS
 
 import surgery
@@ -52,18 +54,27 @@ def test_patterns_export(name: str, tmp_path) -> None:
 
 def test_export_to_missing_or_readonly_folder(pair, tmp_path) -> None:
     model, _, x = pair
-    with pytest.raises(surgery.ExportError, match="does not exist"):
+    with pytest.raises(surgery.ExportError, match="folder .*nope does not exist"):
         surgery.export_onnx(model, x, tmp_path / "nope" / "m.onnx")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(surgery.ExportError, match="file is a file, not a folder"):
+        surgery.export_onnx(model, x, tmp_path / "file" / "m.onnx")
+    # a folder nobody can create files in, root included (root passes every os.access check)
+    ro = Path("/proc") if Path("/proc/self").is_dir() else None
+    if ro is None:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
         if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that can write anywhere")
-        with pytest.raises(surgery.ExportError, match="not writable"):
-            surgery.export_onnx(model, x, ro / "m.onnx")
-    finally:
-        ro.chmod(0o700)
+            pytest.skip("no /proc, and this user can write anywhere")
+    with pytest.raises(surgery.ExportError, match=f"folder {ro} is not writable"):
+        surgery.export_onnx(model, x, ro / "m.onnx")
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("file", "ro")]  # no debris
+    res = subprocess.run([sys.executable, "-m", "surgery.cli", "export", "resnet20",
+                          "--input-shape", "1,3,8,8", "--onnx", str(ro / "m.onnx")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert res.returncode == 1 and messages(res.stderr) == [
+        f"error: --onnx {ro / 'm.onnx'}: folder {ro} is not writable"], res.stderr
 
 
 def test_failed_export_names_the_op_and_leaves_nothing(tmp_path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 import surgery
 from surgery.data import DataError, digits, image_folder, num_classes
@@ -42,9 +44,37 @@ def test_pruned_model_recovers_with_distillation() -> None:
     finetune(model, train, val, config=FinetuneConfig(epochs=2))
     small = surgery.prune(model, train.tensors[0][:1], ratio=0.5)
     recalibrate_bn(small, train)
-    log = finetune(small, train, val, teacher=model,
-                   config=FinetuneConfig(epochs=1, lr=0.01, distill=0.5))
-    assert log[-1].val_acc > 0.5 and torch.isfinite(torch.tensor(log[-1].loss))
+
+    class Flipped(torch.nn.Module):  # the teacher's logits negated: it teaches the wrong class
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -self.m(x)
+
+    def tuned(teacher: torch.nn.Module | None, distill: float, data: Dataset = train
+              ) -> tuple[torch.nn.Module, float]:
+        net = copy.deepcopy(small)
+        log = finetune(net, data, val, teacher=teacher,
+                       config=FinetuneConfig(epochs=1, lr=0.01, distill=distill, seed=0))
+        assert torch.isfinite(torch.tensor(log[-1].loss))
+        return net, log[-1].val_acc
+
+    taught, acc = tuned(model, 0.5)
+    assert acc > 0.5  # recovers
+    # a teacher that teaches the wrong class changes the result, for the worse
+    misled, misled_acc = tuned(Flipped(model), 0.5)
+    assert not _same(misled, taught) and misled_acc < acc
+    # on the same seed, distill=0 ignores the teacher; distill=0.5 does not
+    few = Subset(train, range(128))
+    plain = tuned(None, 0.0, few)[0]
+    assert _same(tuned(model, 0.0, few)[0], plain) and not _same(tuned(model, 0.5, few)[0], plain)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values(), strict=True))
 
 
 def test_resume_after_interruption_is_exact(tmp_path) -> None:

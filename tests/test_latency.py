@@ -117,8 +117,13 @@ def test_real_timings_give_an_exact_plan_within_budget(runtime: str) -> None:
 def test_prune_allocate() -> None:
     model, x = resnet20().eval(), torch.randn(1, 3, 32, 32)
     small = surgery.prune(model, x, ratio=0.5, allocate="torch")
-    assert surgery.count_macs(small, x) <= surgery.count_macs(surgery.prune(model, x, ratio=0.5),
-                                                              x)
+    flat = surgery.prune(model, x, ratio=0.5)
+    assert surgery.count_macs(small, x) <= surgery.count_macs(flat, x)
+    # allocate= is not ignored: the layers keep other widths than the uniform plan's
+    width = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert width != [m.out_channels for m in flat.modules() if isinstance(m, nn.Conv2d)]
+    plan = surgery.plan(model, x, ratio=0.5, allocate="torch")
+    assert plan.settings["allocation"] == "latency" and plan.settings["runtime"] == "torch"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

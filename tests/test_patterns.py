@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_unchanged, randomize_norms, snapshot
 from patterns import PATTERNS, Concat, Grouped, LayerScale, Shuffle, TrainOnlyAux
+from torch import nn
 
 import surgery
 
@@ -186,9 +187,37 @@ def test_round_to() -> None:
     assert small.a[0].out_channels == 8 and small.b[0].out_channels == 16
 
 
+class SharedConv(nn.Module):
+    """One conv called twice, the second time under another attribute name: its input and
+    output channels are then the same channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.again = self.mid
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.mid(torch.relu(self.a(x))))
+        return self.head(torch.relu(self.again(x)))
+
+
 def test_in_place_variant_and_shared_module() -> None:
     model = PATTERNS["chain"][0]()
     x = torch.randn(1, 3, 16, 16)
     plan = surgery.plan(model, x, ratio=0.5, round_to=1)
     out = surgery.apply_(model, plan)
     assert out is model and model.a[0].out_channels == 8
+
+    model = SharedConv().eval()
+    graph = surgery.trace(model, x)
+    coupled = next(g for g in graph.groups if "mid:out" in g.slots)
+    assert {"a:out", "mid:in", "mid:out", "head:in"} <= set(coupled.slots)  # one group
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    keep = plan.layers["mid"].axes
+    assert keep["in"] == keep["out"] == plan.layers["a"].axes["out"]
+    for small in (surgery.apply(model, plan), surgery.apply_(copy.deepcopy(model), plan)):
+        assert small.again is small.mid and small.mid.weight.shape == (8, 8, 3, 3)
+        check = surgery.verify(model, small, plan, x)  # equals the zeroed original
+        assert check.passed and check.exact_checked and check.max_rel_error < 1e-6

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import messages
 
 import surgery
 from surgery.artifact import UntrustedCodeError
@@ -107,7 +108,7 @@ def test_cli_refuses_code_named_by_the_directory(crafted: tuple[Path, Path], tmp
     res = run(*[subst.get(a, a) for a in args], cwd=tmp_path)
     assert res.returncode == 1, res.stderr
     assert "evil.py" in res.stderr and "--trust-code" in res.stderr, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert len(messages(res.stderr)) == 1, res.stderr
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
