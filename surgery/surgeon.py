@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from .depth import bypassed_modules
+from .depth import bypass_in_place, bypassed_modules
 from .errors import PlanError, SurgeryError
 from .graph import Inputs, fingerprint, trace
 from .groups import param_dim
@@ -146,7 +146,9 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Inputs | None = None) ->
     """
     _validate(model, plan)
     if example_inputs is not None and (plan.layers or plan.attributes):
-        check_coupling(plan, trace(model, example_inputs,
+        # the channels couple as they do once the plan's bypasses are made
+        traced = bypass_in_place(copy.deepcopy(model), plan.bypasses) if plan.bypasses else model
+        check_coupling(plan, trace(traced, example_inputs,
                                    ignore=plan.settings.get("ignore") or ()))
     # Layers the plan rebuilds are not worth copying: they are replaced by new modules built from
     # the originals (read only). Everything else is deep-copied.

@@ -251,3 +251,18 @@ def test_cli_depth_prunes_and_reports_the_blocks() -> None:
     bad = subprocess.run([script, "prune", "resnet20", "--ratio", "0.5", "--depth",
                           "--dry-run"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "--depth needs --allocate RUNTIME" in bad.stderr
+
+
+def test_a_depth_plan_passes_the_coupling_check_and_a_tampered_one_does_not() -> None:
+    model = surgery.spec.build_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    plan = _depth_plan(model, x)
+    small = surgery.apply(model, plan, x)  # checked against the bypassed model's groups
+    assert surgery.verify(model, small, plan, x).passed
+    data = plan.to_dict()
+    kept = next(p for p, lp in data["layers"].items() if "out" in lp["axes"]
+                and p.endswith("conv1") and p != "conv1")
+    axis = data["layers"][kept]["axes"]["out"]
+    axis["keep"] = [i for i in range(axis["size"]) if i not in axis["keep"]][:len(axis["keep"])]
+    with pytest.raises(surgery.PlanError):
+        surgery.apply(model, Plan.from_dict(data), x)
