@@ -9,7 +9,7 @@ its train/eval flags are restored.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -169,8 +169,8 @@ def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
 class Recorder(torch.fx.Interpreter):
     """Runs the traced graph once and keeps the shape skeleton of every node's value."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__(gm)
+    def __init__(self, gm: nn.Module, graph: torch.fx.Graph | None = None) -> None:
+        super().__init__(gm, graph=graph)
         self.meta: dict[torch.fx.Node, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -758,8 +758,7 @@ TRACERS = ("auto", "fx", "run")
 
 
 def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tuple) -> None:
-    gm = torch.fx.GraphModule(model, graph)
-    rec = Recorder(gm)
+    rec = Recorder(model, graph)  # no GraphModule: its code generation is not needed to run
     with torch.no_grad():
         rec.run(*inputs)
     ctx.run(model, graph, rec.meta)
@@ -789,29 +788,35 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
         raise ValueError(f"tracer must be one of {TRACERS}, not {tracer!r}")
     inputs = as_tuple(example_inputs)
     ignore = tuple(ignore)
-    # symbolic tracing runs in-place updates on real buffers (``num_batches_tracked.add_(1)`` in a
-    # BatchNorm subclass's train-mode forward), and a recorded forward may too: put them back
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     notes: list[str] = []
+    with _buffers_kept(model), attribute_ints(model), switched_mode(model, train=None):
+        ctx, used, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
+        crossed = ctx.crossed_groups()
+        if crossed:  # a channel shuffle ties their groups: trace again, pruning by width
+            again = _trace_modes(model, inputs, ignore, used, [], crossed)
+            if _free_units(again[0]) > _free_units(ctx):
+                ctx, used, train_graph = again
+                notes.append(f"grouped convs pruned by width (equal counts per group), "
+                             f"since their groups are shuffled together: "
+                             f"{', '.join(sorted(crossed)[:4])}"
+                             f"{' …' if len(crossed) > 4 else ''}")
+        tracer = used
+    return _finish(ctx, model, ignore, train_graph, tracer, notes)
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put back ``model``'s buffers afterwards: symbolic tracing runs in-place updates on real
+    buffers (``num_batches_tracked.add_(1)`` in a BatchNorm subclass's train-mode forward), and a
+    recorded or train-mode forward updates running statistics."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with attribute_ints(model), switched_mode(model, train=None):
-            ctx, used, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
-            crossed = ctx.crossed_groups()
-            if crossed:  # a channel shuffle ties their groups: trace again, pruning by width
-                again = _trace_modes(model, inputs, ignore, used, [], crossed)
-                if _free_units(again[0]) > _free_units(ctx):
-                    ctx, used, train_graph = again
-                    notes.append(f"grouped convs pruned by width (equal counts per group), "
-                                 f"since their groups are shuffled together: "
-                                 f"{', '.join(sorted(crossed)[:4])}"
-                                 f"{' …' if len(crossed) > 4 else ''}")
-            tracer = used
+        yield
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 if not torch.equal(b, saved):
                     b.copy_(saved)
-    return _finish(ctx, model, ignore, train_graph, tracer, notes)
 
 
 def _free_units(ctx: _Context) -> int:
@@ -853,17 +858,20 @@ def _run_traced(ctx: _Context, model: nn.Module, inputs: tuple, ignore: tuple,
     """Analyse the recorded eval forward, and the train forward where it differs."""
     graph, meta = _record(model, inputs, ignore, notes)
     ctx.run(model, graph, meta)
-    twin = copy.deepcopy(model).train()
+    # the train-mode forward runs on the model itself: trace() puts back its buffers (running
+    # stats) and train/eval flags afterwards, so no copy is needed
+    model.train()
     doubled = _doubled(inputs)
     try:
-        graph_t, meta_t = _record(twin, doubled, ignore, notes)
+        with _buffers_kept(model):
+            graph_t, meta_t = _record(model, doubled, ignore, notes)
     except ExampleInputError as e:
         notes.append(f"training-mode forward not analysed: it fails on the example inputs "
                      f"({str(e).splitlines()[0][:200]})")
         return False
     if _signature(graph_t) == _signature(graph):
         return False
-    ctx.run(twin, graph_t, meta_t)
+    ctx.run(model, graph_t, meta_t)
     return True
 
 
@@ -881,10 +889,11 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
         else eval_graph
     if _signature(graph_t) == _signature(eval_graph):
         return False
-    # train-only branches (aux heads): analyse on a copy, train-mode forward updates stats
-    twin = copy.deepcopy(model).train()
+    # train-only branches (aux heads): the train-mode forward updates running stats, which
+    # trace() puts back afterwards (with the train/eval flags), so it runs on the model itself
     try:
-        _analyse(ctx, twin, graph_t, _doubled(inputs))
+        with _buffers_kept(model):
+            _analyse(ctx, model, graph_t, _doubled(inputs))
     except ExampleInputError as e:
         raise ExampleInputError(
             f"{type(model).__name__} has layers used only in training mode (e.g. an "

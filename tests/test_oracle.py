@@ -50,3 +50,76 @@ def test_verify_catches_an_inconsistent_plan() -> None:
     assert not report.passed and report.max_rel_error > 1e-3
     with pytest.raises(surgery.VerificationError, match="differ from the zeroed original"):
         surgery.verify(model, small, bad, x)
+
+
+def _small_error_prune(delta: float) -> tuple[torch.nn.Module, torch.nn.Module, Plan, torch.Tensor]:
+    """A wrong prune whose error is about ``delta`` relative: conv2 reads removed channel r where
+    it should read the adjacent kept channel k, and channel r equals channel k but for a factor
+    1 + delta on its conv weights (so only verification, and only a fine one, can tell)."""
+    torch.manual_seed(0)
+    model = randomize_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())).eval()
+    x = torch.randn(1, 3, 16, 16)
+    plan = surgery.plan(model, x, ratio=0.5)
+    keep = plan.layers["3"].axes["in"].keep
+    k, r = next((k, r) for k in keep for r in (k - 1, k + 1) if 0 <= r < 16 and r not in keep)
+    with torch.no_grad():
+        model[0].weight[r] = model[0].weight[k] * (1 + delta)
+        model[0].bias[r] = model[0].bias[k]
+        for t in (model[1].weight, model[1].bias, model[1].running_mean, model[1].running_var):
+            t[r] = t[k]
+    layers = dict(plan.layers)
+    ap = layers["3"].axes["in"]
+    layers["3"] = LayerPlan(layers["3"].kind, layers["3"].cls,
+                            {"in": AxisPlan(ap.size, tuple(sorted({*keep} - {k} | {r})))})
+    bad = Plan(plan.model_class, plan.fingerprint, layers, plan.exact, plan.settings)
+    return model, surgery.apply(model, bad), bad, x
+
+
+def test_verify_catches_a_wrong_prune_of_small_error() -> None:
+    """A mismatch of ~1e-4 relative is far above float32 rounding: the one float32 pass sees it
+    and float64 confirms it."""
+    model, small, bad, x = _small_error_prune(1e-3)
+    report = surgery.verify(model, small, bad, x, raise_on_failure=False)
+    assert not report.passed and report.dtype == "torch.float64"
+    assert 3e-5 < report.max_rel_error < 1e-3
+    with pytest.raises(surgery.VerificationError, match="differ from the zeroed original"):
+        surgery.verify(model, small, bad, x)
+    # just above the default rtol: float32 alone could not tell it from rounding, float64 does
+    model, small, bad, x = _small_error_prune(6e-6)
+    report = surgery.verify(model, small, bad, x, raise_on_failure=False)
+    assert not report.passed and 1e-6 < report.max_rel_error < 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121"])
+def test_float32_rounding_does_not_fail_a_deep_net(name: str) -> None:
+    """A correct prune of a deep net passes; in float32 alone where rounding stays under rtol,
+    and where it does not (rtol far below float32's resolution) float64 decides, passing."""
+    from conftest import assert_unchanged, snapshot
+
+    model = randomize_norms(torchvision.models.get_model(name, weights=None)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = surgery.plan(model, x, ratio=0.5)
+    small = surgery.apply(model, plan)
+    small.train()
+    before, before_small = snapshot(model), snapshot(small)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.max_rel_error <= 1e-6 and report.layers_compared >= 2
+    strict = surgery.verify(model, small, plan, x, rtol=1e-12)
+    assert strict.passed and strict.dtype == "torch.float64" and strict.max_rel_error < 1e-12
+    # neither model changed: the pruned one ran in place (flags, buffers and hooks put back)
+    assert_unchanged(model, before)
+    assert_unchanged(small, before_small)
+    assert small.training and all(not m._forward_hooks for m in small.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_verify_with_a_module_held_outside_modules() -> None:
+    """A layer also held in a plain attribute (a list) cannot share a light copy's tensors:
+    the reference is a full copy, and a wrong prune is still caught."""
+    model, small, bad, x = _small_error_prune(1e-2)
+    model.__dict__["alias"] = [model[3]]
+    assert not surgery.verify(model, small, bad, x, raise_on_failure=False).passed
+    plan = surgery.plan(model, x, ratio=0.5)
+    assert surgery.verify(model, surgery.apply(model, plan), plan, x).passed
