@@ -44,7 +44,8 @@ class Bypass:
     ``block``: the module whose forward holds the op; ``node``: the op's name in the torch.fx
     graph of that forward (stable for the same code); ``keep``: the operand kept (0 or 1);
     ``kind``: ``"residual"`` (an add) or ``"gate"`` (a multiplication by a gate);
-    ``removes``: the layers that stop running; ``line``: the source line of the op.
+    ``removes``: the layers that stop running and the tensors no longer read (a layer scale);
+    ``line``: the source line of the op.
     """
 
     block: str
@@ -174,16 +175,22 @@ def _bypassed_graph(graph: torch.fx.Graph, ops: dict[str, int]) -> torch.fx.Grap
     return g
 
 
-def _layers_called(module: nn.Module, graph: torch.fx.Graph) -> set[str]:
-    return {str(n.target) for n in graph.nodes if n.op == "call_module"}
-
-
-def _has_params(module: nn.Module, names: Iterable[str]) -> bool:
-    return any(True for t in names for _ in module.get_submodule(t).parameters())
+def _used(graph: torch.fx.Graph) -> set[str]:
+    """The children called and the tensors read (``self.layer_scale``) by a forward."""
+    return {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
 
 
 def _params(module: nn.Module, names: Iterable[str]) -> int:
-    return sum(p.numel() for t in names for p in module.get_submodule(t).parameters())
+    """Parameters held by the children and tensors named."""
+    total = 0
+    for t in names:
+        owner, _, leaf = t.rpartition(".")
+        v = getattr(module.get_submodule(owner), leaf, None)
+        if isinstance(v, nn.Module):
+            total += sum(p.numel() for p in v.parameters())
+        elif isinstance(v, nn.Parameter):
+            total += v.numel()
+    return total
 
 
 def block_bypasses(module: nn.Module, path: str,
@@ -193,7 +200,7 @@ def block_bypasses(module: nn.Module, path: str,
     graph = graph or _own_graph(module)
     if graph is None:
         return []
-    called = _layers_called(module, graph)
+    used = _used(graph)
     found = []
     for node, kind in _candidates(module, graph):
         options = []
@@ -202,8 +209,8 @@ def block_bypasses(module: nn.Module, path: str,
         for keep in sides:
             if kind == "gate" and _is_gate(module, node.args[keep]):
                 continue
-            gone = called - _layers_called(module, _bypassed_graph(graph, {node.name: keep}))
-            if gone and _has_params(module, gone):
+            gone = used - _used(_bypassed_graph(graph, {node.name: keep}))
+            if _params(module, gone) > 0:
                 options.append((_params(module, gone), keep, gone))
         if not options:
             continue

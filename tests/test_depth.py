@@ -266,3 +266,26 @@ def test_a_depth_plan_passes_the_coupling_check_and_a_tampered_one_does_not() ->
     axis["keep"] = [i for i in range(axis["size"]) if i not in axis["keep"]][:len(axis["keep"])]
     with pytest.raises(surgery.PlanError):
         surgery.apply(model, Plan.from_dict(data), x)
+
+
+def test_a_layer_scale_read_only_by_the_body_goes_with_it() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.bn = nn.BatchNorm2d(16)
+            self.gamma = nn.Parameter(torch.rand(16, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.gamma * self.bn(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), Scaled(), Scaled(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    found = surgery.find_bypasses(model, x)
+    assert [b.removes for b in found] == [("1.bn", "1.conv", "1.gamma"),
+                                          ("2.bn", "2.conv", "2.gamma")]
+    plan = surgery.plan(model, x, ratio=0.5).bypassing(found[:1])
+    assert "1.gamma" not in plan.layers and "2.gamma" in plan.layers
+    small = surgery.apply(model, plan, x)
+    assert surgery.verify(model, small, plan, x).passed
+    assert not hasattr(small.get_submodule("1"), "gamma")
