@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from .config import LatencyTarget, MacBudget, PruneConfig, RuntimeAware, Uniform
@@ -150,7 +151,9 @@ def prune_in_steps(model: nn.Module, example_inputs: Inputs, config: Uniform, st
     step = config.replace(ratio=1 - (1 - config.ratio) ** (1 / steps))
     current, total, report = model, None, None
     for k in range(steps):
-        p = make_plan(current, example_inputs, step)  # type: ignore[arg-type]
+        counts: dict[str, int] | None = None if total is None or k < steps - 1 else \
+            _final_counts(model, current, example_inputs, config, total)
+        p = make_plan(current, example_inputs, step, kept_units=counts)  # type: ignore[arg-type]
         small = apply(current, p)
         report = check(current, small, p, example_inputs)
         total = p if total is None else total.then(p)
@@ -161,6 +164,29 @@ def prune_in_steps(model: nn.Module, example_inputs: Inputs, config: Uniform, st
         current = small
     assert total is not None and report is not None
     return total, current, report
+
+
+def _final_counts(original: nn.Module, current: nn.Module, example_inputs: Inputs,
+                  config: Uniform, so_far: Plan) -> dict[str, int]:
+    """Per group of ``current`` (pruned by ``so_far``), the free units the one-step plan at
+    ``config.ratio`` keeps of the original's: rounding up at every step would keep more."""
+    from .plan import keep_count, per_unit
+
+    graph = trace(current, example_inputs, ignore=config.ignore)
+    out = {}
+    for g in graph.groups:
+        # a slot this group fills alone (a conv's output): its original size is the group's
+        mine = np.concatenate([g.units, g.pinned])
+        key = next((k for k in g.slots if np.isin(graph.slot_roots(k), mine).all()), None)
+        if not g.prunable or key is None:
+            continue
+        slot = graph.slots[key]
+        lp = so_far.layers.get(slot.path)
+        ap = lp.axes.get(slot.axis) if lp is not None else None
+        unit = per_unit(graph, g)
+        free = (ap.size if ap is not None else slot.size) // unit - len(g.pinned)
+        out[g.slots[0]] = keep_count(free, len(g.pinned), unit, config.ratio, config.round_to)
+    return out
 
 
 #: a MAC target is met when the plan keeps at most the target and at most this much below it

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,7 @@ def keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to:
 def make_plan(model: nn.Module, example_inputs: Inputs, config: Uniform | None = None, *,
               ratio: float | None = None, criterion: str = "l2", round_to: int = 8,
               ignore: Sequence[str] = (), seed: int = 0, graph: ChannelGraph | None = None,
-              exact: bool = False) -> Plan:
+              exact: bool = False, kept_units: Mapping[str, int] | None = None) -> Plan:
     """Decide which channels every layer keeps: remove ``ratio`` of each group's free units.
 
     Takes a :class:`surgery.Uniform` config, or its settings as keywords:
@@ -224,6 +224,9 @@ def make_plan(model: nn.Module, example_inputs: Inputs, config: Uniform | None =
             embedding width through LayerNorm, ConvNeXt's stages), so the plan stays exactly
             equivalent to the zeroed original; by default they are pruned and the plan is
             marked not exact.
+        kept_units: free units to keep per group, by the key of its first slot
+            (``"layer1.0.conv1:out"``), instead of the ratio's count (the last of several steps
+            lands on the count the ratio gives the original model).
 
     Example:
         >>> p = surgery.plan(model, torch.randn(1, 3, 224, 224), ratio=0.5)
@@ -263,6 +266,8 @@ def make_plan(model: nn.Module, example_inputs: Inputs, config: Uniform | None =
         if not g.prunable or r == 0 or exact and graph.cross & set(g.units.tolist()):
             continue
         n_keep = keep_count(len(g.units), len(g.pinned), per_unit(graph, g), float(r), round_to)
+        if kept_units is not None and g.slots[0] in kept_units:
+            n_keep = max(1, min(len(g.units), kept_units[g.slots[0]]))
         if n_keep >= len(g.units):
             continue
         if n_keep == 1 and r * len(g.units) > len(g.units) - 1 + 1e-9:
