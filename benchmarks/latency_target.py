@@ -39,10 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--uniform", action="store_true", help="lay plans out uniformly")
+    ap.add_argument("--depth", action="store_true", help="also bypass blocks (depth pruning)")
+    ap.add_argument("--append", action="store_true", help="keep the other models' rows in --out")
     ap.add_argument("--out", default="benchmarks/results/latency_target.json")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     rows = []
+    if args.append and Path(args.out).exists():
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"]
+                if r["model"] not in args.models]
     print("| model | target | rounds | landed (batch 1, in the loop) | re-measured batch 1 | "
           "batch 8 | MACs kept | seconds |")
     print("|---|---|---|---|---|---|---|---|")
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             plan = surgery.plan(model, x, surgery.LatencyTarget(
                 speedup=target, runtime=args.runtime, threads=args.threads,
-                allocate=not args.uniform))
+                allocate=not args.uniform, depth=args.depth))
             seconds = time.perf_counter() - start
             small = surgery.apply(model, plan)
             check = surgery.bench({"original": model, "pruned": small}, (3, args.size, args.size),
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                    "landed": measured["speedup"], "met": measured["met"],
                    "batch1": again[1], "batch8": again[8], "macs_kept": kept,
                    "seconds": seconds, "trajectory": plan.settings["trajectory"],
+                   "bypassed": [b.block for b in plan.bypasses],
                    "env": check.env}
             rows.append(row)
             print(f"| {name} | {target:g}x | {row['rounds']} | {measured['speedup']:.2f}x"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +77,6 @@ class _ChildrenAsCalls(torch.fx.Tracer):
         return True
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        import sys
-
         node = super().create_node(*args, **kwargs)
         loc = user_frame(sys._getframe(1))
         if loc is not None:
@@ -138,10 +137,11 @@ class _Frozen:
         return self.m(x)
 
     def __hash__(self) -> int:
-        return hash(repr(self.m))
+        return hash((type(self.m), repr(self.m)))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Frozen) and repr(self.m) == repr(other.m)
+        return isinstance(other, _Frozen) and type(self.m) is type(other.m) and \
+            repr(self.m) == repr(other.m)
 
 
 def _candidates(module: nn.Module, graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, str]]:
@@ -161,17 +161,30 @@ def _candidates(module: nn.Module, graph: torch.fx.Graph) -> list[tuple[torch.fx
 
 
 def _bypassed_graph(graph: torch.fx.Graph, ops: dict[str, int]) -> torch.fx.Graph:
-    """A copy of ``graph`` with each named op replaced by its kept operand, dead code removed."""
+    """A copy of ``graph`` with each named op replaced by its kept operand, and what then feeds
+    nothing removed. A statement that fed nothing before (an in-place ``out.relu_()``) goes only
+    when everything it reads goes too: one that mutates a tensor still used stays."""
     g = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
+    statements: set[torch.fx.Node] = set()
     for n in graph.nodes:
         if n.name in ops:
             env[n] = env[n.args[ops[n.name]]]
             continue
         env[n] = g.node_copy(n, lambda a: env[a])
-    for n in reversed(list(g.nodes)):  # what fed only the bypassed operand goes with it
-        if n.op not in ("placeholder", "output") and not n.users:
+        if not n.users and n.op != "output":
+            statements.add(env[n])
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(g.nodes)):
+            if n.op in ("placeholder", "output") or n.users:
+                continue
+            if n in statements and any(
+                    a.op == "placeholder" or set(a.users) != {n} for a in n.all_input_nodes):
+                continue  # mutates something that stays
             g.erase_node(n)
+            changed = True
     return g
 
 

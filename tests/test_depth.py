@@ -289,3 +289,29 @@ def test_a_layer_scale_read_only_by_the_body_goes_with_it() -> None:
     small = surgery.apply(model, plan, x)
     assert surgery.verify(model, small, plan, x).passed
     assert not hasattr(small.get_submodule("1"), "gamma")
+
+
+def test_an_in_place_statement_on_a_kept_tensor_survives_the_bypass() -> None:
+    class Mutating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x * 1.0
+            y.clamp_(min=0)  # a statement: its result feeds nothing, y is changed in place
+            body = self.conv(x)
+            body.mul_(0.5)  # the same, on the body: goes with it
+            return y + body
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Mutating(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    found = surgery.find_bypasses(model, x)
+    assert [(b.block, b.keep) for b in found] == [("1", 0)]
+    small = surgery.apply(model, surgery.Plan.from_dict({
+        **surgery.plan(model, x, ratio=0.0).to_dict(), "bypass": [found[0].to_dict()]}))
+    block = small.get_submodule("1")
+    assert "clamp_" in block.code and "mul_" not in block.code
+    with torch.no_grad():
+        h = model[0](x)
+        assert torch.equal(small(x), model[2](h.clamp(min=0)))
