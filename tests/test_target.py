@@ -57,6 +57,10 @@ def test_a_speedup_target_lands_in_range(clock: surgery.Runtime, allocate: bool)
         plan = surgery.plan(model, x, config, on_round=lambda k, r, ms, s: rounds.append((r, s)))
     measured = plan.settings["measured"]
     assert measured["met"] and 2.0 <= measured["speedup"] <= 2.3
+    # the landing was timed twice: the last round confirms the one before (same plan)
+    confirm = plan.settings["trajectory"][-1]
+    assert confirm.get("confirming") and confirm["ratio"] == plan.settings["trajectory"][-2][
+        "ratio"] and confirm["speedup"] == pytest.approx(measured["speedup"])
     assert plan.settings["round_to"] == 1 and not plan.settings.get("then")
     assert len(plan.settings["trajectory"]) == len(rounds) <= 2 * config.rounds
     assert config_from_dict(plan.settings["config"]) == config
