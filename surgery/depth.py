@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ import torch.fx
 from torch import nn
 
 from .errors import PlanError
-from .graph import Inputs, as_tuple, source_line, user_frame
+from .graph import Inputs, LocatingTracer, as_tuple, source_line
 from .modes import switched_mode
 from .tensors import output_tensors
 
@@ -70,18 +69,11 @@ class Bypass:
                    tuple(str(r) for r in d["removes"]), str(d.get("line", "")))
 
 
-class _ChildrenAsCalls(torch.fx.Tracer):
+class _ChildrenAsCalls(LocatingTracer):
     """Trace one module's own forward: every child stays a call."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
-
-    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        node = super().create_node(*args, **kwargs)
-        loc = user_frame(sys._getframe(1))
-        if loc is not None:
-            node.meta["surgery_loc"] = loc
-        return node
 
 
 def _own_graph(module: nn.Module) -> torch.fx.Graph | None:

@@ -90,15 +90,11 @@ def source_line(node: torch.fx.Node) -> str:
     return f"{path}:{loc[1]}: {linecache.getline(loc[0], loc[1]).strip()}"
 
 
-class _Tracer(torch.fx.Tracer):
-    """fx tracer: layers with a rule are leaves; every node remembers the user's source line.
+class LocatingTracer(torch.fx.Tracer):
+    """fx tracer whose every node remembers the user's source line (:func:`source_line`).
 
     The location is the innermost frame outside torch (cheaper than fx's full stack traces).
     """
-
-    def __init__(self, opaque: Sequence[str]) -> None:
-        super().__init__()
-        self.opaque = opaque
 
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -106,6 +102,14 @@ class _Tracer(torch.fx.Tracer):
         if loc is not None:
             node.meta["surgery_loc"] = loc
         return node
+
+
+class _Tracer(LocatingTracer):
+    """fx tracer: layers with a rule are leaves (and the ``opaque`` ones)."""
+
+    def __init__(self, opaque: Sequence[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if matches(qualname, self.opaque) and leaf_rule(m) is None:
