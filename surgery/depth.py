@@ -92,12 +92,13 @@ def _own_graph(module: nn.Module) -> torch.fx.Graph | None:
 
 
 @functools.cache
-def _bounded_gate(fn: Any) -> bool:
-    """Does ``fn`` map every real number into [0, 1], monotonically (sigmoid, hard sigmoid)?"""
+def _bounded_gate(fn: Any, kwargs: tuple[tuple[str, Any], ...] = ()) -> bool:
+    """Does ``fn`` (called with ``kwargs``) map every real number into [0, 1], monotonically
+    (sigmoid, hard sigmoid)?"""
     x = torch.linspace(-12, 12, 97)
     try:
         with torch.no_grad():
-            y = fn(x)
+            y = fn(x, **dict(kwargs))
     except Exception:
         return False
     return (isinstance(y, torch.Tensor) and y.shape == x.shape and bool((y >= 0).all())
@@ -112,10 +113,17 @@ def _is_gate(module: nn.Module, node: Any) -> bool:
         if any(True for _ in child.parameters()):
             return False
         return _bounded_gate(_Frozen(child))
-    if node.op == "call_function" and len(node.args) == 1 and not node.kwargs:
-        return _bounded_gate(node.target)
-    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
-        return _bounded_gate(operator.methodcaller(str(node.target)))
+    if len(node.args) != 1 or any(isinstance(v, torch.fx.Node) for v in node.kwargs.values()):
+        return False
+    try:
+        kwargs = tuple(sorted(node.kwargs.items()))
+        hash(kwargs)
+    except TypeError:  # a setting that is not plain data
+        return False
+    if node.op == "call_function":
+        return _bounded_gate(node.target, kwargs)
+    if node.op == "call_method":
+        return _bounded_gate(operator.methodcaller(str(node.target)), kwargs)
     return False
 
 

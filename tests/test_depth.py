@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import surgery
@@ -46,16 +47,18 @@ def test_gates_are_found_by_their_bounds() -> None:
             super().__init__()
             self.stem = nn.Conv2d(3, 8, 3, padding=1)
             self.sig = Gated(torch.sigmoid)  # a function
+            self.kw = Gated(F.hardsigmoid)  # a function fx records with a setting (inplace=)
             self.hard = Gated(nn.Hardsigmoid())  # a module
             self.tanh = Gated(torch.tanh)  # [-1, 1]: not a gate
             self.free = Gated(nn.Identity())  # unbounded: not a gate
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.free(self.tanh(self.hard(self.sig(self.stem(x)))))
+            return self.free(self.tanh(self.hard(self.kw(self.sig(self.stem(x))))))
 
     found = surgery.find_bypasses(Net())
-    assert [(b.block, b.kind, b.keep) for b in found] == [("sig", "gate", 0), ("hard", "gate", 0)]
-    assert found[1].removes == ("hard.act", "hard.fc")
+    assert [(b.block, b.kind, b.keep) for b in found] == [
+        ("sig", "gate", 0), ("kw", "gate", 0), ("hard", "gate", 0)]
+    assert found[2].removes == ("hard.act", "hard.fc")
 
 
 def test_mode_dependent_and_untraceable_blocks_are_left_alone() -> None:
