@@ -349,6 +349,8 @@ class _Context:
         if not isinstance(s, Dyn):
             return "free" if s == -1 else "fixed"
         chans = [m for m in (self.measured(n, d) for n, d in s.src) if m is not None]
+        if not chans and s.per is not None and s.per.qualname not in self.frozen:
+            return s.per  # B * self.num_heads: follows the attribute, the batch stays
         if not chans:
             self.freeze(s.attrs)
             return "fixed" if s.src or s.attrs else "free"

@@ -14,6 +14,7 @@ literal even though both are plain ints to torch.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,9 @@ class Dyn(int):
     src: tuple[tuple[Any, int], ...]
     attrs: tuple[AttrInt, ...]
     derived: bool
+    #: ``B * self.num_heads``: one attribute times an int that no attribute made (the batch
+    #: size); it follows when surgery rewrites that attribute (heads folded into the batch dim)
+    per: AttrInt | None = None
 
     def __new__(cls, value: int, src: tuple[tuple[Any, int], ...] = (),
                 attrs: tuple[AttrInt, ...] = (), derived: bool = False) -> Dyn:
@@ -107,12 +111,16 @@ def _arith(op: Callable[..., Any], swap: bool = False) -> Callable[..., Any]:
             return NotImplemented
         a, b = (int(other) if isinstance(other, int) else other), int(self)
         out = op(a, b) if swap else op(b, a)
-        return derive(out, self, other)
+        result = derive(out, self, other)
+        if op is operator.mul and isinstance(result, Dyn):
+            attr = [o for o in (self, other) if isinstance(o, AttrInt)]
+            if len(attr) == 1 and not _provenance(other if attr[0] is self else self)[1]:
+                result.per = attr[0]
+        return result
     return method
 
 
 def _install(cls: type[int]) -> None:
-    import operator
     for name, op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
                      ("floordiv", operator.floordiv), ("mod", operator.mod),
                      ("pow", operator.pow), ("truediv", operator.truediv)):

@@ -94,6 +94,9 @@ def broadcast(ctx: RuleContext, operands: Sequence[Any], out: Any) -> Any:
         sizes = [v.shape[d - off] if d - off >= 0 else 1 for d in tdims]
         if all(s == 1 for s in sizes):
             continue
+        if len(tdims) > 1 and all(s == 1 or _coupled_along(ctx, grid, k)
+                                  for k, s in enumerate(sizes)):
+            continue  # it meets only dims that keep their size (a head's width: whole heads go)
         if v.param is not None and sum(s != 1 for s in sizes) == 1:
             d = next(t for t, s in zip(tdims, sizes, strict=True) if s != 1)
             k = tdims.index(d)
@@ -517,6 +520,8 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
             for pos in free)
         if attrs and inferred:  # view(B, N, self.num_heads, -1): whole heads, -1 keeps its size
             free = []
+        if len(free) > 1:  # a dim whose positions already go together (a head's width) keeps
+            free = [pos for pos in free if not _coupled_along(ctx, atoms, pos)] or free[:1]
         if len(free) > 1:
             return ctx.opaque([x], out, f"several sizes in {op} follow the width {ctx.where()}")
         change = free[0] if free else attrs[0]
@@ -525,13 +530,26 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
             if pos != change:
                 _couple_along(ctx, atoms, pos)
         if isinstance(kinds[change], AttrInt):
-            ctx.attr_size(kinds[change], _line(atoms, change))
+            line = _line(atoms, change)
+            n = int(kinds[change])
+            if len(line) != n:  # B * self.num_heads: the heads repeat once per batch item
+                if n == 0 or len(line) % n or not (line == np.tile(line[:n], len(line) // n)).all():
+                    return ctx.opaque([x], out, f"{op} to a size that is not a multiple of "
+                                                f"{kinds[change].qualname} {ctx.where()}")
+                line = line[:n]
+            ctx.attr_size(kinds[change], line)
     return TVal(out.shape, tuple(outs[k] for k in vary), atoms)
 
 
 def _line(atoms: np.ndarray, axis: int) -> np.ndarray:
     """The atoms along ``axis`` (index 0 on the other axes)."""
     return atoms[tuple(slice(None) if j == axis else 0 for j in range(atoms.ndim))]
+
+
+def _coupled_along(ctx: RuleContext, atoms: np.ndarray, axis: int) -> bool:
+    """Whether the positions along ``axis`` are already removed together (its size stays)."""
+    roots = np.vectorize(ctx.uf.find, otypes=[np.int64])(atoms)
+    return bool((roots == np.take(roots, [0], axis=axis)).all())
 
 
 def _couple_along(ctx: RuleContext, atoms: np.ndarray, axis: int) -> None:
