@@ -342,8 +342,9 @@ class _Context:
     def size_role(self, s: Any, x: TVal | None) -> Any:
         """What size ``s`` of a reshape of ``x`` does when channels are removed: ``"free"``
         (follows by itself), ``"fixed"`` (stays), an ``AttrInt`` (follows if surgery rewrites
-        that attribute), or ``("couple", atoms)``: it is the count of other channels ``atoms``,
-        which the reshaped positions must then match one for one."""
+        that attribute), ``("couple", atoms)``: it is the count of other channels ``atoms``,
+        which the reshaped positions must then match one for one, or ``("per", atoms, attr)``:
+        that count divided by attribute ``attr`` (``C // self.num_heads``)."""
         if isinstance(s, AttrInt):
             return s if s.qualname not in self.frozen else "fixed"
         if not isinstance(s, Dyn):
@@ -360,6 +361,9 @@ class _Context:
             return "free"
         if not s.derived and len(chans) == 1:
             return ("couple", chans[0])
+        if len(chans) == 1 and len(s.attrs) == 1 and int(s.attrs[0]) > 0 \
+                and int(s) * int(s.attrs[0]) == len(chans[0]):
+            return ("per", chans[0], s.attrs[0])  # C // self.num_heads: a head's width
         for m in chans:  # its count must not change: keep what it measured
             self.pin(m, f"its channel count sizes a reshape of other channels {self.where()}")
         self.freeze(s.attrs)

@@ -358,3 +358,101 @@ def test_split_by_a_size_computed_from_the_same_tensor_follows_it() -> None:
 
     plan, small = _check(Half(), torch.randn(1, 3, 8, 8))
     assert plan.exact and small.a.out_channels == 8 and small.b.in_channels == 4
+
+
+class BatchHeads(nn.Module):
+    """BoTNet-style: heads folded into the batch dim (``B * self.num_heads``) and a
+    relative-position table shared by every head, contracted with each head's queries."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, width: int = 4, tokens: int = 6,
+                 literal: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head, self.literal = heads, width, literal
+        self.dim_out = heads * width
+        self.qkv = nn.Conv1d(dim, 3 * self.dim_out, 1)
+        self.table = nn.Parameter(torch.randn(tokens, width))
+        self.proj = nn.Conv1d(self.dim_out, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n = x.shape
+        q, k, v = torch.split(self.qkv(x), [self.dim_out] * 3, dim=1)
+        heads = 4 if self.literal else self.num_heads
+        q = q.reshape(b * heads, self.dim_head, -1).transpose(-1, -2)
+        k = k.reshape(b * heads, self.dim_head, -1)
+        v = v.reshape(b * heads, self.dim_head, -1).transpose(-1, -2)
+        attn = (q @ k) * 0.5 + q @ self.table.transpose(0, 1)  # (b·heads, n, n)
+        out = (attn.softmax(-1) @ v).transpose(-1, -2).reshape(b, self.dim_out, n)
+        return self.proj(out) + x
+
+
+def test_heads_folded_into_the_batch_dim_are_removed() -> None:
+    """``reshape(B * self.num_heads, ...)``: the size follows num_heads, whatever the batch; the
+    table shared by the heads keeps its width (no head loses part of it), and the result is
+    exact at another batch size too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 1), BatchHeads(), nn.Conv1d(16, 2, 1))
+    plan, small = _check(model, torch.randn(2, 3, 6))
+    assert plan.exact
+    assert ("1.num_heads", 4, 2) in plan.attribute_changes()
+    assert small[1].num_heads == 2 and small[1].dim_out == 8 and small[1].qkv.out_channels == 24
+    assert small[1].table.shape == (6, 4)
+    x3 = torch.randn(3, 3, 6)
+    ref = surgery.verify(model, small, plan, x3)
+    assert ref.passed and ref.exact_checked
+
+
+def test_heads_folded_into_the_batch_by_a_literal_stay() -> None:
+    """``reshape(B * 4, ...)``: a literal head count cannot follow, so every head stays; each
+    head's width (and the shared table's columns) shrinks by the same positions instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 1), BatchHeads(literal=True), nn.Conv1d(16, 2, 1))
+    plan, small = _check(model, torch.randn(2, 3, 6))
+    assert not any(k.endswith("num_heads") for k, _, _ in plan.attribute_changes())
+    keep = plan.layers["1.qkv"].axes["out"].keep
+    width = small[1].table.shape[1]
+    assert width < 4 and small[1].qkv.out_channels == 3 * 4 * width
+    per_head = [sorted(i % 4 for i in keep if i // 4 == h) for h in range(12)]
+    assert all(p == per_head[0] for p in per_head)  # the same positions in every head
+
+
+class WidthFromInput(nn.Module):
+    """Twins/PVT-style: the head width is the *input* width over the heads
+    (``C // self.num_heads``), and the output is reshaped back to ``C``."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.scale = heads, (dim // heads) ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), \
+            nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        b, n, c = y.shape
+        q = self.q(y).reshape(b, n, self.num_heads, c // self.num_heads).permute(0, 2, 1, 3)
+        kv = self.kv(y).reshape(b, -1, 2, self.num_heads, c // self.num_heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return x + self.proj(out)
+
+
+def test_head_width_computed_from_the_input_width_follows_the_embedding() -> None:
+    """The heads stay; each head's width shrinks with the embedding (the same positions in every
+    head), ``self.scale`` keeps its value; with exact=True the embedding and heads stay whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), WidthFromInput(), WidthFromInput(), nn.Linear(16, 3))
+    x = torch.randn(2, 7, 5)
+    plan, small = _check(model, x)
+    assert not plan.exact  # the embedding passes LayerNorm
+    c = small[0].out_features
+    assert c < 16 and c % 2 == 0
+    for blk in (small[1], small[2]):
+        assert blk.num_heads == 2 and blk.q.out_features == c and blk.kv.out_features == 2 * c
+        assert blk.scale == (16 // 2) ** -0.5
+        keep = plan.layers["1.q"].axes["out"].keep
+        assert [i - 8 for i in keep if i >= 8] == [i for i in keep if i < 8]  # same in each head
+    small.train()
+    small(torch.randn(3, 4, 5)).pow(2).mean().backward()
+    strict = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)
+    assert "1.q" not in strict.layers or "out" not in strict.layers["1.q"].axes

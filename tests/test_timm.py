@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
-from zoo import TIMM_40, TIMM_ATTENTION, TIMM_HEADS_KEPT
+from zoo import TIMM_40, TIMM_ATTENTION, TIMM_ATTENTION_HELD, TIMM_HEADS_KEPT
 
 import surgery
 
@@ -75,7 +75,7 @@ def test_timm_spec_builds_without_downloading() -> None:
         surgery.spec.build_model("timm:resnet18", {"pretrained": True})
 
 
-ATTENTION_DEFAULT = ["deit_tiny_patch16_224", "levit_128s", "coatnet_nano_rw_224"]
+ATTENTION_DEFAULT = ["deit_tiny_patch16_224", "levit_128s", "coatnet_nano_rw_224", "botnet26t_256"]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ATTENTION_DEFAULT else
@@ -94,8 +94,12 @@ def test_timm_transformer_prunes_heads_and_mlps(name: str) -> None:
     assert_unchanged(model, before)
     assert surgery.count_params(small) < 0.8 * surgery.count_params(model)
     heads = [(k, a, b) for k, a, b in plan.attribute_changes() if k.endswith("num_heads")]
-    if name in TIMM_HEADS_KEPT:  # their heads stay (why: tests/zoo.py)
-        assert not heads
+    widths = [(k, a, b) for k, a, b in plan.attribute_changes() if (k, a, b) not in heads]
+    if name in TIMM_ATTENTION_HELD:  # attention stays whole; the reason names the line
+        assert not heads and not widths
+        assert any(".py:" in why for why, _ in graph.pin_summary(3))
+    elif name in TIMM_HEADS_KEPT:  # every head stays, each loses width (why: tests/zoo.py)
+        assert not heads and widths and all(1 <= b < a for _, a, b in widths)
     else:
         assert heads and all(1 <= b < a for _, a, b in heads)
         for k, _, b in heads:  # the rewritten attribute is what the module now holds

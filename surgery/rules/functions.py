@@ -162,9 +162,14 @@ def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
         pos = p.tdims.index(k)
         others = [j for j in range(len(p.tdims)) if j != pos]
         ctx.record_contracted(p.atoms)
-        if not others:
-            return out  # only the contracted channels: the output carries none
-        _couple_along(ctx, np.moveaxis(p.atoms, pos, -1), len(others))
+        moved = np.moveaxis(p.atoms, pos, -1)
+        if not others or all(_coupled_along(ctx, moved, j) for j in range(len(others))):
+            # only the contracted channels, or a width shared by every head (the heads stay):
+            # the output carries none, so removing them changes it unless a weight read them
+            if a.tracked and b.tracked:
+                ctx.record_cross_channel(p.atoms)
+            return out
+        _couple_along(ctx, moved, len(others))
         atoms = np.take(p.atoms, 0, axis=pos)
         return TVal(out.shape, tuple(t - (t > k) for t in p.tdims if t != k), atoms)
     return TVal(out.shape, tuple(t - (t > k) for t in p.tdims), p.atoms)
@@ -494,7 +499,10 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
     if roles is not None:
         kinds = [roles[outs[k]] for k in vary]
         for pos, kind in enumerate(kinds):
-            if isinstance(kind, tuple):  # the count of other channels: match them one for one
+            if isinstance(kind, tuple) and kind[0] == "per":
+                given = [sizes[outs[k]] if sizes else None for k in vary]
+                kinds[pos] = _per_attribute(ctx, atoms, kinds, given, pos, kind[1], kind[2])
+            elif isinstance(kind, tuple):  # the count of other channels: match them one for one
                 line = _line(atoms, pos)
                 if kind[1].shape == line.shape:
                     ctx.uf.union_arrays(kind[1], line)
@@ -539,6 +547,28 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
                 line = line[:n]
             ctx.attr_size(kinds[change], line)
     return TVal(out.shape, tuple(outs[k] for k in vary), atoms)
+
+
+def _per_attribute(ctx: RuleContext, atoms: np.ndarray, kinds: list[Any], given: list[Any],
+                   pos: int, other: np.ndarray, attr: AttrInt) -> str:
+    """``view(B, N, self.num_heads, C // self.num_heads)`` with ``C`` the width of other
+    channels ``other``: position (h, j) is ``other``'s channel h·(C/heads) + j, so the heads
+    stay and each head's width follows ``other`` (which then loses the same positions in every
+    head). Else ``other``'s count is held."""
+    outer = [p for p, g in enumerate(given[:pos]) if isinstance(g, AttrInt)
+             and g.qualname == attr.qualname]
+    if outer or int(attr) == 1:  # (one head: its axis has size 1 and carries no channels)
+        plane = atoms[tuple(slice(None) if j in (*outer[:1], pos) else 0
+                            for j in range(atoms.ndim))]
+        if plane.size == other.size:
+            ctx.uf.union_arrays(other.reshape(plane.shape), plane)
+            ctx.freeze([attr])
+            if outer:
+                kinds[outer[0]] = "fixed"
+            return "free"
+    ctx.pin(other, f"its channel count sizes a reshape {ctx.where()}")
+    ctx.freeze([attr])
+    return "fixed"
 
 
 def _line(atoms: np.ndarray, axis: int) -> np.ndarray:
