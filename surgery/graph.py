@@ -32,7 +32,7 @@ from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import switched_mode
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
-from .sizes import AttrInt, Dyn, attribute_ints, derive
+from .sizes import AttrInt, Dyn, DynFloat, attribute_ints, derive
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -167,7 +167,19 @@ def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
         operands = _ints([args, kwargs])
         derived = derive(out, *operands)
         return derived if isinstance(derived, Dyn) else Dyn(out)
+    if isinstance(out, float):
+        return derive(out, *_ints([args, kwargs]), *_floats([args, kwargs]))
     return _dyn(out)
+
+
+def _floats(v: Any) -> list[DynFloat]:
+    if isinstance(v, DynFloat):
+        return [v]
+    if isinstance(v, tuple | list):
+        return [i for x in v for i in _floats(x)]
+    if isinstance(v, dict):
+        return _floats(list(v.values()))
+    return []
 
 
 class Recorder(torch.fx.Interpreter):
@@ -527,6 +539,15 @@ class _Context:
         return rule.propagate(self, path, module, args, out)
 
     def _function(self, node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
+        if any(True for _ in _walk(out)):
+            for f in _floats([args, kwargs]):  # a scale computed from a channel count: it
+                for n, d in f.src:  # changes when they go, so the result is not exact
+                    m = self.measured(n, d)
+                    if m is not None:
+                        self.record_cross_channel(m)
+                self.freeze(f.attrs)
+        if isinstance(out, float):  # a scale computed in forward: remember what from
+            return _sized(node, args, kwargs, out)
         rule = function_rule(node.target)
         result = rule.propagate(self, args, kwargs, out) if rule is not None else NotImplemented
         # a rule may decline: treated as an op without one (no rule gives NotImplemented)

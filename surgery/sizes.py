@@ -81,16 +81,40 @@ class AttrInt(int):
         return self
 
 
+class DynFloat(float):
+    """A float computed in forward from sizes or attributes (``(C // self.num_heads) ** -0.5``):
+    when the channels it counts go, its value changes, so whatever it scales is not exact."""
+
+    src: tuple[tuple[Any, int], ...]
+    attrs: tuple[AttrInt, ...]
+
+    def __new__(cls, value: float, src: tuple[tuple[Any, int], ...] = (),
+                attrs: tuple[AttrInt, ...] = ()) -> DynFloat:
+        self = super().__new__(cls, value)
+        self.src, self.attrs = src, attrs
+        return self
+
+    def __reduce__(self) -> Any:
+        return (float, (float(self),))
+
+
 def _provenance(v: Any) -> tuple[tuple, tuple]:
     if isinstance(v, Dyn):
         return v.src, v.attrs
     if isinstance(v, AttrInt):
         return (), (v,)
+    if isinstance(v, DynFloat):
+        return v.src, v.attrs
     return (), ()
 
 
 def derive(value: Any, *operands: Any) -> Any:
-    """``value`` computed from ``operands``: a derived ``Dyn`` if any operand is a traced size."""
+    """``value`` computed from ``operands``: a derived ``Dyn`` (a ``DynFloat`` for a float) if
+    any operand is a traced size."""
+    if isinstance(value, float) and not isinstance(value, DynFloat):
+        src = tuple(s for o in operands for s in _provenance(o)[0])
+        attrs = tuple(a for o in operands for a in _provenance(o)[1])
+        return DynFloat(value, src, attrs) if src or attrs else value
     if isinstance(value, bool) or not isinstance(value, int):
         return value
     src: tuple = ()

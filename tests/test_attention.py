@@ -290,6 +290,23 @@ def test_torchvision_transformers(name: str) -> None:
     _transformer_check(model, torch.randn(1, 3, 224, 224))
 
 
+def test_torchvision_swin_head_width_follows_the_embedding() -> None:
+    """torchvision's ``shifted_window_attention`` computes the head width as ``C // num_heads``
+    from its input: every head keeps, each narrows with the embedding (the window shift, the
+    q/k/v slabs and the mask are followed), about 3/4 of the parameters go."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    plan = surgery.plan(model, x, ratio=0.5)
+    small = surgery.apply(model, plan)
+    assert surgery.verify(model, small, plan, x).passed and not plan.exact
+    attn = small.features[1][0].attn
+    width = small.features[1][0].norm1.normalized_shape[0]
+    assert attn.num_heads == 3 and width < 96 and width % 3 == 0
+    assert attn.qkv.out_features == 3 * width and attn.proj.in_features == width
+    assert surgery.count_params(small) < 0.4 * surgery.count_params(model)
+
+
 def test_timm_deit_heads() -> None:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
@@ -456,3 +473,24 @@ def test_head_width_computed_from_the_input_width_follows_the_embedding() -> Non
     small(torch.randn(3, 4, 5)).pow(2).mean().backward()
     strict = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)
     assert "1.q" not in strict.layers or "out" not in strict.layers["1.q"].axes
+
+
+def test_a_scale_computed_from_the_width_is_not_exact() -> None:
+    """``h * h.size(1) ** -0.5``: the scale changes when channels go, so the plan says it is not
+    exact (verification then checks shapes), and exact=True keeps those channels."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h * h.size(1) ** -0.5)
+
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(1, 3, 6, 6)
+    plan, small = _check(model, x)
+    assert not plan.exact and small.a.out_channels < 8
+    strict = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)
+    assert "a" not in strict.layers

@@ -56,6 +56,34 @@ _UNARY_METHODS = [
 register_function_rule(_UNARY_FUNCS + _UNARY_METHODS, _unary, name="unary")
 
 
+def _roll(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """``torch.roll``: positions move along ``dims`` only (a cyclic window shift over height and
+    width); along a channel dim (or with no dims: the flattened tensor) they reorder channels."""
+    b = bind_args(args, kwargs, ("input", "shifts", "dims"), {"dims": None})
+    x, dims = b["input"], b["dims"]
+    if not isinstance(x, TVal) or not x.tracked:
+        return out
+    dims = tuple(range(x.ndim)) if dims is None else \
+        tuple(dims) if isinstance(dims, tuple | list) else (dims,)
+    if {d % x.ndim for d in dims} & set(x.tdims):
+        return ctx.opaque([x], out, "moves positions along a channel dim")
+    return passthrough(ctx, x, out)
+
+
+register_function_rule([torch.roll, "roll"], _roll, name="roll")
+
+
+def _new_tensor(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
+                out: Any) -> Any:
+    """``x.new_zeros(size)``: only x's dtype and device pass; the sizes given must stay."""
+    ctx.hold([a for a in (*args[1:2], kwargs.get("size")) if a is not None])
+    return out
+
+
+register_function_rule(["new_zeros", "new_ones", "new_empty", "new_full"], _new_tensor,
+                       name="new_tensor")
+
+
 # --- elementwise with broadcasting ----------------------------------------------------------------
 
 def broadcast(ctx: RuleContext, operands: Sequence[Any], out: Any) -> Any:
@@ -406,6 +434,7 @@ def _getitem(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     idx = idx if isinstance(idx, tuple) else (idx,)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     mapping: dict[int, int] = {}  # input dim -> output dim
+    taken: dict[int, int] = {}  # atoms axis -> the index taken along it
     d_in = d_out = 0
     for i in idx:
         if i is Ellipsis:
@@ -425,11 +454,22 @@ def _getitem(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], ou
             d_in, d_out = d_in + 1, d_out + 1
         elif isinstance(i, int) and d_in not in obj.tdims:
             d_in += 1
+        elif isinstance(i, int) and len(obj.tdims) > 1:  # qkv[0] of (3, heads, width): the
+            taken[obj.tdims.index(d_in)] = i % obj.shape[d_in]  # 3 positions go together
+            d_in += 1
         else:
             return ctx.opaque([obj], out, "indexes the channel dim")
     for rest in range(d_in, obj.ndim):
         mapping[rest] = d_out + rest - d_in
-    return TVal(out.shape, tuple(mapping[d] for d in obj.tdims), obj.atoms)
+    atoms = obj.atoms
+    if taken:
+        if len(taken) == len(obj.tdims):
+            return ctx.opaque([obj], out, "indexes the channel dim")
+        for axis in taken:
+            _couple_along(ctx, atoms, axis)
+        atoms = atoms[tuple(taken.get(k, slice(None)) for k in range(atoms.ndim))]
+    return TVal(out.shape, tuple(mapping[d] for d in obj.tdims if d in mapping),
+                np.ascontiguousarray(atoms))
 
 
 register_function_rule([operator.getitem], _getitem, name="getitem")
@@ -733,3 +773,16 @@ def _layer_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 
 register_function_rule([F.layer_norm], _layer_norm, name="layer_norm")
+
+
+def _normalize(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """``F.normalize(x, dim=d)``: x over its norm along d. Along a channel dim every channel
+    counts in the norm, so removing one changes the rest (allowed, not exact)."""
+    b = bind_args(args, kwargs, ("input", "p", "dim"), {"p": 2.0, "dim": 1})
+    x = b["input"]
+    if isinstance(x, TVal) and x.tracked and b["dim"] % x.ndim in x.tdims:
+        ctx.record_cross_channel(x.atoms)
+    return passthrough(ctx, x, out)
+
+
+register_function_rule([F.normalize], _normalize, name="normalize")
