@@ -111,11 +111,8 @@ def _provenance(v: Any) -> tuple[tuple, tuple]:
 def derive(value: Any, *operands: Any) -> Any:
     """``value`` computed from ``operands``: a derived ``Dyn`` (a ``DynFloat`` for a float) if
     any operand is a traced size."""
-    if isinstance(value, float) and not isinstance(value, DynFloat):
-        src = tuple(s for o in operands for s in _provenance(o)[0])
-        attrs = tuple(a for o in operands for a in _provenance(o)[1])
-        return DynFloat(value, src, attrs) if src or attrs else value
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            isinstance(value, DynFloat):
         return value
     src: tuple = ()
     attrs: tuple = ()
@@ -124,6 +121,8 @@ def derive(value: Any, *operands: Any) -> Any:
         src, attrs = src + s, attrs + a
     if not src and not attrs:
         return value
+    if isinstance(value, float):
+        return DynFloat(value, src, attrs)
     return Dyn(value, src, attrs, True)
 
 
