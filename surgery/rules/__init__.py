@@ -201,6 +201,11 @@ def clone_module(module: M) -> M:
     return new
 
 
+def take_rows_cols(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``w[rows][:, cols]`` in one gather (a new tensor; several times faster on conv weights)."""
+    return w[rows[:, None], cols[None, :]]
+
+
 def set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
     """Replace a parameter or buffer (with a tensor of its own), keeping requires_grad."""
     if value is None:

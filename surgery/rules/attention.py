@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..groups import TVal
-from . import ModuleRule, clone_module, register_module_rule, set_tensor
+from . import ModuleRule, clone_module, register_module_rule, set_tensor, take_rows_cols
 from .context import RuleContext
 
 
@@ -140,11 +140,11 @@ class MultiheadAttentionRule(ModuleRule[nn.MultiheadAttention]):
         rows = torch.cat([kh, kh + e, kh + 2 * e])
         new = clone_module(m)
         new.__class__ = PrunedMultiheadAttention
-        set_tensor(new, "in_proj_weight", m.in_proj_weight.detach()[rows][:, kin])
+        set_tensor(new, "in_proj_weight", take_rows_cols(m.in_proj_weight.detach(), rows, kin))
         if m.in_proj_bias is not None:
             set_tensor(new, "in_proj_bias", m.in_proj_bias.detach()[rows])
         proj = clone_module(m.out_proj)
-        set_tensor(proj, "weight", m.out_proj.weight.detach()[kout][:, kh])
+        set_tensor(proj, "weight", take_rows_cols(m.out_proj.weight.detach(), kout, kh))
         if m.out_proj.bias is not None:
             set_tensor(proj, "bias", m.out_proj.bias.detach()[kout])
         proj.in_features, proj.out_features = len(kh), len(kout)

@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import PlanError
 from ..groups import TVal
-from . import ModuleRule, clone_module, register_module_rule, set_tensor
+from . import ModuleRule, clone_module, register_module_rule, set_tensor, take_rows_cols
 from .context import RuleContext
 from .cost import ConvCost
 
@@ -93,14 +93,15 @@ class _ConvBase(ModuleRule[_ConvNd]):
         rel_out = _same_in_every_group(kout, opg, groups) if groups > 1 else None
         if groups > 1 and rel_in is not None and rel_out is not None and \
                 (len(rel_in) < ipg or len(rel_out) < opg):  # by width: every group, fewer each
-            w = w[kin][:, rel_out] if self.transposed else w[kout][:, rel_in]
+            w = take_rows_cols(w, kin, rel_out) if self.transposed else \
+                take_rows_cols(w, kout, rel_in)
         elif groups > 1:
             groups = _kept_groups(m, kin, kout)
             w = w[kin] if self.transposed else w[kout]
         elif self.transposed:
-            w = w[kin][:, kout]
+            w = take_rows_cols(w, kin, kout)
         else:
-            w = w[kout][:, kin]
+            w = take_rows_cols(w, kout, kin)
         new = clone_module(m)
         set_tensor(new, "weight", w)
         if m.bias is not None:

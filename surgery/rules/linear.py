@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..groups import TVal
-from . import ModuleRule, clone_module, register_module_rule, set_tensor
+from . import ModuleRule, clone_module, register_module_rule, set_tensor, take_rows_cols
 from .context import RuleContext
 from .cost import LinearCost
 
@@ -36,7 +36,7 @@ class LinearRule(ModuleRule[nn.Linear]):
         kin = keep.get("in", torch.arange(m.in_features))
         kout = keep.get("out", torch.arange(m.out_features))
         new = clone_module(m)
-        set_tensor(new, "weight", m.weight.detach()[kout][:, kin])
+        set_tensor(new, "weight", take_rows_cols(m.weight.detach(), kout, kin))
         if m.bias is not None:
             set_tensor(new, "bias", m.bias.detach()[kout])
         new.in_features, new.out_features = len(kin), len(kout)
