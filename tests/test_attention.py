@@ -13,6 +13,7 @@ import warnings
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import assert_unchanged, snapshot
 from torch import nn
@@ -436,9 +437,9 @@ class WidthFromInput(nn.Module):
     """Twins/PVT-style: the head width is the *input* width over the heads
     (``C // self.num_heads``), and the output is reshaped back to ``C``."""
 
-    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+    def __init__(self, dim: int = 16, heads: int = 2, fused: bool = False) -> None:
         super().__init__()
-        self.num_heads, self.scale = heads, (dim // heads) ** -0.5
+        self.num_heads, self.scale, self.fused = heads, (dim // heads) ** -0.5, fused
         self.norm = nn.LayerNorm(dim)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), \
             nn.Linear(dim, dim)
@@ -449,6 +450,9 @@ class WidthFromInput(nn.Module):
         q = self.q(y).reshape(b, n, self.num_heads, c // self.num_heads).permute(0, 2, 1, 3)
         kv = self.kv(y).reshape(b, -1, 2, self.num_heads, c // self.num_heads)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:  # no scale given: 1/sqrt(the head width)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+            return x + self.proj(out)
         attn = (q @ k.transpose(-2, -1)) * self.scale
         out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
         return x + self.proj(out)
@@ -494,3 +498,16 @@ def test_a_scale_computed_from_the_width_is_not_exact() -> None:
     assert not plan.exact and small.a.out_channels < 8
     strict = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)
     assert "a" not in strict.layers
+
+
+def test_fused_attention_without_scale_narrows_heads_not_exactly() -> None:
+    """``scaled_dot_product_attention(q, k, v)`` scales by 1/sqrt(head width): a head that
+    narrows with the embedding changes that temperature, so the plan is not exact; heads that
+    go whole (timm's ViT) stay exact (test_exact_keeps_the_embedding_width)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), WidthFromInput(fused=True), nn.Linear(16, 3))
+    x = torch.randn(2, 7, 5)
+    plan, small = _check(model, x)
+    assert not plan.exact and small[1].num_heads == 2 and small[1].q.out_features < 16
+    strict = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)
+    assert "1.q" not in strict.layers or "out" not in strict.layers["1.q"].axes

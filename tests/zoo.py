@@ -56,15 +56,14 @@ TIMM_ATTENTION = ["botnet26t_256", "lambda_resnet26t", "efficientformerv2_s0", "
                   "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s",
                   "efficientvit_m0", "shvit_s1"]
 
-#: where their heads stay, and why (the reason names the source line): per-head convolutions
-#: (efficientvit) and single-head attention (shvit) shrink each head's width instead; the last two
-#: keep attention whole: TIMM_ATTENTION_HELD
-TIMM_HEADS_KEPT = ["efficientvit_m0", "shvit_s1", "lambda_resnet26t", "twins_pcpvt_small"]
+#: where every head stays and each narrows instead (why: the source line): per-head convolutions
+#: (efficientvit), single-head attention (shvit), a head width computed from the input width
+#: (twins: ``C // self.num_heads``, which follows the embedding)
+TIMM_HEADS_KEPT = ["efficientvit_m0", "shvit_s1", "twins_pcpvt_small", "lambda_resnet26t"]
 
 #: attention left whole: a lambda layer reshapes heads x values back to its *input* width
-#: (``reshape(B, C, H, W)``); twins computes the head width from the input width and calls
-#: ``scaled_dot_product_attention`` without ``scale`` (so the width is the softmax temperature)
-TIMM_ATTENTION_HELD = ["lambda_resnet26t", "twins_pcpvt_small"]
+#: (``reshape(B, C, H, W)``) while its keys and values are shared by every head
+TIMM_ATTENTION_HELD = ["lambda_resnet26t"]
 
 #: torchvision detectors, pruned as whole models (tests/test_detectors.py, benchmarks/)
 DETECTORS = ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large",

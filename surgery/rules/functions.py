@@ -218,7 +218,7 @@ register_function_rule([operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm
 def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     """softmax(q kᵀ · scale + mask) v: heads (batch dims) meet in q, k, v and the output; the
     width of q and k is contracted; the width of v is the output's. Without ``scale`` it is
-    1/sqrt(q's width), so q's width is kept whole within each head."""
+    1/sqrt(q's width): where that width can narrow (every head keeps) the result is not exact."""
     b = bind_args(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal",
                              "scale"), {"attn_mask": None, "scale": None})
     q, k, v, mask = b["query"], b["key"], b["value"], b["attn_mask"]
@@ -226,8 +226,9 @@ def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
         return out
     if not all(isinstance(t, TVal) for t in (q, k, v)) or q.ndim < 3 or k.ndim != q.ndim:
         return ctx.opaque([q, k, v, mask], out, "attention without batch dims")
-    if b["scale"] is None and q.tracked and q.ndim - 1 in q.tdims:
-        _couple_along(ctx, np.moveaxis(q.atoms, q.tdims.index(q.ndim - 1), 0), 0)
+    if b["scale"] is None and q.tracked and q.ndim - 1 in q.tdims and \
+            not _coupled_along(ctx, q.atoms, q.tdims.index(q.ndim - 1)):
+        ctx.record_cross_channel(q.atoms)  # 1/sqrt(width) follows a narrower head: not exact
     kt = permute(k, list(range(k.ndim - 2)) + [k.ndim - 1, k.ndim - 2],
                  TVal(k.shape[:-2] + (k.shape[-1], k.shape[-2])))
     scores = contract(ctx, q, kt, TVal(q.shape[:-1] + (k.shape[-2],)))
