@@ -19,10 +19,11 @@ modelled; their time counts as fixed.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -120,15 +121,38 @@ def find_calls(model: nn.Module, example_inputs: Inputs, graph: ChannelGraph) ->
 
 @dataclass
 class _Table:
-    """Measured ms of one call on a grid of widths; bilinear in between."""
+    """Measured ms of one call on a grid of widths; bilinear in between (clamped at the edges).
+
+    The allocator asks millions of times on models with many calls (DenseNet), so lookups are
+    plain Python on a few grid points, remembered per width pair."""
 
     ins: np.ndarray
     outs: np.ndarray
     ms: np.ndarray  # [len(ins), len(outs)]
+    _memo: dict[tuple[float, float], float] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ins = [float(v) for v in self.ins]
+        self._outs = [float(v) for v in self.outs]
+        self._rows = [[float(v) for v in r] for r in self.ms]
 
     def __call__(self, cin: float, cout: float) -> float:
-        rows = [np.interp(cout, self.outs, r) for r in self.ms]
-        return float(np.interp(cin, self.ins, rows))
+        hit = self._memo.get((cin, cout))
+        if hit is None:
+            rows = [_interp(cout, self._outs, r) for r in self._rows]
+            hit = self._memo[(cin, cout)] = _interp(cin, self._ins, rows)
+        return hit
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """``np.interp`` for one point: linear between the grid points, the end values outside."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    j = bisect.bisect_right(xs, x)
+    t = (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+    return ys[j - 1] + t * (ys[j] - ys[j - 1])
 
 
 def _grid(full: int, lowest: float) -> list[int]:

@@ -170,3 +170,18 @@ def test_costs_live_with_the_rules_and_duplicates_are_refused() -> None:
     assert cost_rule(torch.nn.Conv1d) is None  # the 2-d cost model does not claim Conv1d
     with pytest.raises(ValueError, match="Conv2d already has a cost model"):
         surgery.register_cost(ConvCost())
+
+
+def test_table_lookup_is_bilinear_and_clamped_like_numpy() -> None:
+    """The allocator's fast lookup (plain Python, remembered) gives numpy's bilinear values,
+    the edge values outside the timed grid."""
+    import numpy as np
+
+    from surgery.latency import _Table
+
+    rng = np.random.default_rng(0)
+    ins, outs = np.array([8.0, 16.0, 24.0, 32.0]), np.array([16.0, 48.0, 64.0])
+    table = _Table(ins, outs, rng.random((4, 3)))
+    for cin, cout in [(8, 16), (12, 40), (31.5, 63), (2, 100), (40, 10), (24, 48), (12, 40)]:
+        rows = [np.interp(cout, outs, r) for r in table.ms]
+        assert table(cin, cout) == pytest.approx(float(np.interp(cin, ins, rows)), rel=1e-12)
