@@ -511,3 +511,21 @@ def test_fused_attention_without_scale_narrows_heads_not_exactly() -> None:
     assert not plan.exact and small[1].num_heads == 2 and small[1].q.out_features < 16
     strict = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)
     assert "1.q" not in strict.layers or "out" not in strict.layers["1.q"].axes
+
+
+def test_heads_inferred_from_minus_one_go_whole() -> None:
+    """``view(B, N, -1, self.head_dim)``: the head count follows by itself, so whole heads go
+    (exact) and ``head_dim`` keeps its value."""
+
+    class Inferred(Heads):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q, k, v = (t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            out = (attn.softmax(-1) @ v).transpose(1, 2)
+            return self.proj(out.reshape(b, n, -1))
+
+    torch.manual_seed(0)
+    plan, small = _check(Inferred(), torch.randn(2, 5, 32))
+    assert plan.exact and small.head_dim == 8 and small.qkv.out_features == 3 * 16

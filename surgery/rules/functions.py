@@ -567,8 +567,9 @@ def reshape(ctx: RuleContext, x: Any, out: Any, roles: Sequence[Any] | None, op:
         inferred = bool(sizes) and all(
             not isinstance(sizes[outs[vary[pos]]], Dyn) and sizes[outs[vary[pos]]] == -1
             for pos in free)
-        if attrs and inferred:  # view(B, N, self.num_heads, -1): whole heads, -1 keeps its size
-            free = []
+        if attrs and inferred:  # view(B, N, self.num_heads, -1): whole heads, -1 keeps its size;
+            # view(B, N, -1, self.head_dim): whole heads again, the attribute keeps its value
+            free = free[:1] if free and free[0] < attrs[0] else []
         if len(free) > 1:  # a dim whose positions already go together (a head's width) keeps
             free = [pos for pos in free if not _coupled_along(ctx, atoms, pos)] or free[:1]
         if len(free) > 1:
