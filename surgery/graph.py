@@ -139,14 +139,21 @@ def _dyn(v: Any) -> Any:
     return type(v)(_dyn(x) for x in v)
 
 
-def _ints(v: Any) -> list[Any]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return [v]
+def _leaves(v: Any, keep: Callable[[Any], bool]) -> list[Any]:
+    """The values in nested tuples, lists and dicts for which ``keep`` holds."""
     if isinstance(v, tuple | list):
-        return [i for x in v for i in _ints(x)]
+        return [i for x in v for i in _leaves(x, keep)]
     if isinstance(v, dict):
-        return _ints(list(v.values()))
-    return []
+        return _leaves(list(v.values()), keep)
+    return [v] if keep(v) else []
+
+
+def _ints(v: Any) -> list[Any]:
+    return _leaves(v, lambda i: isinstance(i, int) and not isinstance(i, bool))
+
+
+def _floats(v: Any) -> list[DynFloat]:
+    return _leaves(v, lambda f: isinstance(f, DynFloat))
 
 
 def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
@@ -170,16 +177,6 @@ def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
     if isinstance(out, float):
         return derive(out, *_ints([args, kwargs]), *_floats([args, kwargs]))
     return _dyn(out)
-
-
-def _floats(v: Any) -> list[DynFloat]:
-    if isinstance(v, DynFloat):
-        return [v]
-    if isinstance(v, tuple | list):
-        return [i for x in v for i in _floats(x)]
-    if isinstance(v, dict):
-        return _floats(list(v.values()))
-    return []
 
 
 class Recorder(torch.fx.Interpreter):
