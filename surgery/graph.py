@@ -199,6 +199,37 @@ class Recorder(torch.fx.Interpreter):
         return result
 
 
+def _by_position(module: nn.Module, args: tuple, kwargs: dict[str, Any]
+                 ) -> tuple[list[Any], dict[str, Any]]:
+    """A layer's arguments in the order of its forward's parameters, those passed by keyword
+    included (``self.conv(input=x)``, ``self.attn(q, k, value=v)``): rules read inputs by
+    position. Skipped parameters before a given one take their defaults; keywords that only a
+    ``**kwargs`` takes are returned apart."""
+    if not kwargs:
+        return list(args), {}
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature, or the call does not fit it: as passed
+        return [*args, *kwargs.values()], {}
+    given = set(bound.arguments)
+    bound.apply_defaults()
+    ordered: list[Any] = []
+    extra: dict[str, Any] = {}
+    last = 0
+    for name, p in sig.parameters.items():
+        value = bound.arguments.get(name)
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = dict(value or {})
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+            ordered.extend(value or ())
+        else:
+            ordered.append(value)
+        if name in given and p.kind is not inspect.Parameter.VAR_KEYWORD:
+            last = len(ordered)
+    return ordered[:last], extra
+
+
 def _walk(v: Any) -> Iterable[TVal]:
     if isinstance(v, TVal):
         yield v
@@ -511,7 +542,7 @@ class _Context:
             elif node.op == "get_attr":
                 env[node] = TVal(out.shape, param=node.target) if isinstance(out, TVal) else out
             elif node.op == "call_module":
-                env[node] = self._module(model, node, list(args), out)
+                env[node] = self._module(model, node, args, kwargs, out)
             elif node.op in ("call_function", "call_method"):
                 env[node] = self._function(node, args, kwargs, out)
             elif node.op == "output":
@@ -520,9 +551,15 @@ class _Context:
                         self.pin(v.atoms, "model output")
         self.node = None
 
-    def _module(self, model: nn.Module, node: torch.fx.Node, args: list[Any], out: Any) -> Any:
+    def _module(self, model: nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict[str, Any],
+                out: Any) -> Any:
         path = str(node.target)
         module = model.get_submodule(path)
+        inputs, extra = _by_position(module, args, kwargs)
+        for v in _walk(extra):  # a tensor no parameter of forward names: it must stay whole
+            if v.tracked:
+                self.pin(v.atoms, f"passed to layer '{path}' ({type(module).__name__}) through "
+                                  f"**kwargs")
         rule = leaf_rule(module)
         if rule is None:
             has_params = any(True for _ in module.parameters())
@@ -532,8 +569,9 @@ class _Context:
                     f"rule knows how its channels pass: register one with "
                     f"surgery.register_module_rule(...) for {type(module).__name__}, or pass "
                     f"ignore=['{path}'] to keep it (and the channels around it) as it is.")
-            return self.opaque(args, _dyn(out), f"opaque layer '{path}' ({type(module).__name__})")
-        return rule.propagate(self, path, module, args, out)
+            return self.opaque(inputs, _dyn(out),
+                               f"opaque layer '{path}' ({type(module).__name__})")
+        return rule.propagate(self, path, module, inputs, out)
 
     def _function(self, node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
         if any(True for _ in _walk(out)):

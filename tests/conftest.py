@@ -41,3 +41,11 @@ def messages(stderr: str) -> list[str]:
     """A command's stderr less the plain progress lines (``... tracing``) it shows where stderr
     is not a terminal: what is left is its errors and warnings."""
     return [line for line in stderr.strip().splitlines() if not line.startswith(PREFIX)]
+
+
+def rounding(model: torch.nn.Module) -> float:
+    """The largest error a passing float32 verification of ``model`` reports: its estimated
+    float32 rounding, at least 1e-6 (see surgery.verify)."""
+    import importlib
+
+    return max(1e-6, importlib.import_module("surgery.verify").float32_rounding(model))

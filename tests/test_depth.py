@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
+from conftest import rounding
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,7 +100,7 @@ def test_bypassed_and_narrowed_model_equals_the_bypassed_original(name: str) -> 
                                  for p in plan.layers)
     small = surgery.apply(model, plan)
     report = surgery.verify(model, small, plan, x)
-    assert report.passed and report.exact_checked and report.max_rel_error < 1e-6
+    assert report.passed and report.exact_checked and report.max_rel_error <= rounding(model)
     assert report.layers_compared > 0
     for b in plan.bypasses:  # the body is gone, the block still answers to its name
         block = small.get_submodule(b.block)

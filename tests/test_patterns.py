@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, randomize_norms, snapshot
+from conftest import assert_unchanged, randomize_norms, rounding, snapshot
 from patterns import PATTERNS, Concat, Grouped, LayerScale, Shuffle, TrainOnlyAux
 from torch import nn
 
@@ -220,4 +220,4 @@ def test_in_place_variant_and_shared_module() -> None:
     for small in (surgery.apply(model, plan), surgery.apply_(copy.deepcopy(model), plan)):
         assert small.again is small.mid and small.mid.weight.shape == (8, 8, 3, 3)
         check = surgery.verify(model, small, plan, x)  # equals the zeroed original
-        assert check.passed and check.exact_checked and check.max_rel_error < 1e-6
+        assert check.passed and check.exact_checked and check.max_rel_error <= rounding(model)

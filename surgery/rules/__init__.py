@@ -108,6 +108,19 @@ class ModuleRule(Generic[M]):
     def zero_removed(self, module: M, axis: str, idx: torch.Tensor) -> None:
         """Zero the weights that read the removed input positions (the equivalence reference)."""
 
+    def input_dims(self, module: M) -> dict[str, int] | None:
+        """Where zeroing the layer's input does what :meth:`zero_removed` does: axis -> the dim
+        of the first input that holds its positions (every axis not named reads nothing). The
+        verification reference then zeroes those input positions and shares the weights instead
+        of copying and zeroing them. None (default): it copies the layer and zeroes weights."""
+        return None
+
+
+def runs_own_forward(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``module`` runs the forward of one of ``types`` unchanged (a subclass that
+    overrides ``forward`` may read its input differently)."""
+    return any(type(module).forward is t.forward for t in types)
+
 
 class FunctionRule:
     """How a function / tensor method passes channels. ``propagate`` returns the output value,

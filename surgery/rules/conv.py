@@ -21,7 +21,14 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import PlanError
 from ..groups import TVal
-from . import ModuleRule, clone_module, register_module_rule, set_tensor, take_rows_cols
+from . import (
+    ModuleRule,
+    clone_module,
+    register_module_rule,
+    runs_own_forward,
+    set_tensor,
+    take_rows_cols,
+)
 from .context import RuleContext
 from .cost import ConvCost
 
@@ -131,6 +138,10 @@ class _ConvBase(ModuleRule[_ConvNd]):
         k = x.index_select(1, gone).movedim(1, 0).flatten(1).median(1).values  # [removed]
         w = m.weight.detach().index_select(1, gone)  # [out, removed, *kernel]
         return w.flatten(2).sum(2) @ k.to(w.dtype)
+
+    def input_dims(self, m: _ConvNd) -> dict[str, int] | None:
+        # channels sit before the spatial dims, batched or not
+        return {"in": -(m.weight.dim() - 1)} if runs_own_forward(m, self.types) else None
 
     def zero_removed(self, m: _ConvNd, axis: str, idx: torch.Tensor) -> None:
         if axis != "in" or len(idx) == 0:

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from ..groups import TVal
-from . import ModuleRule, clone_module, register_module_rule, set_tensor, take_rows_cols
+from . import (
+    ModuleRule,
+    clone_module,
+    register_module_rule,
+    runs_own_forward,
+    set_tensor,
+    take_rows_cols,
+)
 from .context import RuleContext
 from .cost import LinearCost
 
@@ -51,6 +58,9 @@ class LinearRule(ModuleRule[nn.Linear]):
                                ) -> torch.Tensor:
         k = x.index_select(-1, gone).movedim(-1, 0).flatten(1).median(1).values  # [removed]
         return m.weight.detach().index_select(1, gone) @ k.to(m.weight.dtype)
+
+    def input_dims(self, m: nn.Linear) -> dict[str, int] | None:
+        return {"in": -1} if runs_own_forward(m, self.types) else None
 
     def zero_removed(self, m: nn.Linear, axis: str, idx: torch.Tensor) -> None:
         if axis == "in" and len(idx):
