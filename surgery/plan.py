@@ -315,8 +315,10 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
                   settings: dict[str, Any]) -> Plan:
     """The plan that removes the units (roots) ``gone`` of ``graph`` from every slot they touch."""
     layers: dict[str, LayerPlan] = {}
+    removed = np.zeros(len(graph.roots), dtype=bool)  # by root: one lookup per atom
+    removed[gone] = True
     for slot in graph.slots.values():
-        keep = np.flatnonzero(~np.isin(graph.roots[slot.atoms], gone))
+        keep = np.flatnonzero(~removed[graph.roots[slot.atoms]])
         if len(keep) == slot.size:
             continue
         cls = type(model.get_submodule(slot.path)).__name__ if slot.kind == "module" else "Tensor"
@@ -324,7 +326,7 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
         lp.axes[slot.axis] = AxisPlan(slot.size, tuple(keep.tolist()))
     attributes: dict[str, dict[str, AxisPlan]] = {}
     for key, atoms in graph.attrs.items():
-        keep = np.flatnonzero(~np.isin(graph.roots[atoms], gone))
+        keep = np.flatnonzero(~removed[graph.roots[atoms]])
         if len(keep) < len(atoms):
             path, _, name = key.rpartition(".")
             attributes.setdefault(path, {})[name] = AxisPlan(len(atoms), tuple(keep.tolist()))
