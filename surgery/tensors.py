@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,24 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, tuple | list):
         return [t for o in out for t in output_tensors(o)]
     return []
+
+
+def replace_tensors(out: Any, new: Iterator[torch.Tensor]) -> Any:
+    """``out`` with its tensors replaced, in :func:`output_tensors` order, by those of ``new``
+    (same containers: tuples, named tuples, lists, dicts)."""
+    if isinstance(out, torch.Tensor):
+        return next(new)
+    if isinstance(out, dict):
+        d = copy.copy(out)
+        for k, v in out.items():
+            d[k] = replace_tensors(v, new)
+        return d
+    if isinstance(out, tuple | list):
+        items = [replace_tensors(o, new) for o in out]
+        if hasattr(out, "_fields"):  # a named tuple
+            return type(out)(*items)
+        return type(out)(items) if type(out) in (tuple, list) else out.__class__(items)
+    return out
 
 
 def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from .groups import param_dim, param_reads
 from .modes import switched_mode
 from .plan import LayerPlan, Plan
 from .rules import module_rule
-from .tensors import output_tensors, rel_error
+from .tensors import output_tensors, rel_error, replace_tensors
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class VerifyReport:
     #: the model's outputs carry no signal (empty, or constant like a zero-initialised head):
     #: equality there proves nothing, so the inner outputs are what was checked
     degenerate_outputs: bool = False
+    #: each layer was compared given the reference's outputs of the layers before it (a
+    #: selection such as top-k or NMS turned float32 rounding into different choices otherwise)
+    layer_by_layer: bool = False
 
     @property
     def checked(self) -> str:
@@ -59,6 +63,8 @@ class VerifyReport:
         if not self.exact_checked:
             return "output shapes only (a cross-channel norm is on a pruned axis)"
         inner = f"{self.layers_compared} inner layer outputs"
+        if self.layer_by_layer:
+            inner += " (layer by layer, each on the reference's values before it)"
         if self.degenerate_outputs:
             return f"{inner} (the outputs are empty or constant, so they prove nothing)"
         return f"outputs and {inner}"
@@ -251,19 +257,50 @@ Inner = dict[str, list[list[torch.Tensor]]]
 
 
 def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
-         inner: Inner | None = None, in_place: bool = False) -> list[torch.Tensor]:
+         inner: Inner | None = None, in_place: bool = False, *, cloned: bool = False,
+         forced: Inner | None = None, limits: dict[str, int] | None = None
+         ) -> list[torch.Tensor]:
     """Eval-mode outputs; with ``inner``, every module's tensor outputs too, by path and call.
     ``in_place``: ``model`` is the caller's own, so its train/eval flags and buffers are put
-    back afterwards (and ``dtype`` must be None)."""
+    back afterwards (and ``dtype`` must be None). ``cloned``: record copies (as they were when
+    the layer returned, before any in-place op). ``forced``: another run's records; each layer
+    output recorded there with the same shape (its first ``limits[path]`` outputs, if limited)
+    is recorded here and then replaced by a copy of that one, so later layers run on it."""
     if dtype is not None:
         assert not in_place, "casting would modify the caller's model"
         model = model.to(dtype)
         inputs = _cast(inputs, dtype)
     hooks = []
     if inner is not None:
+        # a container's output is its last child's: one copy while unchanged (the tensor is
+        # held, so its id cannot be reused)
+        copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+        def copied(t: torch.Tensor) -> torch.Tensor:
+            seen = copies.get(id(t))
+            if seen is None or seen[1] != t._version:
+                seen = copies[id(t)] = (t, t._version, t.detach().clone())
+            return seen[2]
+
         def hook(path: str) -> Any:
             calls = inner.setdefault(path, [])
-            return lambda _m, _a, out: calls.append(output_tensors(out))
+            wanted = (forced or {}).get(path, [])
+            n = (limits or {}).get(path)
+
+            def record(_m: nn.Module, _a: Any, out: Any) -> Any:
+                got = output_tensors(out)
+                calls.append([copied(t) for t in got] if cloned else got)
+                if len(calls) > len(wanted):
+                    return None
+                new = list(got)
+                for i, (a, b) in enumerate(list(zip(got, wanted[len(calls) - 1],
+                                                    strict=False))[:n]):
+                    if a.shape == b.shape and a.dtype == b.dtype:
+                        new[i] = b.clone()
+                changed = any(a is not b for a, b in zip(new, got, strict=True))
+                return replace_tensors(out, iter(new)) if changed else None
+
+            return record
 
         for path, m in model.named_modules():
             hooks.append(m.register_forward_hook(hook(path)))
@@ -365,6 +402,15 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
         report = _report(want, got, inner_want, inner_got, plan, original, tol, None)
         if own == {torch.float64} or report.passed or not report.message.startswith(_VALUES):
             return _raised(report, raise_on_failure)
+        if plan.exact:  # rounding may have flipped a selection (top-k, NMS): layer by layer
+            inner_want, inner_got = {}, {}
+            want = _reference_run(original, plan, inputs, None, inner_want, share=True,
+                                  cloned=True)
+            got = _run(pruned, inputs, None, inner_got, in_place=True, forced=inner_want,
+                       limits=_limits(original))
+            forced = _report(want, got, inner_want, inner_got, plan, original, tol, None)
+            if forced.passed:
+                return dataclasses.replace(forced, layer_by_layer=True)
         small = copy.deepcopy(pruned)  # above rounding in float32: float64 decides
     dtype: torch.dtype | None = torch.float64
     inner_want, inner_got = {}, {}
@@ -393,12 +439,13 @@ def float32_rounding(model: nn.Module) -> float:
 
 
 def _reference_run(original: nn.Module, plan: Plan, inputs: tuple, dtype: torch.dtype | None,
-                   inner: Inner | None, share: bool = False) -> list[torch.Tensor]:
+                   inner: Inner | None, share: bool = False, cloned: bool = False
+                   ) -> list[torch.Tensor]:
     """The zeroed reference's outputs: inputs zeroed where the rules allow, weights elsewhere
     (and everywhere if a masked layer was called without its input as a tensor argument)."""
     ref = zeroed_reference(original, plan, share_tensors=share)
     try:
-        out = _run(ref, inputs, dtype, inner)
+        out = _run(ref, inputs, dtype, inner, cloned=cloned)
     except Exception:
         if not _masking_failed(ref):
             raise
@@ -408,7 +455,14 @@ def _reference_run(original: nn.Module, plan: Plan, inputs: tuple, dtype: torch.
     if inner is not None:
         inner.clear()
     return _run(zeroed_reference(original, plan, share_tensors=share, mask_inputs=False),
-                inputs, dtype, inner)
+                inputs, dtype, inner, cloned=cloned)
+
+
+def _limits(original: nn.Module) -> dict[str, int]:
+    """Layers whose rule compares only their first outputs: path -> how many."""
+    return {path: rule.compared_outputs for path, m in original.named_modules()
+            for rule in (module_rule(m),)
+            if rule is not None and rule.compared_outputs is not None}
 
 
 #: failures that a more precise pass could overturn (values, not shapes or missing signal)
@@ -437,10 +491,7 @@ def _report(want: list[torch.Tensor], got: list[torch.Tensor], inner_want: Inner
     elif plan.exact:
         for a, b in zip(got, want, strict=True):
             err = max(err, rel_error(a, b))
-        limits = {path: rule.compared_outputs for path, m in original.named_modules()
-                  for rule in (module_rule(m),)
-                  if rule is not None and rule.compared_outputs is not None}
-        layers, inner_err, where = _compare_inner(inner_want, inner_got, rtol, limits)
+        layers, inner_err, where = _compare_inner(inner_want, inner_got, rtol, _limits(original))
         if not err <= rtol:
             message = (f"pruned outputs differ from the zeroed original: max relative error "
                        f"{err:.3g} > {rtol:g}")

@@ -200,3 +200,64 @@ def test_reference_zeroes_inputs_instead_of_copying_weights() -> None:
     assert not torch.allclose(got, original, rtol=1e-3, atol=1e-3)  # the zeroing mattered
     assert surgery.verify(model, surgery.apply(model, plan), plan, x).passed
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+class _Selects(torch.nn.Module):
+    """A forward that chooses on a value (like top-k or NMS): a change of rounding size in ``h``
+    flips the choice and doubles the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3)
+        self.c2 = torch.nn.Conv2d(16, 16, 3)
+        self.fc = torch.nn.Linear(16, 4)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(self.c1(x).relu())
+        chosen = 1.0 + (h.sum() > self.threshold).float()
+        return self.fc(h.mean((2, 3))) * chosen
+
+
+def test_a_selection_flipped_by_rounding_is_checked_layer_by_layer() -> None:
+    """When float32 rounding flips a choice (the threshold sits exactly on the reference's value
+    and the pruned model's is a rounding above it), the outputs differ; verify then compares each
+    layer given the reference's outputs of the layers before it, which passes in float32 and
+    says so. A wrong prune still fails."""
+    from surgery.verify import zeroed_reference
+
+    torch.manual_seed(0)
+    model = _Selects().eval()
+    x = torch.randn(1, 3, 12, 12)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert "c2" in plan.layers and plan.exact
+    ref = zeroed_reference(model, plan)
+    with torch.no_grad():
+        h = ref.c2(ref.c1(x).relu())
+    small = surgery.apply(model, plan)
+    with torch.no_grad():
+        model.threshold.fill_(h.sum().item())
+        small.threshold.fill_(h.sum().item())
+        small.c2.bias += 1e-7 * h.abs().max()  # a rounding-sized change, upward
+        assert not torch.allclose(small(x), model(x), rtol=0.1)  # the choice flipped
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.dtype == "torch.float32" and report.layer_by_layer
+    assert 0 < report.max_rel_error <= 1e-6 and "layer by layer" in report.checked
+    bad = _tamper(plan, "c1", "out")
+    report = surgery.verify(model, surgery.apply(model, bad), bad, x, raise_on_failure=False)
+    assert not report.passed and report.max_rel_error > 1e-3
+
+
+def test_replace_tensors_keeps_the_containers() -> None:
+    """Layer outputs are replaced in place of the pruned model's own, whatever holds them."""
+    import collections
+
+    from surgery.tensors import output_tensors, replace_tensors
+
+    pair = collections.namedtuple("pair", "a b")
+    out = {"x": pair(torch.zeros(1), [torch.ones(2), 3]), "y": (torch.ones(3),)}
+    new = [torch.full((1,), 7.0), torch.full((2,), 8.0), torch.full((3,), 9.0)]
+    got = replace_tensors(out, iter(new))
+    assert isinstance(got["x"], pair) and got["x"].b[1] == 3 and isinstance(got["y"], tuple)
+    assert all(a is b for a, b in zip(output_tensors(got), new, strict=True))
+    assert out["x"].a.item() == 0  # the original structure is not modified
