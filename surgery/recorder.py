@@ -221,14 +221,15 @@ class Recorder:
         elif path is not None and self.leaf(module, path):
             self.pending.append((path, self._node_for(args)))
 
-    def _post(self, module: nn.Module, args: tuple, out: Any) -> None:
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
         if id(module) in self.paths and self.stack:
             self.stack.pop()
         if not self.pending:
             return
         entry = self.pending.pop()
-        if entry is not None:
-            node = self._add("call_module", entry[0], tuple(entry[1]), {}, out)
+        if entry is not None:  # keyword inputs (``self.mha(q, k, v, attn_mask=m)``) too
+            node = self._add("call_module", entry[0], tuple(entry[1]), self._node_for(kwargs),
+                             out)
             self._bind_outputs(node, out)
             self._mark_data(out)
 
@@ -240,7 +241,7 @@ class Recorder:
             self._mark_data(x)
             placeholders.append(node)
         pre = nn.modules.module.register_module_forward_pre_hook(self._pre)
-        post = nn.modules.module.register_module_forward_hook(self._post)
+        post = nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True)
         try:
             with torch.no_grad(), _Mode(self):
                 out = self.model(*inputs)

@@ -5,12 +5,15 @@ The reference is a copy of the original with exactly those weights zeroed. Where
 passes a cross-channel normalisation (LayerNorm over C), equivalence is not defined and only shapes
 are checked.
 
-One pass in the model's own precision decides when it can: a float32 model and its reference run
-once each (the pruned model in place; the reference shares the original's tensors, and where a
-layer's rule allows it zeroes the removed channels on the way into the layer instead of copying
-and zeroing its weights), and the result passes when every compared output is within the model's
-float32 rounding (:func:`float32_rounding`, at least 1e-6). Anything above is never failed on
-float32 evidence: both are run again in float64 (fresh copies), which decides at 1e-6, so a real
+One pass in the model's own precision decides when it can. The reference runs first, sharing
+the original's tensors (where a layer's rule allows it, it zeroes the removed channels on the way
+into the layer instead of copying and zeroing its weights), and keeps a copy of every layer
+output. The pruned model then runs in place, layer by layer against those copies: each layer's
+output is compared as it returns and its successors get the reference's, so a difference stays
+where it arose and float32 rounding cannot flip a later top-k or NMS choice (a detector's
+proposals). The pass succeeds when every compared output is within the model's float32 rounding
+(:func:`float32_rounding`, at least 1e-6). Anything above is never failed on float32 evidence:
+both are run again in float64 (fresh copies, end to end), which decides at 1e-6, so a real
 mismatch cannot hide in float32 rounding and rounding cannot fail a correct prune; it only costs
 the second pass.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +55,8 @@ class VerifyReport:
     #: the model's outputs carry no signal (empty, or constant like a zero-initialised head):
     #: equality there proves nothing, so the inner outputs are what was checked
     degenerate_outputs: bool = False
-    #: each layer was compared given the reference's outputs of the layers before it (a
-    #: selection such as top-k or NMS turned float32 rounding into different choices otherwise)
+    #: each layer was compared given the reference's outputs of the layers before it, so float32
+    #: rounding could not flip a later selection such as top-k or NMS (the float32 pass)
     layer_by_layer: bool = False
 
     @property
@@ -256,52 +258,71 @@ def _cast(v: Any, dtype: torch.dtype) -> Any:
 Inner = dict[str, list[list[torch.Tensor]]]
 
 
+class _Forced:
+    """Compares each layer output of a run with the reference's record of the same call as the
+    layer returns it, then hands the layer's successors the reference's output instead, so a
+    difference stays where it arose (float32 rounding cannot flip a later top-k or NMS choice).
+    Only a layer's first ``limits[path]`` outputs are compared and replaced, if limited."""
+
+    def __init__(self, want: Inner, limits: dict[str, int]) -> None:
+        self.want, self.limits = want, limits
+        self.count, self.worst, self.where = 0, 0.0, ""
+
+    def __call__(self, path: str, call: int, out: Any) -> Any:
+        calls = self.want.get(path, [])
+        if call >= len(calls):
+            return None
+        got = output_tensors(out)
+        new = list(got)
+        for i, (a, b) in enumerate(list(zip(got, calls[call], strict=False))[
+                :self.limits.get(path)]):
+            if a.shape == b.shape and a.dtype == b.dtype:
+                err = rel_error(a, b)
+                self.count += 1
+                if err > self.worst:
+                    self.worst, self.where = err, f"'{path or '<root>'}' (call {call})"
+                new[i] = b  # a copy made for this run: later in-place ops may change it
+        return replace_tensors(out, iter(new)) if any(
+            a is not b for a, b in zip(new, got, strict=True)) else None
+
+
 def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
          inner: Inner | None = None, in_place: bool = False, *, cloned: bool = False,
-         forced: Inner | None = None, limits: dict[str, int] | None = None
-         ) -> list[torch.Tensor]:
+         forced: _Forced | None = None) -> list[torch.Tensor]:
     """Eval-mode outputs; with ``inner``, every module's tensor outputs too, by path and call.
     ``in_place``: ``model`` is the caller's own, so its train/eval flags and buffers are put
     back afterwards (and ``dtype`` must be None). ``cloned``: record copies (as they were when
-    the layer returned, before any in-place op). ``forced``: another run's records; each layer
-    output recorded there with the same shape (its first ``limits[path]`` outputs, if limited)
-    is recorded here and then replaced by a copy of that one, so later layers run on it."""
+    the layer returned, before any in-place op). ``forced``: compare each layer output with
+    another run's copies and continue on those (see :class:`_Forced`)."""
     if dtype is not None:
         assert not in_place, "casting would modify the caller's model"
         model = model.to(dtype)
         inputs = _cast(inputs, dtype)
     hooks = []
-    if inner is not None:
-        # a container's output is its last child's: one copy while unchanged (the tensor is
-        # held, so its id cannot be reused)
-        copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+    # a container's output is its last child's: one copy while unchanged (the tensor is held,
+    # so its id cannot be reused)
+    copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
-        def copied(t: torch.Tensor) -> torch.Tensor:
-            seen = copies.get(id(t))
-            if seen is None or seen[1] != t._version:
-                seen = copies[id(t)] = (t, t._version, t.detach().clone())
-            return seen[2]
+    def copied(t: torch.Tensor) -> torch.Tensor:
+        seen = copies.get(id(t))
+        if seen is None or seen[1] != t._version:
+            seen = copies[id(t)] = (t, t._version, t.detach().clone())
+        return seen[2]
 
-        def hook(path: str) -> Any:
-            calls = inner.setdefault(path, [])
-            wanted = (forced or {}).get(path, [])
-            n = (limits or {}).get(path)
+    def hook(path: str) -> Any:
+        calls = inner.setdefault(path, []) if inner is not None else []
+        count = [0]
 
-            def record(_m: nn.Module, _a: Any, out: Any) -> Any:
+        def record(_m: nn.Module, _a: Any, out: Any) -> Any:
+            if inner is not None:
                 got = output_tensors(out)
                 calls.append([copied(t) for t in got] if cloned else got)
-                if len(calls) > len(wanted):
-                    return None
-                new = list(got)
-                for i, (a, b) in enumerate(list(zip(got, wanted[len(calls) - 1],
-                                                    strict=False))[:n]):
-                    if a.shape == b.shape and a.dtype == b.dtype:
-                        new[i] = b.clone()
-                changed = any(a is not b for a, b in zip(new, got, strict=True))
-                return replace_tensors(out, iter(new)) if changed else None
+            count[0] += 1
+            return forced(path, count[0] - 1, out) if forced is not None else None
 
-            return record
+        return record
 
+    if inner is not None or forced is not None:
         for path, m in model.named_modules():
             hooks.append(m.register_forward_hook(hook(path)))
     buffers = [(b, b.clone()) for b in model.buffers()] if in_place else []
@@ -368,52 +389,40 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
     the features entering a zero-initialised classifier, are checked even when the outputs are
     empty or constant; ``report.checked`` says what was compared).
 
-    ``rtol``: the largest relative error accepted. Default: 1e-6, and for the one float32 pass
-    the model's own float32 rounding where that is larger (:func:`float32_rounding`); anything
-    above goes to float64, which decides at 1e-6. A given ``rtol`` applies to both passes.
+    ``rtol``: the largest relative error accepted. Default: 1e-6, and for the float32 pass
+    (layer by layer: ``report.layer_by_layer``) the model's own float32 rounding where that is
+    larger (:func:`float32_rounding`); anything above goes to float64, which decides at 1e-6. A
+    given ``rtol`` applies to both passes.
 
     Example:
         >>> report = surgery.verify(model, small, plan, x)
         >>> report.max_rel_error
     """
     inputs = as_tuple(example_inputs)
-    # one pass in the model's own float32 (or float64): the pruned model in place, the reference
-    # sharing the tensors the plan leaves alone; float64 copies only where that pass is not enough
+    # one pass in the model's own float32 (or float64): the reference (sharing the original's
+    # tensors) records its layer outputs, then the pruned model runs in place, layer by layer
+    # against them; float64 copies only where that pass is not enough
     own = _float_dtypes(original, pruned)
     one_pass = own <= {torch.float32} or own == {torch.float64}
-    small = pruned if one_pass else copy.deepcopy(pruned)
-    inner_got: Inner = {}
-    try:
-        got = _run(small, inputs, None, inner_got if plan.exact and one_pass else None,
-                   in_place=one_pass)
-    except Exception as e:
-        where = locate_failure(copy.deepcopy(pruned), inputs)
-        raise VerificationError(
-            f"the pruned model no longer runs: {type(e).__name__}: {e}. {where}. The forward "
-            "probably hard-codes a channel count the surgery changed; compute it from x.size() "
-            "or keep that layer with ignore=[...]. The original model is unchanged.") from e
-    inner_want: Inner = {}
     strict = 1e-6 if rtol is None else rtol
+    inner_want: Inner = {}
     if one_pass:
         want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None,
-                              share=True)
+                              share=True, cloned=True)
+        forced = _Forced(inner_want, _limits(original)) if plan.exact else None
+        got = _pruned_run(pruned, inputs, None, None, in_place=True, forced=forced)
         tol = strict if rtol is not None or own == {torch.float64} else \
             max(strict, float32_rounding(original))
-        report = _report(want, got, inner_want, inner_got, plan, original, tol, None)
+        compared = (forced.count, forced.worst, forced.where) if forced else (0, 0.0, "")
+        report = _report(want, got, compared, plan, tol, None, layer_by_layer=forced is not None)
         if own == {torch.float64} or report.passed or not report.message.startswith(_VALUES):
             return _raised(report, raise_on_failure)
-        if plan.exact:  # rounding may have flipped a selection (top-k, NMS): layer by layer
-            inner_want, inner_got = {}, {}
-            want = _reference_run(original, plan, inputs, None, inner_want, share=True,
-                                  cloned=True)
-            got = _run(pruned, inputs, None, inner_got, in_place=True, forced=inner_want,
-                       limits=_limits(original))
-            forced = _report(want, got, inner_want, inner_got, plan, original, tol, None)
-            if forced.passed:
-                return dataclasses.replace(forced, layer_by_layer=True)
-        small = copy.deepcopy(pruned)  # above rounding in float32: float64 decides
+    else:
+        _pruned_run(copy.deepcopy(pruned), inputs, None, None)  # it runs at all
+    small = copy.deepcopy(pruned)  # above rounding in float32: float64 decides
     dtype: torch.dtype | None = torch.float64
-    inner_want, inner_got = {}, {}
+    inner_want = {}
+    inner_got: Inner = {}
     try:
         want = _reference_run(original, plan, inputs, dtype, inner_want if plan.exact else None)
         got = _run(small, inputs, dtype, inner_got if plan.exact else None)
@@ -424,8 +433,22 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
         want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None)
         got = _run(small, inputs, None, inner_got if plan.exact else None)
         strict = max(strict, 1e-4)
-    return _raised(_report(want, got, inner_want, inner_got, plan, original, strict, dtype),
-                   raise_on_failure)
+    compared = _compare_inner(inner_want, inner_got, strict, _limits(original))
+    return _raised(_report(want, got, compared, plan, strict, dtype), raise_on_failure)
+
+
+def _pruned_run(pruned: nn.Module, inputs: tuple, dtype: torch.dtype | None,
+                inner: Inner | None, in_place: bool = False, forced: _Forced | None = None
+                ) -> list[torch.Tensor]:
+    """The pruned model's outputs, or an error that says where it no longer runs."""
+    try:
+        return _run(pruned, inputs, dtype, inner, in_place, forced=forced)
+    except Exception as e:
+        where = locate_failure(copy.deepcopy(pruned), inputs)
+        raise VerificationError(
+            f"the pruned model no longer runs: {type(e).__name__}: {e}. {where}. The forward "
+            "probably hard-codes a channel count the surgery changed; compute it from x.size() "
+            "or keep that layer with ignore=[...]. The original model is unchanged.") from e
 
 
 def float32_rounding(model: nn.Module) -> float:
@@ -476,10 +499,11 @@ def _raised(report: VerifyReport, raise_on_failure: bool) -> VerifyReport:
     return report
 
 
-def _report(want: list[torch.Tensor], got: list[torch.Tensor], inner_want: Inner,
-            inner_got: Inner, plan: Plan, original: nn.Module, rtol: float,
-            dtype: torch.dtype | None) -> VerifyReport:
-    """Compare the reference's outputs (``want``) with the pruned model's (``got``)."""
+def _report(want: list[torch.Tensor], got: list[torch.Tensor], compared: tuple[int, float, str],
+            plan: Plan, rtol: float, dtype: torch.dtype | None, layer_by_layer: bool = False
+            ) -> VerifyReport:
+    """Compare the reference's outputs (``want``) with the pruned model's (``got``), given the
+    inner layer comparison (count, worst error, where)."""
     shapes = tuple(tuple(t.shape) for t in got)
     message = ""
     err = 0.0
@@ -491,7 +515,7 @@ def _report(want: list[torch.Tensor], got: list[torch.Tensor], inner_want: Inner
     elif plan.exact:
         for a, b in zip(got, want, strict=True):
             err = max(err, rel_error(a, b))
-        layers, inner_err, where = _compare_inner(inner_want, inner_got, rtol, _limits(original))
+        layers, inner_err, where = compared
         if not err <= rtol:
             message = (f"pruned outputs differ from the zeroed original: max relative error "
                        f"{err:.3g} > {rtol:g}")
@@ -503,4 +527,5 @@ def _report(want: list[torch.Tensor], got: list[torch.Tensor], inner_want: Inner
                        "layer output could be compared: give example inputs that produce output")
         err = max(err, inner_err)
     return VerifyReport(not message, plan.exact, err, shapes,
-                        str(dtype or got[0].dtype if got else ""), message, layers, degenerate)
+                        str(dtype or got[0].dtype if got else ""), message, layers, degenerate,
+                        layer_by_layer and plan.exact)

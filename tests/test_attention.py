@@ -567,3 +567,36 @@ def test_layers_called_with_keyword_arguments() -> None:
     assert small.a.out_features == small.b.out_features == 16  # into the kept layer: whole
     graph = surgery.trace(model, x, ignore=["mix"])
     assert "through **kwargs" in graph.explain("b")
+
+
+@pytest.mark.parametrize("tracer", ["fx", "run"])
+def test_multihead_attention_with_a_mask_per_head_keeps_its_heads(tracer: str) -> None:
+    """A 3-D attn_mask holds one mask per head (batch * num_heads of them): the heads stay, the
+    model verifies, and explain says why; a buffer (symbolic trace) or made in forward from the
+    input's shape (which torch.fx cannot trace: the forward is run)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 32)
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.out = nn.Linear(32, 3)
+            self.register_buffer("mask", torch.zeros(2 * 4, 5, 5))
+            self.mask[::2, :, -1] = float("-inf")  # every other head ignores the last position
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            mask = self.mask
+            if tracer == "run":
+                mask = torch.zeros(x.shape[0] * 4, x.shape[1], x.shape[1])
+                mask[::2, :, -1] = float("-inf")
+            y, _ = self.mha(h, h, h, attn_mask=mask, need_weights=False)
+            return self.out(y)
+
+    model = Net()
+    x = torch.randn(2, 5, 8)
+    plan, small = _check(model, x)
+    assert small.mha.num_heads == 4
+    graph = surgery.trace(model, x)
+    assert graph.tracer == tracer and "one attention mask per head" in graph.explain("mha")

@@ -119,6 +119,10 @@ class MultiheadAttentionRule(ModuleRule[nn.MultiheadAttention]):
         for j in range(1, m.head_dim):  # a head goes as a whole: its width (and scale) stays
             ctx.uf.union_arrays(heads.reshape(m.num_heads, m.head_dim)[:, 0],
                                 heads.reshape(m.num_heads, m.head_dim)[:, j])
+        mask = inputs[5] if len(inputs) > 5 else None  # forward's attn_mask
+        if isinstance(mask, TVal) and len(mask.shape) == 3:  # [batch * num_heads, L, S]
+            ctx.pin(heads, f"'{path}' is given one attention mask per head (attn_mask of shape "
+                           f"{tuple(mask.shape)}) {ctx.where()}")
         weights = isinstance(out, tuple | list) and len(out) > 1 and out[1] is not None
         if weights and ctx.output_used(1):
             ctx.pin(heads, f"the attention weights of '{path}', averaged over its heads, are used "
