@@ -417,9 +417,10 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
         report = _report(want, got, compared, plan, tol, None, layer_by_layer=forced is not None)
         if own == {torch.float64} or report.passed or not report.message.startswith(_VALUES):
             return _raised(report, raise_on_failure)
+        small = copy.deepcopy(pruned)  # above rounding in float32: float64 decides
     else:
-        _pruned_run(copy.deepcopy(pruned), inputs, None, None)  # it runs at all
-    small = copy.deepcopy(pruned)  # above rounding in float32: float64 decides
+        small = copy.deepcopy(pruned)
+        _pruned_run(small, inputs, None, None)  # it runs at all (in its own dtypes)
     dtype: torch.dtype | None = torch.float64
     inner_want = {}
     inner_got: Inner = {}
