@@ -36,7 +36,7 @@ def replace_tensors(out: Any, new: Iterator[torch.Tensor]) -> Any:
         items = [replace_tensors(o, new) for o in out]
         if hasattr(out, "_fields"):  # a named tuple
             return type(out)(*items)
-        return type(out)(items) if type(out) in (tuple, list) else out.__class__(items)
+        return type(out)(items)
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,15 +259,39 @@ def _cast(v: Any, dtype: torch.dtype) -> Any:
 Inner = dict[str, list[list[torch.Tensor]]]
 
 
-class _Forced:
+class _Tally:
+    """Inner layer comparisons: how many, the largest relative error and where it was."""
+
+    def __init__(self) -> None:
+        self.count, self.worst, self.where = 0, 0.0, ""
+
+    def pairs(self, path: str, got: list[torch.Tensor], want: list[torch.Tensor],
+              limits: dict[str, int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(index, got, want) of a call's comparable outputs (same shape and dtype; only the
+        first ``limits[path]`` where the layer's rule limits them)."""
+        for i, (a, b) in enumerate(list(zip(got, want, strict=False))[:limits.get(path)]):
+            if a.shape == b.shape and a.dtype == b.dtype:
+                yield i, a, b
+
+    def add(self, path: str, call: int, got: torch.Tensor, want: torch.Tensor) -> None:
+        err = rel_error(got, want)
+        self.count += 1
+        if err > self.worst:
+            self.worst, self.where = err, f"'{path or '<root>'}' (call {call})"
+
+    def result(self) -> tuple[int, float, str]:
+        return self.count, self.worst, self.where
+
+
+class _Forced(_Tally):
     """Compares each layer output of a run with the reference's record of the same call as the
     layer returns it, then hands the layer's successors the reference's output instead, so a
     difference stays where it arose (float32 rounding cannot flip a later top-k or NMS choice).
     Only a layer's first ``limits[path]`` outputs are compared and replaced, if limited."""
 
     def __init__(self, want: Inner, limits: dict[str, int]) -> None:
+        super().__init__()
         self.want, self.limits = want, limits
-        self.count, self.worst, self.where = 0, 0.0, ""
 
     def __call__(self, path: str, call: int, out: Any) -> Any:
         calls = self.want.get(path, [])
@@ -274,14 +299,9 @@ class _Forced:
             return None
         got = output_tensors(out)
         new = list(got)
-        for i, (a, b) in enumerate(list(zip(got, calls[call], strict=False))[
-                :self.limits.get(path)]):
-            if a.shape == b.shape and a.dtype == b.dtype:
-                err = rel_error(a, b)
-                self.count += 1
-                if err > self.worst:
-                    self.worst, self.where = err, f"'{path or '<root>'}' (call {call})"
-                new[i] = b  # a copy made for this run: later in-place ops may change it
+        for i, a, b in self.pairs(path, got, calls[call], self.limits):
+            self.add(path, call, a, b)
+            new[i] = b  # a copy made for this run: later in-place ops may change it
         return replace_tensors(out, iter(new)) if any(
             a is not b for a, b in zip(new, got, strict=True)) else None
 
@@ -349,23 +369,15 @@ def _has_signal(outputs: list[torch.Tensor]) -> bool:
                for t in outputs)
 
 
-def _compare_inner(want: Inner, got: Inner, rtol: float,
-                   limits: dict[str, int] | None = None) -> tuple[int, float, str]:
+def _compare_inner(want: Inner, got: Inner, limits: dict[str, int]) -> tuple[int, float, str]:
     """Compare every module output whose shape survived pruning; (count, max error, worst).
     ``limits``: layers whose rule compares only their first outputs."""
-    count, worst, where = 0, 0.0, ""
-    limits = limits or {}
+    tally = _Tally()
     for path, calls in want.items():
         for i, (a_list, b_list) in enumerate(zip(calls, got.get(path, []), strict=False)):
-            n = limits.get(path)
-            for a, b in list(zip(a_list, b_list, strict=False))[:n]:
-                if a.shape != b.shape or a.dtype != b.dtype:
-                    continue
-                err = rel_error(b, a)
-                count += 1
-                if err > worst:
-                    worst, where = err, f"'{path or '<root>'}' (call {i})"
-    return count, worst, where
+            for _, a, b in tally.pairs(path, a_list, b_list, limits):
+                tally.add(path, i, b, a)
+    return tally.result()
 
 
 def locate_failure(model: nn.Module, inputs: tuple) -> str:
@@ -413,7 +425,7 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
         got = _pruned_run(pruned, inputs, None, None, in_place=True, forced=forced)
         tol = strict if rtol is not None or own == {torch.float64} else \
             max(strict, float32_rounding(original))
-        compared = (forced.count, forced.worst, forced.where) if forced else (0, 0.0, "")
+        compared = forced.result() if forced else (0, 0.0, "")
         report = _report(want, got, compared, plan, tol, None, layer_by_layer=forced is not None)
         if own == {torch.float64} or report.passed or not report.message.startswith(_VALUES):
             return _raised(report, raise_on_failure)
@@ -434,7 +446,7 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
         want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None)
         got = _run(small, inputs, None, inner_got if plan.exact else None)
         strict = max(strict, 1e-4)
-    compared = _compare_inner(inner_want, inner_got, strict, _limits(original))
+    compared = _compare_inner(inner_want, inner_got, _limits(original))
     return _raised(_report(want, got, compared, plan, strict, dtype), raise_on_failure)
 
 
