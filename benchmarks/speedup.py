@@ -155,6 +155,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--no-latency", action="store_true", help="skip the latency-aware plans")
+    ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="time each laid-out plan against the uniform one and keep the faster "
+                    "(RuntimeAware's default)")
     ap.add_argument("--runtimes", nargs="*", default=list(RUNTIMES))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "speedup.json"))
@@ -204,15 +207,25 @@ def main() -> int:
             for rt in args.runtimes:
                 variants = dict(models)
                 if rt in timings:
+                    # as surgery.RuntimeAware plans by default: the laid-out plan is timed
+                    # against the uniform one on the runtime (batch 1) and the faster kept
                     fast = surgery.latency_plan(model, x, ratio=ratio, round_to=args.round_to,
-                                                graph=graph, latency=timings[rt])
+                                                graph=graph, latency=timings[rt],
+                                                compare=args.compare)
                     variants["surgery-latency"] = surgery.apply(model, fast)
                     deep = surgery.latency_plan(model, x, ratio=ratio, round_to=args.round_to,
-                                                graph=graph, latency=timings[rt], depth=True)
+                                                graph=graph, latency=timings[rt], depth=True,
+                                                compare=args.compare)
                     variants["surgery-depth"] = surgery.apply(model, deep)
                     surgery.verify(model, variants["surgery-depth"], deep, x)
                     print(f"{name}@{ratio} {rt}: depth plan bypasses "
                           f"{[b.block for b in deep.bypasses]}", flush=True)
+                    for label, p in (("latency", fast), ("depth", deep)):
+                        if "compared" in p.settings:
+                            c = p.settings["compared"]
+                            print(f"{name}@{ratio} {rt}: {label} plan {c['laid_out_ms']:.2f} ms "
+                                  f"vs uniform {c['uniform_ms']:.2f} ms: kept {c['kept']}",
+                                  flush=True)
                 rep = surgery.bench(variants, (3, size, size), runtimes=(rt,), batches=args.batches,
                                     threads=args.threads, rounds=args.rounds, min_round_ms=20)
                 env = {**rep.env, "runtimes": ",".join(args.runtimes)}

@@ -107,7 +107,7 @@ def plan(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = 
                             threads=cfg.threads, criterion=cfg.criterion, round_to=cfg.round_to,
                             ignore=cfg.ignore, seed=cfg.seed, budget=cfg.budget,
                             max_ratio=cfg.max_ratio, graph=graph, exact=cfg.exact,
-                            depth=cfg.depth)
+                            depth=cfg.depth, compare=cfg.compare)
     if isinstance(cfg, MacBudget):
         return plan_for_macs(model, example_inputs, cfg, graph=graph)
     assert isinstance(cfg, Uniform)

@@ -124,7 +124,9 @@ class MacBudget(PruneConfig):
 class RuntimeAware(PruneConfig):
     """Remove as many MACs as the uniform ``ratio`` would, from the layers where ``runtime``
     (timed here with ``threads`` threads) saves the most time; ``budget="latency"`` stops at
-    the uniform plan's estimated time instead."""
+    the uniform plan's estimated time instead. With ``compare`` (default) the result is timed
+    whole against the uniform plan on the runtime and the uniform plan is returned where it
+    measures faster (``plan.settings["compared"]``)."""
 
     ratio: float
     runtime: str = "ort"
@@ -133,6 +135,9 @@ class RuntimeAware(PruneConfig):
     max_ratio: float | None = None
     #: also bypass whole residual bodies and gates where that saves more time (depth pruning)
     depth: bool = False
+    #: time the laid-out plan's and the uniform plan's whole models on the runtime and keep
+    #: the faster (the per-layer timings miss fusions and memory traffic between layers)
+    compare: bool = True
     kind: ClassVar[str] = "RuntimeAware"
 
     def __post_init__(self) -> None:
@@ -141,6 +146,8 @@ class RuntimeAware(PruneConfig):
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) \
                 or self.threads < 1:
             raise ConfigError(f"threads must be a positive int but received {self.threads!r}")
+        if not isinstance(self.compare, bool):
+            raise ConfigError(f"compare must be True or False but received {self.compare!r}")
         if self.overrides:
             raise ConfigError("overrides work with Uniform and MacBudget; RuntimeAware chooses "
                               "every group's width itself (use ignore= to keep layers whole)")

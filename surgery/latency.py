@@ -262,7 +262,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                  ignore: Sequence[str] = (), seed: int = 0,
                  graph: ChannelGraph | None = None,
                  latency: LatencyModel | None = None, exact: bool = False,
-                 depth: bool = False) -> Plan:
+                 depth: bool = False, compare: bool = False) -> Plan:
     """A plan with the budget of the uniform ``ratio`` plan, laid out where ``runtime``
     (``"ort"``: ONNX Runtime CPU, ``"torch"``: PyTorch eager, ``threads`` threads, at the batch of
     ``example_inputs``) saves the most time per MAC removed.
@@ -278,6 +278,11 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
             a bypass competes with the width steps by estimated time saved per MAC, its MACs
             weighted by its sensitivity relative to the median bypass's (a block that changes
             its output little is cheap to lose).
+        compare: time the whole pruned model of this plan and of the uniform plan on the
+            runtime (alternating rounds, at the batch of ``example_inputs``) and return the
+            faster, ``settings["compared"]`` saying both times. The per-layer timings miss what
+            happens between layers (fusions, memory traffic), so the laid-out plan can lose;
+            :class:`surgery.RuntimeAware` does this by default.
 
     Example:
         >>> p = surgery.latency_plan(model, torch.randn(1, 3, 224, 224), ratio=0.5,
@@ -427,18 +432,44 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     config = RuntimeAware(ratio=ratio, runtime=latency.runtime, threads=latency.threads,
                           budget=budget, max_ratio=max_ratio, criterion=criterion,
                           round_to=round_to, ignore=tuple(ignore), seed=seed, exact=exact,
-                          depth=depth)
+                          depth=depth, compare=compare)
     settings = {**uniform.settings, "allocation": "latency", "runtime": latency.runtime,
                 "threads": latency.threads, "max_ratio": max_ratio, "config": config.to_dict()}
     plan = plan_removing(model, graph,
                          np.unique(np.concatenate(gone)) if gone else np.zeros(0, np.int64),
-                         settings)
+                         dict(settings))
     taken = [d.bypass for d in depths if d.taken]
     if taken:
         plan = plan.bypassing(taken)
         plan.settings["bypass_sensitivity"] = {d.bypass.key: round(d.score, 6) for d in depths
                                                if d.taken}
+    if compare and (plan.layers != uniform.layers or plan.bypasses):
+        return _faster(model, example_inputs, plan, uniform.with_settings(
+            {**settings, "allocation": "uniform"}), latency.runtime, latency.threads)
     return plan
+
+
+def _faster(model: nn.Module, example_inputs: Inputs, laid_out: Plan, uniform: Plan,
+            runtime: str, threads: int) -> Plan:
+    """Whichever of the two plans' pruned models ``runtime`` runs faster (medians of
+    alternating rounds), with both times in ``settings["compared"]``."""
+    from .bench import bench
+    from .surgeon import apply
+
+    x = as_tuple(example_inputs)
+    if len(x) != 1 or not isinstance(x[0], torch.Tensor):
+        raise ConfigError(f"compare=True times models with one input tensor; this model takes "
+                          f"{len(x)} inputs (pass compare=False)")
+    models = {"laid out": apply(model, laid_out), "uniform": apply(model, uniform)}
+    report = bench(models, tuple(x[0].shape[1:]), runtimes=[runtime], batches=[x[0].shape[0]],
+                   threads=threads, rounds=10)
+    ms = {r.model: r.median_ms for r in report.rows}
+    kept = "uniform" if ms["uniform"] < ms["laid out"] else "laid out"
+    compared = {"runtime": runtime, "threads": threads, "batch": int(x[0].shape[0]),
+                "laid_out_ms": round(ms["laid out"], 4), "uniform_ms": round(ms["uniform"], 4),
+                "kept": kept}
+    chosen = uniform if kept == "uniform" else laid_out
+    return chosen.with_settings({**chosen.settings, "compared": compared})
 
 
 @dataclass

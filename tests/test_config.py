@@ -28,6 +28,7 @@ def _resnet18() -> tuple[torch.nn.Module, torch.Tensor]:
     surgery.Uniform(0.3, criterion="l1", round_to=1, ignore=("fc",), overrides={"re:^layer4": 0.1}),
     surgery.MacBudget(0.25, exact=True),
     surgery.RuntimeAware(0.5, runtime="torch", threads=2, budget="latency"),
+    surgery.RuntimeAware(0.5, depth=True, compare=False),
 ])
 def test_configs_round_trip_through_json(config: surgery.PruneConfig) -> None:
     data = json.loads(json.dumps(config.to_dict()))
@@ -41,6 +42,7 @@ def test_configs_round_trip_through_json(config: surgery.PruneConfig) -> None:
     (lambda: surgery.Uniform(0.5, overrides={"layer1": 1.5}), "overrides['layer1'] must be"),
     (lambda: surgery.Uniform(0.5, overrides={"re:(": 0.5}), "is not a valid regex"),
     (lambda: surgery.RuntimeAware(0.5, overrides={"fc": 0.0}), "overrides work with Uniform"),
+    (lambda: surgery.RuntimeAware(0.5, compare="yes"), "compare must be True or False"),
     (lambda: config_from_dict({"kind": "Magic"}), "expected a dict with kind one of"),
     (lambda: config_from_dict({"kind": "Uniform", "ratio": 0.5, "speed": 3}),
      "Uniform has no setting speed"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,14 +117,69 @@ def test_real_timings_give_an_exact_plan_within_budget(runtime: str) -> None:
 
 def test_prune_allocate() -> None:
     model, x = resnet20().eval(), torch.randn(1, 3, 32, 32)
-    small = surgery.prune(model, x, ratio=0.5, allocate="torch")
+    small = surgery.prune(model, x, surgery.RuntimeAware(0.5, runtime="torch", compare=False))
     flat = surgery.prune(model, x, ratio=0.5)
     assert surgery.count_macs(small, x) <= surgery.count_macs(flat, x)
     # allocate= is not ignored: the layers keep other widths than the uniform plan's
     width = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
     assert width != [m.out_channels for m in flat.modules() if isinstance(m, nn.Conv2d)]
+    # by default the laid-out plan is timed against the uniform one: the faster is kept
     plan = surgery.plan(model, x, ratio=0.5, allocate="torch")
-    assert plan.settings["allocation"] == "latency" and plan.settings["runtime"] == "torch"
+    compared = plan.settings["compared"]
+    faster = "uniform" if compared["uniform_ms"] < compared["laid_out_ms"] else "laid out"
+    assert compared["kept"] == faster and compared["runtime"] == "torch"
+    assert plan.settings["allocation"] == {"uniform": "uniform", "laid out": "latency"}[faster]
+    assert plan.settings["runtime"] == "torch" and plan.settings["config"]["compare"] is True
+
+
+class ModelClock(surgery.Runtime):
+    """Deterministic: a whole model takes ``cost(model)`` ms, whatever its layers' timings
+    said (what happens between layers: fusions, memory traffic)."""
+
+    name = "model-clock"
+    description = "deterministic: whole-model time from a function"
+
+    def __init__(self) -> None:
+        self.cost: Any = lambda m: 1.0
+
+    def model_runner(self, model: Any, x: torch.Tensor, onnx: str | None, threads: int) -> Any:
+        ms = float(self.cost(model))
+        return lambda: ms
+
+    def layer_runner(self, layer: surgery.LayerProgram, threads: int) -> Any:
+        return None  # the layers are timed by the test's timer
+
+    def time_ms(self, fn: Any) -> float:
+        return float(fn())
+
+
+def test_compare_keeps_whichever_plan_the_runtime_runs_faster() -> None:
+    rt = surgery.register_runtime(ModelClock(), replace=True)
+    model, x = chain(), torch.randn(1, 3, 32, 32)
+    lat = latency_model(model, x, runtime=rt.name, timer=slow_stem)
+    laid = latency_plan(model, x, ratio=0.5, latency=lat)  # compare=False: the allocator alone
+    uniform = surgery.plan(model, x, ratio=0.5)
+    stem = {p.layers["0"].axes["out"].size - len(p.layers["0"].axes["out"].keep)
+            for p in (laid, uniform)}
+    assert len(stem) == 2  # the allocator took more from the stem than the uniform plan
+
+    def stem_width(m: nn.Module) -> int:
+        return m[0].out_channels
+
+    kept = set()
+    for sign in (1.0, -1.0):  # a runtime on which a wide stem is slow, then one where it is fast
+        rt.cost = lambda m, s=sign: 100.0 + s * stem_width(m)
+        p = latency_plan(model, x, ratio=0.5, latency=lat, compare=True)
+        ms = {name: 100.0 + sign * stem_width(surgery.apply(model, q))
+              for name, q in (("laid out", laid), ("uniform", uniform))}
+        faster = min(ms, key=ms.__getitem__)
+        c = p.settings["compared"]
+        assert (c["laid_out_ms"], c["uniform_ms"]) == (ms["laid out"], ms["uniform"])
+        assert c["kept"] == faster and c["runtime"] == rt.name
+        assert p.layers == (laid if faster == "laid out" else uniform).layers
+        assert p.settings["allocation"] == ("latency" if faster == "laid out" else "uniform")
+        kept.add(faster)
+    assert kept == {"laid out", "uniform"}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
