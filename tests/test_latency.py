@@ -182,6 +182,25 @@ def test_compare_keeps_whichever_plan_the_runtime_runs_faster() -> None:
     assert kept == {"laid out", "uniform"}
 
 
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = chain()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * scale
+
+
+def test_compare_is_skipped_with_the_reason_where_the_model_cannot_be_timed_whole() -> None:
+    rt = surgery.register_runtime(ModelClock(), replace=True)
+    model, x = TwoInputs().eval(), (torch.randn(1, 3, 32, 32), torch.ones(1))
+    lat = latency_model(model, x, runtime=rt.name, timer=slow_stem)
+    with pytest.warns(UserWarning, match="not timed against the uniform plan on model-clock"):
+        p = latency_plan(model, x, ratio=0.5, latency=lat, compare=True)
+    assert "takes 2 inputs" in p.settings["compared"]["skipped"]
+    assert p.layers == latency_plan(model, x, ratio=0.5, latency=lat).layers  # as laid out
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"runtime": "tensorrt"}, "latency runtime must be one of torch, cuda, ort, ort-cuda"),
     ({"budget": "watts"}, "budget must be 'latency' or 'macs', not 'watts'"),
