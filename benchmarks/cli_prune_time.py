@@ -58,6 +58,8 @@ def tp_job(name: str, ratio: float, out: str) -> None:
     kw = {"aux_logits": True, "init_weights": True} if name in AUX else {}
     model = torchvision.models.get_model(name, weights=None, **kw).eval()
     x = torch.randn(1, 3, size_of(name), size_of(name))
+    # the classifier, as benchmarks/prune_time.py's heads(); not imported from there, which
+    # imports surgery: this process must import what a Torch-Pruning user's script does
     keep = [m for m in model.modules()
             if isinstance(m, torch.nn.Linear) and m.out_features == 1000
             or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]
@@ -153,14 +155,10 @@ def main() -> int:
               f"median {s['median_tp_over_ours']:.2f}, worst {s['min_tp_over_ours']:.2f} "
               f"({s['worst']}); faster on {s['ours_faster']}, slower on {s['ours_slower']}, "
               f"within 1.2x on {s['within_1_2x']}) |")
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "python": platform.python_version(), "ratio": args.ratio, "repeats": args.repeats}
-    try:
-        from surgery.bench import environment
+    from surgery.bench import environment  # the parent's imports are not timed
 
-        env["cpu"] = environment(os.cpu_count() or 1, ())["cpu"]
-    except Exception:  # the label only
-        pass
+    env = {"cpu": environment(os.cpu_count() or 1, ())["cpu"], "cores": os.cpu_count(),
+           "python": platform.python_version(), "ratio": args.ratio, "repeats": args.repeats}
     print(f"\nMedians of {args.repeats} alternating runs, each a fresh process; {env}")
     with open(args.out, "w") as f:
         json.dump({"env": env, "rows": rows, "summary": s}, f, indent=1)
