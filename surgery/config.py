@@ -163,7 +163,9 @@ class LatencyTarget(PruneConfig):
 
     ``batch`` may be several sizes, e.g. ``(1, 8)``: every round is timed at each, and the
     speedup that must land is their geometric mean weighted by ``batch_weights`` (equal by
-    default), so a plan for batch 1 does not lose at batch 8. Layers are timed at the first."""
+    default), so a plan for batch 1 does not lose at batch 8. Layers are timed at the first.
+    Timing uses random inputs at those batches; the example inputs given with the config score
+    channels and, with ``depth``, each block's loss (pass a batch of real images there)."""
 
     speedup: float | None = None
     latency_ms: float | None = None

@@ -90,7 +90,7 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
             """The plan at ``ratio`` and its measurement (a plan measured before is not timed
             again: fresh is False). ``again``: time it once more and keep the geometric mean of
             both measurements (a landing is confirmed, not taken from one noisy run)."""
-            p = _plan_at(model, example_inputs, x, cfg, ratio, graph, lat)
+            p = _plan_at(model, example_inputs, cfg, ratio, graph, lat)
             key = repr((p.layers, p.attributes, p.bypasses))
             fresh = key not in seen or again
             if fresh:
@@ -145,8 +145,8 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
     return p.with_settings(settings)
 
 
-def _plan_at(model: nn.Module, example_inputs: Inputs, x: torch.Tensor, config: LatencyTarget,
-             ratio: float, graph: ChannelGraph, lat: LatencyModel | None) -> Plan:
+def _plan_at(model: nn.Module, example_inputs: Inputs, config: LatencyTarget, ratio: float,
+             graph: ChannelGraph, lat: LatencyModel | None) -> Plan:
     common: dict[str, Any] = {"criterion": config.criterion, "round_to": config.round_to,
                               "ignore": config.ignore, "seed": config.seed,
                               "exact": config.exact}
@@ -154,7 +154,9 @@ def _plan_at(model: nn.Module, example_inputs: Inputs, x: torch.Tensor, config: 
         warnings.simplefilter("ignore")  # the rounds' notes are not the answer's
         if lat is None:
             return make_plan(model, example_inputs, Uniform(ratio=ratio, **common), graph=graph)
-        return latency_plan(model, x, ratio=ratio, runtime=config.runtime,
+        # the user's examples score the channels and blocks (a bypass's output change on real
+        # data); ``x`` (random, at the timed batch) was only for the latency model, passed in
+        return latency_plan(model, example_inputs, ratio=ratio, runtime=config.runtime,
                             threads=config.threads, max_ratio=min(_MAX_RATIO, max(
                                 ratio, ratio + (1 - ratio) / 2)), graph=graph, latency=lat,
                             depth=config.depth, **common)

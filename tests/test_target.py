@@ -150,3 +150,20 @@ def test_cli_target_speedup_prints_rounds_and_the_trajectory(tmp_path) -> None:
     bad = subprocess.run([script, "prune", "resnet20", "--ratio", "0.5", "--target-speedup", "2",
                           "--dry-run"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "give exactly one of --ratio" in bad.stderr
+
+
+def test_depth_rounds_score_blocks_on_the_users_examples(clock: surgery.Runtime) -> None:
+    """Timing runs on random inputs at the configured batch; which blocks may go is decided by
+    their output change on the examples given (real images), which here differ from noise."""
+    from surgery.depth import find_bypasses, sensitivity
+
+    model = surgery.spec.build_model("resnet20").eval()
+    x = torch.rand(4, 3, 32, 32) * 0.1 + 0.5  # not what torch.randn at batch 1 looks like
+    config = surgery.LatencyTarget(speedup=2.0, runtime=clock.name, depth=True, round_to=1)
+    plan = surgery.plan(model, x, config)
+    assert plan.bypasses, "the depth rounds bypassed nothing: nothing checked"
+    found = {b.key: b for b in find_bypasses(model)}
+    want = sensitivity(model, x, [found[k] for k in plan.settings["bypass_sensitivity"]])
+    assert list(plan.settings["bypass_sensitivity"].values()) == pytest.approx(
+        [round(s, 6) for s in want], abs=1e-6)
+    assert surgery.verify(model, surgery.apply(model, plan), plan, x).passed
