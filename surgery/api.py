@@ -26,13 +26,15 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
               criterion: str = "l2", round_to: int = 8, ignore: Sequence[str] = (),
               seed: int = 0, exact: bool = False, target_speedup: float | None = None,
               target_latency: float | None = None, runtime: str = "ort",
-              batch: int | tuple[int, ...] = 1,
+              batch: int | tuple[int, ...] | None = None,
               depth: bool = False) -> PruneConfig:
     """``config``, or the config the keyword settings describe (the older calling style):
     ``ratio`` (Uniform, or RuntimeAware with ``allocate=RUNTIME``), ``target_macs``
     (MacBudget), ``target_speedup`` / ``target_latency`` in ms (LatencyTarget, measured on
-    ``runtime`` with ``threads`` and ``batch``; ``allocate=RUNTIME`` lays it out for that
-    runtime); ``depth`` (with ``allocate=RUNTIME``) also bypasses whole blocks."""
+    ``runtime`` with ``threads`` and ``batch``, default 1; ``allocate=RUNTIME`` lays it out
+    for that runtime); ``depth`` (with ``allocate=RUNTIME``) also bypasses whole blocks;
+    ``batch`` with ``allocate=RUNTIME`` alone: the one batch size timed (default: the
+    example's)."""
     if config is not None:
         if not isinstance(config, PruneConfig):
             raise ConfigError(f"expected a prune config (surgery.Uniform(0.5), MacBudget, "
@@ -57,7 +59,8 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
                               f"lay it out for the runtime it is measured on "
                               f"(allocate={runtime!r}) or uniformly")
         return LatencyTarget(speedup=target_speedup, latency_ms=target_latency,
-                             runtime=runtime, threads=threads, batch=batch,
+                             runtime=runtime, threads=threads,
+                             batch=1 if batch is None else batch,
                              allocate=allocate != "uniform", depth=depth, **common)
     if allocate != "uniform":
         if target_macs is not None:
@@ -66,8 +69,13 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
         if ratio is None:
             raise ConfigError(f"allocate={allocate!r} needs ratio= (it removes as many MACs "
                               "as that ratio would)")
+        if isinstance(batch, tuple):
+            if len(batch) != 1:
+                raise ConfigError(f"allocate={allocate!r} times one batch size, not {batch}; "
+                                  "several batch sizes work with a latency target")
+            batch = batch[0]
         return RuntimeAware(ratio=ratio, runtime=allocate, threads=threads, depth=depth,
-                            **common)
+                            batch=batch, **common)
     if target_macs is not None:
         if not isinstance(target_macs, int | float) or not 0 < target_macs < 1:
             raise ConfigError(f"target_macs must be a fraction in (0, 1) but received "
@@ -107,7 +115,7 @@ def plan(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None = 
                             threads=cfg.threads, criterion=cfg.criterion, round_to=cfg.round_to,
                             ignore=cfg.ignore, seed=cfg.seed, budget=cfg.budget,
                             max_ratio=cfg.max_ratio, graph=graph, exact=cfg.exact,
-                            depth=cfg.depth, compare=cfg.compare)
+                            depth=cfg.depth, compare=cfg.compare, batch=cfg.batch)
     if isinstance(cfg, MacBudget):
         return plan_for_macs(model, example_inputs, cfg, graph=graph)
     assert isinstance(cfg, Uniform)

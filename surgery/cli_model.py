@@ -92,9 +92,9 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
               help="Instead of --ratio: prune until the model runs in MS milliseconds there.")
 @click.option("--runtime", type=click.Choice(runtime_names()), default="ort", show_default=True,
               help="Where --target-speedup/--target-latency are measured.")
-@click.option("--batch", default="1", show_default=True,
-              help="Batch size the latency target is measured at; several (1,8): the target is "
-              "their geometric-mean speedup.")
+@click.option("--batch", default=None, help="Batch size the runtime times: a latency "
+              "target's (default 1; several, e.g. 1,8: the target is their geometric-mean "
+              "speedup) or --allocate RUNTIME's (default: the example's).")
 @click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
 @click.option("--round-to", default=8, show_default=True, type=int,
               help="Keep channel counts multiples of N.")
@@ -115,7 +115,11 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
               "narrowing them.")
 @click.option("--steps", type=int, default=1, show_default=True,
               help="Reach --ratio in K steps, fine-tuning on --data between them.")
-@click.option("--data", default=None, metavar="digits|DIR", help="Data for --steps fine-tuning.")
+@click.option("--data", default=None, metavar="digits|DIR", help="Data for --steps "
+              "fine-tuning; with --depth, --samples of its images decide which blocks may go "
+              "(their output change), while timing stays at --batch.")
+@click.option("--samples", type=int, default=16, show_default=True,
+              help="Images of --data that score the blocks for --depth.")
 @click.option("--epochs", type=int, default=5, show_default=True,
               help="Fine-tuning epochs after each of the --steps.")
 @click.option("--out", "out_dir", default=None, help="Output directory (replaced atomically).")
@@ -123,11 +127,11 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
-          overrides: tuple[str, ...], steps: int, data: str | None, epochs: int,
+          overrides: tuple[str, ...], steps: int, data: str | None, samples: int, epochs: int,
           out_dir: str | None, no_onnx: bool, dry_run: bool, as_json: bool, **settings: Any
           ) -> None:
     from .api import as_config, plan, prune_in_steps
-    from .config import parse_overrides
+    from .config import RuntimeAware, parse_overrides
     from .finetune import FinetuneConfig
 
     if not dry_run and not out_dir:
@@ -142,9 +146,11 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
     if steps < 1 or steps > 1 and (settings["ratio"] is None or data is None):
         raise UserError(f"--steps must be at least 1 but received {steps}" if steps < 1 else
                         "--steps K needs --ratio and --data (fine-tuning runs between steps)")
-    if steps == 1 and data is not None:
-        raise UserError("--data is used only between --steps K > 1; to fine-tune after "
-                        "pruning, run `surgery finetune DIR --data ...`")
+    if steps == 1 and data is not None and not settings["depth"]:
+        raise UserError("--data is used between --steps K > 1 and to score blocks for --depth; "
+                        "to fine-tune after pruning, run `surgery finetune DIR --data ...`")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1 but received {samples}")
     target = settings["target_speedup"] or settings["target_latency"]
     if settings["allocate"] != "uniform" and (settings["ratio"] is None and target is None
                                               or steps > 1):
@@ -152,8 +158,9 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
                         "MACs as that ratio would) and works in one step")
     if settings["threads"] < 1:
         raise UserError(f"--threads must be at least 1 but received {settings['threads']}")
-    sizes = ints(settings["batch"], "--batch")
-    settings["batch"] = sizes[0] if len(sizes) == 1 else tuple(sizes)
+    if settings["batch"] is not None:
+        sizes = ints(settings["batch"], "--batch")
+        settings["batch"] = sizes[0] if len(sizes) == 1 else tuple(sizes)
     if settings["depth"] and settings["allocate"] == "uniform":
         raise UserError("--depth needs --allocate RUNTIME (bypassed blocks are weighed against "
                         "narrower layers by their time on that runtime)")
@@ -176,10 +183,21 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
         out.progress(f"round {k + 1}: ratio {ratio:.3f} -> {ms:.2f} ms on "
                      f"{settings['runtime']}, {speedup:.2f}x faster")
 
+    scored = x
+    if data is not None:  # --depth: real images decide which blocks may go; time the example's
+        from .data import samples as data_samples
+
+        with out.step(f"reading {samples} images of {data}"):
+            scored = data_samples(data, samples, size=x.shape[-1])
+        if tuple(scored.shape[1:]) != tuple(x.shape[1:]):
+            raise UserError(f"--data {data} gives images of shape {tuple(scored.shape[1:])} but "
+                            f"{model} takes {tuple(x.shape[1:])} (--input-shape)")
+        if isinstance(config, RuntimeAware) and config.batch is None:
+            config = config.replace(batch=int(x.shape[0]))
     with out.step(f"tracing and planning {model}" if settings["allocate"] == "uniform" else
                   f"timing every layer on {settings['allocate']} ({settings['threads']} "
                   f"threads) and planning {model}"):
-        p = plan(net, x, config, on_round=round_done)
+        p = plan(net, scored, config, on_round=round_done)
     _rebuild(model, meta, net, p, x, out_dir, no_onnx, as_json)
 
 

@@ -126,11 +126,16 @@ class RuntimeAware(PruneConfig):
     (timed here with ``threads`` threads) saves the most time; ``budget="latency"`` stops at
     the uniform plan's estimated time instead. With ``compare`` (default) the result is timed
     whole against the uniform plan on the runtime and the uniform plan is returned where it
-    measures faster (``plan.settings["compared"]``)."""
+    measures faster (``plan.settings["compared"]``).
+
+    ``batch``: the batch size timed, on random inputs shaped like the example; the example
+    inputs then only score channels and, with ``depth``, blocks (pass a batch of real images
+    and ``batch=1``). None (default): the example inputs are timed, at their own batch."""
 
     ratio: float
     runtime: str = "ort"
     threads: int = 1
+    batch: int | None = None
     budget: str = "macs"
     max_ratio: float | None = None
     #: also bypass whole residual bodies and gates where that saves more time (depth pruning)
@@ -146,6 +151,10 @@ class RuntimeAware(PruneConfig):
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) \
                 or self.threads < 1:
             raise ConfigError(f"threads must be a positive int but received {self.threads!r}")
+        if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(
+                self.batch, int) or self.batch < 1):
+            raise ConfigError(f"batch must be a positive int (RuntimeAware times one batch "
+                              f"size) or None but received {self.batch!r}")
         if not isinstance(self.compare, bool):
             raise ConfigError(f"compare must be True or False but received {self.compare!r}")
         if self.overrides:

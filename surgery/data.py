@@ -113,3 +113,15 @@ def load(spec: str, *, size: int = 32) -> tuple[Dataset, Dataset]:
     train, val = torch.utils.data.random_split(ds, [len(ds) - n_val, n_val], generator=g)
     train.classes = val.classes = ds.classes  # type: ignore[attr-defined]
     return train, val
+
+
+def samples(spec: str, n: int, *, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """``n`` training images of a data spec (see :func:`load`) as one batch, drawn at random
+    with a fixed ``seed`` (an ImageFolder lists its images class by class): real inputs to
+    score a model's blocks on."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DataError(f"the number of samples must be a positive int but received {n!r}")
+    train, _ = load(spec, size=size)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[:n].tolist()  # type: ignore[arg-type]
+    return torch.stack([train[i][0] for i in idx])

@@ -357,6 +357,21 @@ def _first_calls(model: nn.Module, inputs: tuple, paths: Iterable[str]
     return seen
 
 
+def transitions(model: nn.Module, example_inputs: Inputs, blocks: Iterable[str]) -> set[str]:
+    """The ``blocks`` whose output shape differs from their first input's (a stage's first
+    block, its shortcut a strided or widening projection): bypassing one leaves that
+    projection alone as the transition, e.g. a stride-2 1x1 conv that reads a quarter of the
+    positions. Blocks that do not run are not included."""
+    out = set()
+    for path, (args, kwargs, got) in _first_calls(model, as_tuple(example_inputs),
+                                                  blocks).items():
+        given = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        outs = output_tensors(got)
+        if given is not None and outs and tuple(outs[0].shape) != tuple(given.shape):
+            out.add(path)
+    return out
+
+
 def sensitivity(model: nn.Module, example_inputs: Inputs,
                 bypasses: Sequence[Bypass]) -> list[float]:
     """How much each bypass changes its block's output, relative to that output (eval mode, on

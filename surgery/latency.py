@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import RuntimeAware
 from .criteria import get_criterion
-from .depth import Bypass, block_change, find_bypasses, sensitivity
+from .depth import Bypass, block_change, find_bypasses, sensitivity, transitions
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, as_tuple, trace
 from .modes import switched_mode
@@ -263,7 +263,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                  ignore: Sequence[str] = (), seed: int = 0,
                  graph: ChannelGraph | None = None,
                  latency: LatencyModel | None = None, exact: bool = False,
-                 depth: bool = False, compare: bool = False) -> Plan:
+                 depth: bool = False, compare: bool = False,
+                 batch: int | None = None) -> Plan:
     """A plan with the budget of the uniform ``ratio`` plan, laid out where ``runtime``
     (``"ort"``: ONNX Runtime CPU, ``"torch"``: PyTorch eager, ``threads`` threads, at the batch of
     ``example_inputs``) saves the most time per MAC removed.
@@ -286,6 +287,9 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
             :class:`surgery.RuntimeAware` does this by default. Where the whole model cannot be
             timed there (several inputs, no ONNX export), a warning says why and the laid-out
             plan is returned (``settings["compared"]["skipped"]``).
+        batch: time at this batch size on random inputs shaped like ``example_inputs`` (one
+            tensor), which then only score channels and blocks: give a batch of real images
+            there and the deployment batch here. None: time ``example_inputs`` themselves.
 
     Example:
         >>> p = surgery.latency_plan(model, torch.randn(1, 3, 224, 224), ratio=0.5,
@@ -296,6 +300,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                           f"not {runtime!r}")
     if budget not in ("latency", "macs"):
         raise ConfigError(f"budget must be 'latency' or 'macs', not {budget!r}")
+    timed = _timed_inputs(example_inputs, batch)
     uniform = make_plan(model, example_inputs, ratio=ratio, criterion=criterion,
                         round_to=round_to, ignore=ignore, seed=seed, graph=graph, exact=exact)
     if graph is None:
@@ -307,7 +312,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     if ratio == 0:
         return uniform
     if latency is None:
-        latency = latency_model(model, example_inputs, runtime=runtime, threads=threads,
+        latency = latency_model(model, timed, runtime=runtime, threads=threads,
                                 lowest=1 - max_ratio, graph=graph)
     elif latency.lowest > 1 - max_ratio + 1e-9:
         raise ConfigError(f"the latency model was timed down to {latency.lowest:g} of every "
@@ -435,7 +440,7 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     config = RuntimeAware(ratio=ratio, runtime=latency.runtime, threads=latency.threads,
                           budget=budget, max_ratio=max_ratio, criterion=criterion,
                           round_to=round_to, ignore=tuple(ignore), seed=seed, exact=exact,
-                          depth=depth, compare=compare)
+                          depth=depth, compare=compare, batch=batch)
     settings = {**uniform.settings, "allocation": "latency", "runtime": latency.runtime,
                 "threads": latency.threads, "max_ratio": max_ratio, "config": config.to_dict()}
     plan = plan_removing(model, graph,
@@ -447,9 +452,23 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
         plan.settings["bypass_sensitivity"] = {d.bypass.key: round(d.score, 6) for d in depths
                                                if d.taken}
     if compare and (plan.layers != uniform.layers or plan.bypasses):
-        return _faster(model, example_inputs, plan, uniform.with_settings(
+        return _faster(model, timed, plan, uniform.with_settings(
             {**settings, "allocation": "uniform"}), latency.runtime, latency.threads)
     return plan
+
+
+def _timed_inputs(example_inputs: Inputs, batch: int | None) -> Inputs:
+    """What the runtime times: ``example_inputs``, or random ones like them at ``batch``."""
+    if batch is None:
+        return example_inputs
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch must be a positive int or None but received {batch!r}")
+    x = as_tuple(example_inputs)
+    if len(x) != 1 or not isinstance(x[0], torch.Tensor) or x[0].dim() == 0:
+        raise ConfigError(f"batch={batch} times random inputs shaped like the example, which "
+                          f"must be one batched tensor (this model takes {len(x)} inputs); "
+                          "leave batch unset to time the example inputs themselves")
+    return torch.randn(batch, *x[0].shape[1:], dtype=x[0].dtype, device=x[0].device)
 
 
 def _faster(model: nn.Module, example_inputs: Inputs, laid_out: Plan, uniform: Plan,
@@ -499,8 +518,11 @@ def _depth_steps(model: nn.Module, example_inputs: Inputs, latency: LatencyModel
     A bypass's MACs are weighted by its damage per MAC against the uniform plan's in the same
     block: (output change when bypassed) / (output change with the uniform plan's channels
     zeroed, per share of the block's MACs that plan removes). Below 1, losing the block costs
-    less per MAC than narrowing it."""
+    less per MAC than narrowing it. A stage's first block (its output shape differs from its
+    input's) is not offered: what would remain of it is the shortcut's projection alone."""
     found = find_bypasses(model, ignore=ignore)
+    moved = transitions(model, example_inputs, {b.block for b in found})
+    found = [b for b in found if b.block not in moved]
     scores = sensitivity(model, example_inputs, found)
     steps = []
     for b, s in zip(found, scores, strict=True):

@@ -261,6 +261,27 @@ def test_latency_aware_allocation(tmp_path: Path) -> None:
     assert report["verification"]["passed"] and report["verification"]["exact"]
 
 
+def test_depth_blocks_scored_on_data_while_timing_the_example_batch(tmp_path: Path) -> None:
+    out = tmp_path / "deep"
+    res = run("prune", "resnet20", "--ratio", "0.5", "--input-shape", "1,3,8,8", "--allocate",
+              "ort", "--depth", "--data", "digits", "--samples", "8", "--no-onnx",
+              "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "reading 8 images of digits" in res.stdout + res.stderr
+    plan = surgery.Plan.load(out / "plan.json")
+    assert plan.settings["config"]["batch"] == 1  # timed at the example's batch, not at 8
+    if "compared" in plan.settings and "skipped" not in plan.settings["compared"]:
+        assert plan.settings["compared"]["batch"] == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["passed"]
+    res = run("prune", "resnet20", "--ratio", "0.5", "--input-shape", "1,1,8,8", "--allocate",
+              "ort", "--depth", "--data", "digits", "--dry-run")
+    assert res.returncode == 1 and "gives images of shape (3, 8, 8)" in res.stderr
+    assert "takes (1, 8, 8)" in res.stderr
+    res = run("prune", "resnet20", "--ratio", "0.5", "--data", "digits", "--dry-run")
+    assert res.returncode == 1 and "to score blocks for --depth" in res.stderr
+
+
 def test_internal_error_exit_code(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("kaboom")

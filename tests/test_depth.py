@@ -207,6 +207,25 @@ def test_the_allocator_trades_blocks_for_width_where_layers_cost_overhead() -> N
     assert len(layers) < len([m for m in uniform.modules() if isinstance(m, nn.Conv2d)])
 
 
+def test_the_allocator_keeps_every_stage_transition() -> None:
+    """A stage's first block (strided, widening shortcut) is never bypassed by the allocator,
+    however cheap it looks: what would remain is the projection alone (a stride-2 1x1 conv
+    reading a quarter of the positions). Other blocks still go."""
+    from surgery.depth import transitions
+
+    clock = surgery.register_runtime(OverheadClock(), replace=True)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    blocks = [b.block for b in surgery.find_bypasses(model, x)]
+    assert transitions(model, x, blocks) == {"layer2.0", "layer3.0", "layer4.0"}
+    lat = latency_model(model, x, runtime=clock.name, lowest=0.25)
+    deep = latency_plan(model, x, ratio=0.5, runtime=clock.name, latency=lat, depth=True)
+    gone = {b.block for b in deep.bypasses}
+    assert gone and not gone & {"layer2.0", "layer3.0", "layer4.0"}
+    assert surgery.verify(model, surgery.apply(model, deep), deep, x).passed
+
+
 def test_depth_needs_the_runtime_aware_allocator() -> None:
     with pytest.raises(surgery.ConfigError, match="allocate=True"):
         surgery.LatencyTarget(speedup=2, allocate=False, depth=True)

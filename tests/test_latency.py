@@ -201,6 +201,55 @@ def test_compare_is_skipped_with_the_reason_where_the_model_cannot_be_timed_whol
     assert p.layers == latency_plan(model, x, ratio=0.5, latency=lat).layers  # as laid out
 
 
+class BatchSpy(ModelClock):
+    """A deterministic runtime that notes the batch of everything it is asked to time."""
+
+    name = "batch-spy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: set[int] = set()
+
+    def model_runner(self, model: Any, x: torch.Tensor, onnx: str | None, threads: int) -> Any:
+        self.batches.add(int(x.shape[0]))
+        return super().model_runner(model, x, onnx, threads)
+
+    def layer_runner(self, layer: surgery.LayerProgram, threads: int) -> Any:
+        x = layer.inputs[0]
+        self.batches.add(int(x.shape[0]))
+        ms = x.numel() * 1e-4 * (10.0 if x.shape[1] == 3 else 1.0)  # a slow stem
+        return lambda: ms
+
+
+def test_runtime_aware_times_its_batch_and_scores_on_the_examples() -> None:
+    """``batch=1`` with a batch of real images: the runtime times batch 1 only (layers and the
+    whole-model comparison); which blocks may go is decided on the images given."""
+    from surgery.depth import find_bypasses, sensitivity
+
+    spy = surgery.register_runtime(BatchSpy(), replace=True)
+    model = resnet20().eval()
+    x = torch.rand(6, 3, 32, 32) * 0.1 + 0.5  # not what random inputs at batch 1 look like
+    config = surgery.RuntimeAware(ratio=0.5, runtime=spy.name, depth=True, batch=1)
+    plan = surgery.plan(model, x, config)
+    assert spy.batches == {1}
+    assert plan.settings["compared"]["batch"] == 1
+    recorded = surgery.config_from_dict(plan.settings["config"])
+    assert recorded.batch == 1 and recorded.depth  # type: ignore[attr-defined]
+    scores = plan.settings.get("bypass_sensitivity", {})
+    assert scores, "the plan bypassed nothing: the scoring was not checked"
+    found = {b.key: b for b in find_bypasses(model)}
+    assert list(scores.values()) == pytest.approx(
+        [round(s, 6) for s in sensitivity(model, x, [found[k] for k in scores])], abs=1e-6)
+    spy.batches.clear()
+    surgery.plan(model, x, config.replace(batch=None, depth=False))  # default: the example's
+    assert spy.batches == {6}
+    with pytest.raises(surgery.ConfigError, match="batch must be a positive int"):
+        surgery.RuntimeAware(ratio=0.5, batch=0)
+    with pytest.raises(surgery.ConfigError, match="must be one batched tensor .* takes 2 inputs"):
+        latency_plan(TwoInputs().eval(), (x, torch.ones(1)), ratio=0.5, runtime=spy.name,
+                     batch=1)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"runtime": "tensorrt"}, "latency runtime must be one of torch, cuda, ort, ort-cuda"),
     ({"budget": "watts"}, "budget must be 'latency' or 'macs', not 'watts'"),
