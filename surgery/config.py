@@ -135,7 +135,6 @@ class RuntimeAware(PruneConfig):
     ratio: float
     runtime: str = "ort"
     threads: int = 1
-    batch: int | None = None
     budget: str = "macs"
     max_ratio: float | None = None
     #: also bypass whole residual bodies and gates where that saves more time (depth pruning)
@@ -143,6 +142,9 @@ class RuntimeAware(PruneConfig):
     #: time the laid-out plan's and the uniform plan's whole models on the runtime and keep
     #: the faster (the per-layer timings miss fusions and memory traffic between layers)
     compare: bool = True
+    #: the batch size timed on random inputs (the example inputs then only score); None: the
+    #: example inputs are timed
+    batch: int | None = None
     kind: ClassVar[str] = "RuntimeAware"
 
     def __post_init__(self) -> None:
