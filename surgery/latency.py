@@ -274,6 +274,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
             ``"latency"``: stop at the uniform plan's estimated time, removing fewer MACs.
         max_ratio: no group loses more than this share of its channels (default halfway between
             ``ratio`` and 1, at most 0.9), so no layer is starved.
+        round_to: widths stay multiples of it and, when it is above 1, of the runtime's
+            :meth:`~surgery.Runtime.channel_multiple` (``settings["channel_multiple"]``).
         latency: a :class:`LatencyModel` of the same model (from :func:`latency_model`), to reuse
             its timings.
         depth: also consider bypassing whole residual bodies and gates (:mod:`surgery.depth`):
@@ -329,6 +331,9 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
     for i, c in enumerate(calls):
         for key in c.slots.values():
             by_slot.setdefault(key, []).append(i)
+    # widths the runtime's fast kernels take (round_to=1 asks for any count: no alignment)
+    block = get_runtime(latency.runtime).channel_multiple() if round_to > 1 else 1
+    align = round_to * block // math.gcd(round_to, block) if round_to > 1 else 1
     states: list[_GroupState] = []
     uniform_removed: list[int] = []
     for g in graph.groups:
@@ -336,8 +341,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
             continue
         unit = per_unit(graph, g)
         n, fixed = len(g.units), len(g.pinned)
-        lo = keep_count(n, fixed, unit, max_ratio, round_to)
-        step = round_to // math.gcd(round_to, unit) if round_to > 1 else 1
+        lo = keep_count(n, fixed, unit, max_ratio, align)
+        step = align // math.gcd(align, unit) if align > 1 else 1
         keeps = [n] + [k for k in range(n - 1, lo - 1, -1) if (k + fixed) % step == 0]
         if keeps[-1] != lo and lo < n:
             keeps.append(lo)
@@ -442,7 +447,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
                           round_to=round_to, ignore=tuple(ignore), seed=seed, exact=exact,
                           depth=depth, compare=compare, batch=batch)
     settings = {**uniform.settings, "allocation": "latency", "runtime": latency.runtime,
-                "threads": latency.threads, "max_ratio": max_ratio, "config": config.to_dict()}
+                "threads": latency.threads, "max_ratio": max_ratio, "config": config.to_dict(),
+                **({"channel_multiple": align} if align != round_to else {})}
     plan = plan_removing(model, graph,
                          np.unique(np.concatenate(gone)) if gone else np.zeros(0, np.int64),
                          dict(settings))

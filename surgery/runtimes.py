@@ -99,6 +99,11 @@ class Runtime:
         fn()
         return (time.perf_counter() - t) * 1e3
 
+    def channel_multiple(self) -> int:
+        """Channel counts this runtime's fast kernels need multiples of (1: any). The
+        runtime-aware allocator keeps widths at multiples of it as well as of ``round_to``."""
+        return 1
+
 
 class TorchRuntime(Runtime):
     name = "torch"
@@ -245,6 +250,17 @@ class OrtRuntime(Runtime):
         sess = self.session(str(onnx), threads)
         feed = {sess.get_inputs()[0].name: x.numpy()}
         return lambda: sess.run(None, feed)
+
+    def channel_multiple(self) -> int:
+        """On the CPU, ONNX Runtime's blocked-layout (NCHWc) convolutions take only channel
+        counts that are multiples of MLAS's vector block (16 floats with AVX-512, 8 with AVX2);
+        any other count falls back to a plain convolution with layout reorders around it."""
+        if self.provider != "CPUExecutionProvider":
+            return 1
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        return 16 if capability.startswith("AVX512") else 8 if capability == "AVX2" else 1
 
     def layer_runner(self, layer: LayerProgram, threads: int) -> Callable[[], Any] | None:
         if layer.onnx_nodes is None:

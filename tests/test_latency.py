@@ -20,6 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.cifar import resnet20  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _any_channel_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests lay plans out on made-up timings labelled ``ort``: ONNX Runtime's channel
+    block (this CPU's vector width) is set to 1 so the widths do not depend on the machine;
+    the tests of the block set it themselves."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+
+
 def chain() -> nn.Module:
     """stem (3->32 at full resolution), two 32-channel convs, a linear head."""
     return randomize_norms(nn.Sequential(
@@ -248,6 +256,37 @@ def test_runtime_aware_times_its_batch_and_scores_on_the_examples() -> None:
     with pytest.raises(surgery.ConfigError, match="must be one batched tensor .* takes 2 inputs"):
         latency_plan(TwoInputs().eval(), (x, torch.ones(1)), ratio=0.5, runtime=spy.name,
                      batch=1)
+
+
+class Blocked16(ModelClock):
+    """A runtime whose fast kernels take channel counts in multiples of 16."""
+
+    name = "blocked-16"
+
+    def channel_multiple(self) -> int:
+        return 16
+
+
+def test_laid_out_widths_are_multiples_of_the_runtimes_channel_block() -> None:
+    rt = surgery.register_runtime(Blocked16(), replace=True)
+    model, x = resnet20().eval(), torch.randn(1, 3, 32, 32)
+    lat = latency_model(model, x, runtime=rt.name, timer=slow_stem, lowest=0.1)
+    aligned = latency_plan(model, x, ratio=0.6, latency=lat, max_ratio=0.9)
+    sizes = [(ap.size, len(ap.keep)) for lp in aligned.layers.values()
+             for ap in lp.axes.values()]
+    assert sizes and all(k % 16 == 0 or k == n for n, k in sizes)
+    assert aligned.settings["channel_multiple"] == 16
+    free = latency_plan(model, x, ratio=0.6, latency=lat, max_ratio=0.9, round_to=1)
+    assert any(len(ap.keep) % 16 for lp in free.layers.values() for ap in lp.axes.values())
+    assert "channel_multiple" not in free.settings  # round_to=1: any count
+
+
+@pytest.mark.parametrize(("capability", "block"), [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 1)])
+def test_onnx_runtime_cpu_block_follows_the_vector_width(monkeypatch: pytest.MonkeyPatch,
+                                                         capability: str, block: int) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert surgery.get_runtime("ort").channel_multiple() == block
+    assert surgery.get_runtime("torch").channel_multiple() == 1
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
