@@ -332,8 +332,8 @@ def latency_plan(model: nn.Module, example_inputs: Inputs, *, ratio: float,
         for key in c.slots.values():
             by_slot.setdefault(key, []).append(i)
     # widths the runtime's fast kernels take (round_to=1 asks for any count: no alignment)
-    block = get_runtime(latency.runtime).channel_multiple() if round_to > 1 else 1
-    align = round_to * block // math.gcd(round_to, block) if round_to > 1 else 1
+    align = math.lcm(round_to, get_runtime(latency.runtime).channel_multiple()) \
+        if round_to > 1 else 1
     states: list[_GroupState] = []
     uniform_removed: list[int] = []
     for g in graph.groups:
