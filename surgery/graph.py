@@ -13,11 +13,14 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import io
 import linecache
 import operator
 import os
 import re
 import sys
+import textwrap
+import tokenize
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -779,10 +782,19 @@ def fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = Non
 
 @functools.cache
 def _mentions_training(cls: type) -> bool:
-    try:
-        return "training" in inspect.getsource(cls)
-    except (OSError, TypeError):
-        return True  # no source to read: assume it may branch on the mode
+    """Does the code of ``cls`` or a base below nn.Module read a name ``training``? Words in
+    strings and comments (a warning that mentions training) do not count."""
+    for base in cls.__mro__:
+        if base is nn.Module or base is object:
+            continue
+        try:
+            source = inspect.getsource(base)
+            tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
+            if any(t.type == tokenize.NAME and t.string == "training" for t in tokens):
+                return True
+        except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+            return True  # no source to read: assume it may branch on the mode
+    return False
 
 
 def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:

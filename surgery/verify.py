@@ -7,8 +7,9 @@ are checked.
 
 One pass in the model's own precision decides when it can. The reference runs first, sharing
 the original's tensors (where a layer's rule allows it, it zeroes the removed channels on the way
-into the layer instead of copying and zeroing its weights), and keeps a copy of every layer
-output. The pruned model then runs in place, layer by layer against those copies: each layer's
+into the layer instead of copying and zeroing its weights), and keeps every layer output that no
+later in-place op changed (an output a later ``relu_`` or ``+=`` rewrote is not compared; the
+next layer's is). The pruned model then runs in place, layer by layer against those: each layer's
 output is compared as it returns and its successors get the reference's, so a difference stays
 where it arose and float32 rounding cannot flip a later top-k or NMS choice (a detector's
 proposals). The pass succeeds when every compared output is within the model's float32 rounding
@@ -23,7 +24,7 @@ from __future__ import annotations
 import collections
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from .graph import Inputs, Recorder, as_tuple, fx_trace
 from .groups import param_dim, param_reads
 from .modes import switched_mode
 from .plan import LayerPlan, Plan
-from .rules import module_rule
+from .rules import ModuleRule, module_rule
 from .tensors import output_tensors, rel_error, replace_tensors
 
 
@@ -91,6 +92,8 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
             continue
         m = model.get_submodule(path)
         rule = module_rule(m)
+        if rule is not None and type(rule).zero_removed is ModuleRule.zero_removed:
+            continue  # its weights read no channel across (a norm layer): nothing to zero
         dims = rule.input_dims(m) if mask_inputs and rule is not None else None
         if dims is None:
             zeroed.append(path)
@@ -256,7 +259,8 @@ def _cast(v: Any, dtype: torch.dtype) -> Any:
     return v
 
 
-Inner = dict[str, list[list[torch.Tensor]]]
+#: layer path -> per call, its output tensors (None: changed in place afterwards, not compared)
+Inner = dict[str, list[list[torch.Tensor | None]]]
 
 
 class _Tally:
@@ -265,12 +269,13 @@ class _Tally:
     def __init__(self) -> None:
         self.count, self.worst, self.where = 0, 0.0, ""
 
-    def pairs(self, path: str, got: list[torch.Tensor], want: list[torch.Tensor],
-              limits: dict[str, int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def pairs(self, path: str, got: Sequence[torch.Tensor | None],
+              want: Sequence[torch.Tensor | None], limits: dict[str, int]
+              ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(index, got, want) of a call's comparable outputs (same shape and dtype; only the
         first ``limits[path]`` where the layer's rule limits them)."""
         for i, (a, b) in enumerate(list(zip(got, want, strict=False))[:limits.get(path)]):
-            if a.shape == b.shape and a.dtype == b.dtype:
+            if a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype:
                 yield i, a, b
 
     def add(self, path: str, call: int, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -287,7 +292,8 @@ class _Forced(_Tally):
     """Compares each layer output of a run with the reference's record of the same call as the
     layer returns it, then hands the layer's successors the reference's output instead, so a
     difference stays where it arose (float32 rounding cannot flip a later top-k or NMS choice).
-    Only a layer's first ``limits[path]`` outputs are compared and replaced, if limited."""
+    Only a layer's first ``limits[path]`` outputs are compared and replaced, if limited; an
+    output the reference rewrote in place later (no record) is neither."""
 
     def __init__(self, want: Inner, limits: dict[str, int]) -> None:
         super().__init__()
@@ -300,34 +306,30 @@ class _Forced(_Tally):
         got = output_tensors(out)
         new = list(got)
         for i, a, b in self.pairs(path, got, calls[call], self.limits):
+            if a is b:  # a container passing on its last child's output, already compared
+                self.count += 1
+                continue
             self.add(path, call, a, b)
-            new[i] = b  # a copy made for this run: later in-place ops may change it
+            new[i] = b  # the reference's own tensor: this run's in-place ops may change it
         return replace_tensors(out, iter(new)) if any(
             a is not b for a, b in zip(new, got, strict=True)) else None
 
 
 def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
-         inner: Inner | None = None, in_place: bool = False, *, cloned: bool = False,
+         inner: Inner | None = None, in_place: bool = False, *, kept: bool = False,
          forced: _Forced | None = None) -> list[torch.Tensor]:
     """Eval-mode outputs; with ``inner``, every module's tensor outputs too, by path and call.
     ``in_place``: ``model`` is the caller's own, so its train/eval flags and buffers are put
-    back afterwards (and ``dtype`` must be None). ``cloned``: record copies (as they were when
-    the layer returned, before any in-place op). ``forced``: compare each layer output with
-    another run's copies and continue on those (see :class:`_Forced`)."""
+    back afterwards (and ``dtype`` must be None). ``kept``: record only outputs that still hold
+    the values the layer returned when the run ends (no later in-place op changed them; the
+    others are None), so they can stand in for the layer in another run. ``forced``: compare
+    each layer output with another run's and continue on those (see :class:`_Forced`)."""
     if dtype is not None:
         assert not in_place, "casting would modify the caller's model"
         model = model.to(dtype)
         inputs = _cast(inputs, dtype)
     hooks = []
-    # a container's output is its last child's: one copy while unchanged (the tensor is held,
-    # so its id cannot be reused)
-    copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-
-    def copied(t: torch.Tensor) -> torch.Tensor:
-        seen = copies.get(id(t))
-        if seen is None or seen[1] != t._version:
-            seen = copies[id(t)] = (t, t._version, t.detach().clone())
-        return seen[2]
+    versions: list[tuple[list[torch.Tensor | None], int, torch.Tensor, int]] = []
 
     def hook(path: str) -> Any:
         calls = inner.setdefault(path, []) if inner is not None else []
@@ -335,8 +337,11 @@ def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
 
         def record(_m: nn.Module, _a: Any, out: Any) -> Any:
             if inner is not None:
-                got = output_tensors(out)
-                calls.append([copied(t) for t in got] if cloned else got)
+                got: list[torch.Tensor | None] = list(output_tensors(out))
+                if kept:
+                    versions.extend((got, i, t, t._version) for i, t in enumerate(got)
+                                    if t is not None)
+                calls.append(got)
             count[0] += 1
             return forced(path, count[0] - 1, out) if forced is not None else None
 
@@ -348,7 +353,11 @@ def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
     buffers = [(b, b.clone()) for b in model.buffers()] if in_place else []
     try:
         with torch.no_grad(), switched_mode(model if in_place else None):
-            return output_tensors(model.eval()(*inputs))
+            out = output_tensors(model.eval()(*inputs))
+        for got, i, t, version in versions:
+            if t._version != version:  # rewritten in place after the layer returned it
+                got[i] = None
+        return out
     finally:
         for h in hooks:
             h.remove()
@@ -420,7 +429,7 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
     inner_want: Inner = {}
     if one_pass:
         want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None,
-                              share=True, cloned=True)
+                              share=True, kept=True)
         forced = _Forced(inner_want, _limits(original)) if plan.exact else None
         got = _pruned_run(pruned, inputs, None, None, in_place=True, forced=forced)
         tol = strict if rtol is not None or own == {torch.float64} else \
@@ -475,13 +484,13 @@ def float32_rounding(model: nn.Module) -> float:
 
 
 def _reference_run(original: nn.Module, plan: Plan, inputs: tuple, dtype: torch.dtype | None,
-                   inner: Inner | None, share: bool = False, cloned: bool = False
+                   inner: Inner | None, share: bool = False, kept: bool = False
                    ) -> list[torch.Tensor]:
     """The zeroed reference's outputs: inputs zeroed where the rules allow, weights elsewhere
     (and everywhere if a masked layer was called without its input as a tensor argument)."""
     ref = zeroed_reference(original, plan, share_tensors=share)
     try:
-        out = _run(ref, inputs, dtype, inner, cloned=cloned)
+        out = _run(ref, inputs, dtype, inner, kept=kept)
     except Exception:
         if not _masking_failed(ref):
             raise
@@ -491,7 +500,7 @@ def _reference_run(original: nn.Module, plan: Plan, inputs: tuple, dtype: torch.
     if inner is not None:
         inner.clear()
     return _run(zeroed_reference(original, plan, share_tensors=share, mask_inputs=False),
-                inputs, dtype, inner, cloned=cloned)
+                inputs, dtype, inner, kept=kept)
 
 
 def _limits(original: nn.Module) -> dict[str, int]:

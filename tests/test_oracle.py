@@ -261,3 +261,22 @@ def test_replace_tensors_keeps_the_containers() -> None:
     assert isinstance(got["x"], pair) and got["x"].b[1] == 3 and isinstance(got["y"], tuple)
     assert all(a is b for a, b in zip(output_tensors(got), new, strict=True))
     assert out["x"].a.item() == 0  # the original structure is not modified
+
+
+def test_outputs_rewritten_in_place_are_compared_as_returned() -> None:
+    """resnet18 rewrites layer outputs in place (``ReLU(inplace=True)``, ``out += identity``).
+    The reference keeps no copies of its layer outputs: one that a later in-place op rewrote is
+    not compared (the next layer's output is), so a correct prune passes in the one float32 pass
+    rather than failing on stale values, and a wrong prune is still caught. The residual
+    streams are kept (ignore=) so that every block's bn2 output keeps its shape and is compared
+    before ``+=`` rewrites it."""
+    model = randomize_norms(torchvision.models.resnet18(weights=None)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    plan = surgery.plan(model, x, ratio=0.5, ignore=["conv1", r"re:layer\d\.0\.downsample\.0"])
+    assert set(plan.layers["layer1.0.conv2"].axes) == {"in"}  # its output keeps its shape
+    report = surgery.verify(model, surgery.apply(model, plan), plan, x)
+    assert report.passed and report.dtype == "torch.float32" and report.layer_by_layer
+    assert report.layers_compared > 20
+    bad = _tamper(plan, "layer1.0.conv2", "in")  # reads other channels than bn1 keeps
+    report = surgery.verify(model, surgery.apply(model, bad), bad, x, raise_on_failure=False)
+    assert not report.passed and report.max_rel_error > 1e-3

@@ -162,6 +162,42 @@ def test_train_only_branch_is_coupled() -> None:
     assert out.shape == (2, 3) and aux.shape == (2, 3)
 
 
+class _InheritedAux(TrainOnlyAux):
+    """the train-only branch lives in the base class's forward; this class's code never
+    names the mode."""
+
+    def extra_repr(self) -> str:
+        return "inherited"
+
+
+def test_train_only_branch_in_a_base_class_forward_is_found() -> None:
+    graph = surgery.trace(_InheritedAux(), torch.randn(2, 3, 16, 16))
+    assert graph.train_graph
+
+
+def test_the_word_training_in_a_string_does_not_trace_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only code that reads ``training`` can branch on the mode; a message mentioning it cannot,
+    so the train-mode forward is not traced again."""
+    from surgery import graph as graph_module
+
+    class Said(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.note = "fine-tune after training"  # training
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    traced: list[int] = []
+    real = graph_module.fx_trace
+    monkeypatch.setattr(graph_module, "fx_trace",
+                        lambda *a, **k: traced.append(1) or real(*a, **k))
+    surgery.trace(Said(), torch.randn(1, 3, 8, 8))
+    assert len(traced) == 1
+
+
 def test_pinned_io_and_explain() -> None:
     model = PATTERNS["chain"][0]()
     graph = surgery.trace(model, torch.randn(1, 3, 16, 16))

@@ -9,6 +9,7 @@ Adding support for a layer is one ``register_module_rule`` call. Rules program a
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -210,8 +211,12 @@ def clone_module(module: M) -> M:
     new = copy.copy(module)
     for key, value in vars(module).items():
         if isinstance(value, dict | set | list):
-            new.__dict__[key] = copy.copy(value)
+            # the tables' own copy: several times faster than copy.copy's generic protocol
+            new.__dict__[key] = value.copy() if type(value) in _PLAIN_TABLES else copy.copy(value)
     return new
+
+
+_PLAIN_TABLES = frozenset({dict, set, list, collections.OrderedDict})
 
 
 def take_rows_cols(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
