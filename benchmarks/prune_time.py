@@ -17,6 +17,7 @@ many faster/slower) beside the totals, which a few large models dominate.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -60,6 +61,7 @@ def example(zoo: str, name: str, model: torch.nn.Module, size: int) -> tuple:
 
 
 def ours(model: torch.nn.Module, x: tuple, ratio: float) -> float:
+    gc.collect()  # a full collection (0.2 s here) lands in nobody's timed region
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,6 +71,7 @@ def ours(model: torch.nn.Module, x: tuple, ratio: float) -> float:
 
 def ours_verified(model: torch.nn.Module, x: tuple, ratio: float) -> float:
     """surgery.prune as users call it: plan, apply and the default verification."""
+    gc.collect()  # a full collection (0.2 s here) lands in nobody's timed region
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,6 +119,7 @@ def theirs(zoo: str, model: torch.nn.Module, x: tuple, ratio: float, limit: int)
     import torch_pruning as tp
 
     keep = heads(zoo, model, x)
+    gc.collect()
     t = time.perf_counter()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(limit)

@@ -44,9 +44,14 @@ class UnionFind:
         """Union two atom arrays of the same shape position by position."""
         if a.shape != b.shape:
             raise ValueError(f"cannot couple channel arrays of shapes {a.shape} and {b.shape}")
+        find, parent = self.find, self.parent
         for x, y in zip(a.ravel().tolist(), b.ravel().tolist(), strict=True):
-            if x != y:
-                self.union(x, y)
+            if x != y:  # union(x, y), inlined: this loop runs once per coupled channel
+                rx, ry = find(x), find(y)
+                if rx < ry:
+                    parent[ry] = rx
+                elif ry < rx:
+                    parent[rx] = ry
 
     def union_all(self, a: np.ndarray) -> None:
         """Union every atom of ``a`` into one class."""
@@ -56,8 +61,12 @@ class UnionFind:
 
     def roots(self) -> np.ndarray:
         """The class root of every atom, as an array indexed by atom."""
-        return np.fromiter((self.find(a) for a in range(len(self.parent))), np.int64,
-                           len(self.parent))
+        parent = np.array(self.parent, dtype=np.int64)
+        while True:  # pointer jumping: every atom's parent's parent, until all reach a root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                return parent
+            parent = up
 
 
 @dataclass

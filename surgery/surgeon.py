@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from .copies import deep_copy
 from .depth import bypass_in_place, bypassed_modules
 from .errors import PlanError, SurgeryError
 from .graph import Inputs, fingerprint, trace
@@ -154,7 +155,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Inputs | None = None) ->
     # the originals (read only). Everything else is deep-copied.
     rebuilt = {id(m): m for path, lp in plan.layers.items() if lp.kind == "module"
                for m in (model.get_submodule(path),)}
-    target = copy.deepcopy(model, memo=dict(rebuilt))
+    target = deep_copy(model, memo=dict(rebuilt))
     bypassed = bypassed_modules(target, plan.bypasses)
     modules, tensors = _build(target, plan)
     _swap_bypassed(target, bypassed)

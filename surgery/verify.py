@@ -157,15 +157,22 @@ class _Unsafe(Exception):
 
 _TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 _COPIED = (dict, collections.OrderedDict, list, set)
+_ATOMS = frozenset({type(None), bool, int, float, str})
 
 
 def _shallow(m: nn.Module) -> nn.Module:
     """``m`` with its own tables (parameters, buffers, children, hooks): the values are shared."""
     d = m.__dict__.copy()
     for key, v in d.items():
+        if type(v) in _ATOMS:
+            continue
         if isinstance(v, nn.Module):
             raise _Unsafe
         if isinstance(v, dict | list | tuple | set):
+            if not v:
+                if not isinstance(v, tuple):
+                    d[key] = v.copy()
+                continue
             if key not in _TABLES and any(isinstance(e, nn.Module) for e in (
                     v.values() if isinstance(v, dict) else v)):
                 raise _Unsafe
