@@ -300,11 +300,14 @@ class _Forced(_Tally):
     layer returns it, then hands the layer's successors the reference's output instead, so a
     difference stays where it arose (float32 rounding cannot flip a later top-k or NMS choice).
     Only a layer's first ``limits[path]`` outputs are compared and replaced, if limited; an
-    output the reference rewrote in place later (no record) is neither."""
+    output the reference rewrote in place later (no record) is neither. ``own``: ids of the
+    original's parameters and buffers, compared but never handed on (a layer that returns its
+    own weight must not let this run write into the user's tensor)."""
 
-    def __init__(self, want: Inner, limits: dict[str, int]) -> None:
+    def __init__(self, want: Inner, limits: dict[str, int], own: frozenset[int] = frozenset()
+                 ) -> None:
         super().__init__()
-        self.want, self.limits = want, limits
+        self.want, self.limits, self.own = want, limits, own
 
     def __call__(self, path: str, call: int, out: Any) -> Any:
         calls = self.want.get(path, [])
@@ -317,7 +320,8 @@ class _Forced(_Tally):
                 self.count += 1
                 continue
             self.add(path, call, a, b)
-            new[i] = b  # the reference's own tensor: this run's in-place ops may change it
+            if id(b) not in self.own:
+                new[i] = b  # the reference's own tensor: this run's in-place ops may change it
         return replace_tensors(out, iter(new)) if any(
             a is not b for a, b in zip(new, got, strict=True)) else None
 
@@ -437,7 +441,9 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
     if one_pass:
         want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None,
                               share=True, kept=True)
-        forced = _Forced(inner_want, _limits(original)) if plan.exact else None
+        own_tensors = frozenset(id(t) for ts in (original.parameters(), original.buffers())
+                                for t in ts)
+        forced = _Forced(inner_want, _limits(original), own_tensors) if plan.exact else None
         got = _pruned_run(pruned, inputs, None, None, in_place=True, forced=forced)
         tol = strict if rtol is not None or own == {torch.float64} else \
             max(strict, float32_rounding(original))
