@@ -68,18 +68,24 @@ def fingerprint(model: nn.Module) -> str:
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+@functools.lru_cache(maxsize=4096)
 def _internal(filename: str) -> bool:
     """Frames of torch and of the recorder: a node's source line is the first frame outside,
     unless that frame is surgery's own (a layer called by torch, e.g. nn.Sequential: no line)."""
     return "/torch/" in filename or filename.endswith(("recorder.py", "recorder.pyc")) and \
-        os.path.abspath(filename).startswith(_PACKAGE)
+        _ours(filename)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ours(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PACKAGE)
 
 
 def user_frame(frame: Any) -> tuple[str, int] | None:
     """(file, line) of the first frame outside torch and the recorder, if it is the user's."""
     while frame is not None and _internal(frame.f_code.co_filename):
         frame = frame.f_back
-    if frame is None or os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    if frame is None or _ours(frame.f_code.co_filename):
         return None
     return frame.f_code.co_filename, frame.f_lineno
 
