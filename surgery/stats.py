@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .graph import Inputs, as_tuple
 from .modes import switched_mode
@@ -22,17 +24,34 @@ def _counted(model: nn.Module, example_inputs: Inputs, per_module: bool) -> Flop
     # with no parameter requiring grad
     grads = [(p, p.requires_grad) for p in model.parameters()]
     # torch annotates depth as int, but its table reads None as unlimited
-    counter = FlopCounterMode(display=False,
-                              depth=None if per_module else 2)  # type: ignore[arg-type]
+    counter = FlopCounterMode(display=False, depth=None if per_module else 2,  # type: ignore[arg-type]
+                              custom_mapping=_UNCOUNTED)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for p, _ in grads:
             p.requires_grad_(False)
+        # nn.MultiheadAttention's eval fast path (and TransformerEncoderLayer's) is one fused
+        # kernel the counter does not know: it would count a whole attention layer as 0
+        torch.backends.mha.set_fastpath_enabled(False)
         with switched_mode(model), torch.no_grad(), counter:
             model(*as_tuple(example_inputs))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for p, flag in grads:
             p.requires_grad_(flag)
     return counter
+
+
+def _sdpa_on_cpu(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
+                 **kwargs: Any) -> int:
+    """FLOPs of the two attention products (q k^T and attention @ v), as torch counts them for
+    its GPU attention kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: kernels torch's flop counter does not count (PyTorch 2.14): scaled_dot_product_attention on
+#: the CPU runs this one, so a ViT's attention products counted 0
+_UNCOUNTED = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_on_cpu}
 
 
 def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
