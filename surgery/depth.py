@@ -336,10 +336,11 @@ def _change(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def _first_calls(model: nn.Module, inputs: tuple, paths: Iterable[str]
-                 ) -> dict[str, tuple[tuple, dict, Any]]:
-    """(args, kwargs, output) of the first call of each module named, in one eval forward."""
-    seen: dict[str, tuple[tuple, dict, Any]] = {}
+def first_calls(model: nn.Module, example_inputs: Inputs, paths: Iterable[str]) -> FirstCalls:
+    """(args, kwargs, output) of the first call of each module named, in one eval forward: one
+    record that :func:`transitions`, :func:`sensitivity` and :func:`block_change` can share."""
+    inputs = as_tuple(example_inputs)
+    seen: FirstCalls = {}
 
     def keep_first(path: str) -> Any:
         def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -357,14 +358,32 @@ def _first_calls(model: nn.Module, inputs: tuple, paths: Iterable[str]
     return seen
 
 
-def transitions(model: nn.Module, example_inputs: Inputs, blocks: Iterable[str]) -> set[str]:
+#: module path -> (args, kwargs, output) of its first call in one eval forward
+FirstCalls = dict[str, tuple[tuple, dict, Any]]
+
+
+def _fresh(call: tuple[tuple, dict, Any]) -> tuple[tuple, dict, Any]:
+    """A recorded call with its input tensors copied: a block that writes its input in place
+    (a pre-activation ``relu_``) must not change the record the next measure reads."""
+    args, kwargs, out = call
+    copied = torch.utils._pytree.tree_map(
+        lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    return copied[0], copied[1], out
+
+
+def transitions(model: nn.Module, example_inputs: Inputs, blocks: Iterable[str], *,
+                calls: FirstCalls | None = None) -> set[str]:
     """The ``blocks`` whose output shape differs from their first input's (a stage's first
     block, its shortcut a strided or widening projection): bypassing one leaves that
     projection alone as the transition, e.g. a stride-2 1x1 conv that reads a quarter of the
-    positions. Blocks that do not run are not included."""
+    positions. Blocks that do not run are not included. ``calls``: a record of the blocks'
+    first calls already made (:func:`first_calls`), instead of another forward."""
+    blocks = set(blocks)
+    seen = calls if calls is not None else first_calls(model, example_inputs, blocks)
     out = set()
-    for path, (args, kwargs, got) in _first_calls(model, as_tuple(example_inputs),
-                                                  blocks).items():
+    for path, (args, kwargs, got) in seen.items():
+        if path not in blocks:
+            continue
         given = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         outs = output_tensors(got)
         if given is not None and outs and tuple(outs[0].shape) != tuple(given.shape):
@@ -373,14 +392,14 @@ def transitions(model: nn.Module, example_inputs: Inputs, blocks: Iterable[str])
 
 
 def sensitivity(model: nn.Module, example_inputs: Inputs,
-                bypasses: Sequence[Bypass]) -> list[float]:
+                bypasses: Sequence[Bypass], *, calls: FirstCalls | None = None) -> list[float]:
     """How much each bypass changes its block's output, relative to that output (eval mode, on
     ``example_inputs``, the first call of each block): small means the body or gate contributes
     little. Local, so a model whose head ignores its features (zero-initialised) still ranks
     its blocks. ``inf`` when the bypass changes the block's output shape, fails to run, or the
-    block does not run; the model is not modified."""
+    block does not run; the model is not modified. ``calls``: as for :func:`transitions`."""
     blocks = {b.block for b in bypasses}
-    seen = _first_calls(model, as_tuple(example_inputs), blocks)
+    seen = calls if calls is not None else first_calls(model, example_inputs, blocks)
     scores = []
     with switched_mode(model), torch.no_grad():
         graphs = {p: _own_graph(model.get_submodule(p)) for p in blocks}
@@ -389,7 +408,7 @@ def sensitivity(model: nn.Module, example_inputs: Inputs,
             if b.block not in seen or graph is None:
                 scores.append(math.inf)
                 continue
-            args, kwargs, out = seen[b.block]
+            args, kwargs, out = _fresh(seen[b.block])
             try:
                 new = _replacement(model.get_submodule(b.block), graph, {b.node: b.keep}).eval()
                 got = new(*args, **kwargs)
@@ -401,17 +420,18 @@ def sensitivity(model: nn.Module, example_inputs: Inputs,
 
 
 def block_change(model: nn.Module, other: nn.Module, example_inputs: Inputs,
-                 paths: Sequence[str]) -> list[float]:
+                 paths: Sequence[str], *, calls: FirstCalls | None = None) -> list[float]:
     """For each module path: how much ``other``'s module there (e.g. with channels zeroed)
-    changes the output of ``model``'s, given the input ``model``'s got, relative to it."""
-    seen = _first_calls(model, as_tuple(example_inputs), paths)
+    changes the output of ``model``'s, given the input ``model``'s got, relative to it.
+    ``calls``: as for :func:`transitions`."""
+    seen = calls if calls is not None else first_calls(model, example_inputs, paths)
     out = []
     with switched_mode(other), torch.no_grad():
         for p in paths:
             if p not in seen:
                 out.append(math.inf)
                 continue
-            args, kwargs, want = seen[p]
+            args, kwargs, want = _fresh(seen[p])
             try:
                 got = other.get_submodule(p)(*args, **kwargs)
             except Exception:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import RuntimeAware
 from .criteria import get_criterion
-from .depth import Bypass, block_change, find_bypasses, sensitivity, transitions
+from .depth import Bypass, block_change, find_bypasses, first_calls, sensitivity, transitions
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, as_tuple, trace
 from .modes import switched_mode
@@ -527,9 +527,11 @@ def _depth_steps(model: nn.Module, example_inputs: Inputs, latency: LatencyModel
     less per MAC than narrowing it. A stage's first block (its output shape differs from its
     input's) is not offered: what would remain of it is the shortcut's projection alone."""
     found = find_bypasses(model, ignore=ignore)
-    moved = transitions(model, example_inputs, {b.block for b in found})
+    # one forward records every candidate block's first call, for all three measures
+    calls = first_calls(model, example_inputs, {b.block for b in found})
+    moved = transitions(model, example_inputs, {b.block for b in found}, calls=calls)
     found = [b for b in found if b.block not in moved]
-    scores = sensitivity(model, example_inputs, found)
+    scores = sensitivity(model, example_inputs, found, calls=calls)
     steps = []
     for b, s in zip(found, scores, strict=True):
         inside = [i for i, c in enumerate(latency.calls)
@@ -540,7 +542,7 @@ def _depth_steps(model: nn.Module, example_inputs: Inputs, latency: LatencyModel
         return steps
     blocks = sorted({d.bypass.block for d in steps})
     narrowed = dict(zip(blocks, block_change(model, zeroed_reference(model, uniform),
-                                             example_inputs, blocks), strict=True))
+                                             example_inputs, blocks, calls=calls), strict=True))
     for d in steps:
         full = sum(latency.macs(i, latency.full[i]) for i in d.calls)
         share = 1 - sum(uniform_macs[i] for i in d.calls) / full if full > 0 else 0.0

@@ -338,3 +338,43 @@ def test_an_in_place_statement_on_a_kept_tensor_survives_the_bypass() -> None:
     with torch.no_grad():
         h = model[0](x)
         assert torch.equal(small(x), model[2](h.clamp(min=0)))
+
+
+def test_depth_scoring_records_the_blocks_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator's three measures of a block (stage transition, bypass sensitivity, change
+    when narrowed) read one recorded forward, and give what separate records give."""
+    from surgery import latency as latency_module
+    from surgery.depth import first_calls, sensitivity, transitions
+
+    clock = surgery.register_runtime(OverheadClock(), replace=True)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    found = surgery.find_bypasses(model, x)
+    blocks = {b.block for b in found}
+    record = first_calls(model, x, blocks)
+    assert transitions(model, x, blocks, calls=record) == transitions(model, x, blocks)
+    assert sensitivity(model, x, found, calls=record) == sensitivity(model, x, found)
+    made: list[int] = []
+    monkeypatch.setattr(latency_module, "first_calls",
+                        lambda *a, **k: made.append(1) or first_calls(*a, **k))
+    lat = latency_model(model, x, runtime=clock.name, lowest=0.25)
+    deep = latency_plan(model, x, ratio=0.5, runtime=clock.name, latency=lat, depth=True)
+    assert deep.bypasses and made == [1]
+
+
+class _WritesItsInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return x + 1
+
+
+def test_a_shared_record_survives_a_block_that_writes_its_input() -> None:
+    from surgery.depth import block_change, first_calls
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _WritesItsInput()).eval()
+    other = copy.deepcopy(model)
+    x = torch.randn(1, 3, 4, 4)
+    record = first_calls(model, x, ["1"])
+    first = block_change(model, other, x, ["1"], calls=record)
+    assert block_change(model, other, x, ["1"], calls=record) == first
