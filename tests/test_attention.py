@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from conftest import assert_unchanged, rounding, snapshot
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import surgery
 from surgery.report import prune_report, to_markdown
@@ -636,3 +637,48 @@ class _Call(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.fn(*args)  # type: ignore[operator]
+
+
+class _ReadsValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.offset = torch.ones(8)  # a plain tensor attribute, on the CPU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y * 2 if float(y.sum()) > 0 else self.fc(y + self.offset)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "mobilenet_v3_small"])
+def test_macs_on_shapes_equal_macs_on_values(name: str, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """Large models are counted on the meta device: the same total and per-module counts as a
+    real forward, and the model is left as it was."""
+    from surgery import stats
+
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    before = snapshot(model)
+    monkeypatch.setattr(stats, "ON_SHAPES", 10**12)
+    real_total, real_modules = surgery.count_macs(model, x), stats.module_macs(model, x)
+    monkeypatch.setattr(stats, "ON_SHAPES", 0)
+    counter = FlopCounterMode(display=False)
+    assert stats._on_meta(model, (x,), counter)  # the shapes path is the one taken
+    assert surgery.count_macs(model, x) == real_total > 0
+    assert stats.module_macs(model, x) == real_modules
+    assert_unchanged(model, before)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_macs_fall_back_to_values_where_the_forward_reads_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery import stats
+
+    monkeypatch.setattr(stats, "ON_SHAPES", 0)
+    model = _ReadsValues().eval()
+    x = torch.randn(3, 8)
+    assert not stats._on_meta(model, (x,), FlopCounterMode(display=False))
+    with torch.no_grad():
+        branches = 2 if float(model.fc(x).sum()) <= 0 else 1
+    assert surgery.count_macs(model, x) == branches * 3 * 8 * 8
