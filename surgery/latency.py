@@ -528,8 +528,9 @@ def _depth_steps(model: nn.Module, example_inputs: Inputs, latency: LatencyModel
     input's) is not offered: what would remain of it is the shortcut's projection alone."""
     found = find_bypasses(model, ignore=ignore)
     # one forward records every candidate block's first call, for all three measures
-    calls = first_calls(model, example_inputs, {b.block for b in found})
-    moved = transitions(model, example_inputs, {b.block for b in found}, calls=calls)
+    candidates = {b.block for b in found}
+    calls = first_calls(model, example_inputs, candidates)
+    moved = transitions(model, example_inputs, candidates, calls=calls)
     found = [b for b in found if b.block not in moved]
     scores = sensitivity(model, example_inputs, found, calls=calls)
     steps = []

@@ -29,8 +29,8 @@ def _counted(model: nn.Module, example_inputs: Inputs, per_module: bool) -> Flop
         return FlopCounterMode(display=False, depth=None if per_module else 2,  # type: ignore[arg-type]
                                custom_mapping=_UNCOUNTED)
 
-    counter = fresh()
     inputs = as_tuple(example_inputs)
+    large = sum(p.numel() for p, _ in grads) >= ON_SHAPES
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for p, _ in grads:
@@ -39,9 +39,9 @@ def _counted(model: nn.Module, example_inputs: Inputs, per_module: bool) -> Flop
         # kernel the counter does not know: it would count a whole attention layer as 0
         torch.backends.mha.set_fastpath_enabled(False)
         with switched_mode(model), torch.no_grad():
-            if sum(p.numel() for p, _ in grads) < ON_SHAPES or not _on_meta(model, inputs,
-                                                                             counter):
-                counter = fresh()
+            counter = fresh()
+            if not (large and _on_meta(model, inputs, counter)):
+                counter = fresh()  # a failed meta run may have counted part of the forward
                 with counter:
                     model(*inputs)
     finally:
