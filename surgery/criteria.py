@@ -66,19 +66,27 @@ def _is_param(model: nn.Module, path: str) -> bool:
 
 
 def powered_row_sums(t: torch.Tensor, p: float) -> np.ndarray:
-    """sum(|row|^p) of every row of a 2-D tensor, in float64. A transposed view (a linear
-    layer's input columns) is summed in blocks of its columns: a reduction across the leading
-    dim of a contiguous matrix is several times slower in torch than one along its rows."""
+    """sum(|x|^p) over each index of dim 0 of ``t`` (a position's weights: a row, or a slice of
+    a view), in float64. A view whose dims 0 and 1 are swapped from memory order (a layer's
+    input columns) is summed as ``ones @ |W|^p`` in blocks of its memory rows: torch reduces
+    across the leading dim of a contiguous matrix several times slower than along its rows, and
+    copying the columns out costs more than the sum."""
     def powered(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         return x.square() if p == 2 else x.abs() if p == 1 else x.abs().pow(p)
 
-    if t.dim() == 2 and t.stride(0) == 1 and t.stride(1) > 1 and t.shape[1] > 256:
-        total = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
-        for block in t.split(256, dim=1):  # rows of the underlying matrix, read in order
-            total += powered(block.t()).sum(0)
-        return total.cpu().numpy()
-    return torch.linalg.vector_norm(t.float(), p, dim=1).double().pow(p).cpu().numpy()
+    n = t.shape[0]
+    base = t.transpose(0, 1) if t.dim() >= 2 else t
+    if t.dim() >= 2 and n > 1 and t.numel() > 1 << 16 and not t.is_contiguous() \
+            and base.is_contiguous():
+        base = base.reshape(base.shape[0], -1)  # [a, n * rest] in memory order
+        total = torch.zeros(base.shape[1], dtype=torch.float64, device=t.device)
+        step = max(1, (1 << 22) // max(base.shape[1], 1))  # ~16 MB of powers at a time
+        for block in base.split(step):
+            total += torch.ones(block.shape[0], device=t.device) @ powered(block)
+        return total.reshape(n, -1).sum(1).cpu().numpy()
+    return torch.linalg.vector_norm(t.reshape(n, -1).float(), p, dim=1).double().pow(p) \
+        .cpu().numpy()
 
 
 def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:

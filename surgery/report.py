@@ -30,7 +30,7 @@ def group_table(model: nn.Module, graph: ChannelGraph, x: torch.Tensor) -> list[
             mine = np.isin(graph.slot_roots(key), units)
             t = slot_tensor(model, slot)
             if t is not None:
-                params += int(mine.sum()) * int(t.shape[1])
+                params += int(mine.sum()) * (t.numel() // max(t.shape[0], 1))
             share = float(mine.mean())
             seen[slot.path] = max(seen.get(slot.path, 0.0), share)
         for path, share in seen.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -123,3 +124,23 @@ def test_mac_target_lands_close_even_where_rounding_is_coarse() -> None:
     kept = surgery.count_macs(surgery.apply(model, plan), x) / surgery.count_macs(model, x)
     assert 0.45 <= kept <= 0.5 and plan.settings["macs_kept"] == pytest.approx(kept, abs=1e-3)
     assert "round_to=1" in plan.settings["warnings"][0]
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 1.5])
+def test_column_sums_read_in_place_equal_the_copied_rows(p: float) -> None:
+    """A layer's input columns are scored from a view (no copy); the sums are those of the
+    copied rows, in one block or several (a 4096 x 2048 matrix is split)."""
+    from surgery.criteria import powered_row_sums
+    from surgery.rules import module_rule
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(96, 160, 3), torch.nn.Conv2d(64, 2048, 1),
+              torch.nn.Linear(2048, 4096), torch.nn.Conv2d(8, 8, 3)]
+    for m in layers:
+        rule = module_rule(m)
+        assert rule is not None
+        view = rule.importance(m, "in")
+        rows = rule.weight_rows(m, "in").contiguous()
+        want = torch.linalg.vector_norm(rows.double(), p, dim=1).pow(p).numpy()
+        assert view.shape[0] == rows.shape[0]
+        np.testing.assert_allclose(powered_row_sums(view, p), want, rtol=1e-5)

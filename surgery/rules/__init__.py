@@ -88,8 +88,9 @@ class ModuleRule(Generic[M]):
         raise NotImplementedError
 
     def importance(self, module: M, axis: str) -> torch.Tensor | None:
-        """Weights of every position along ``axis`` as rows of a 2-D tensor (None: no weights);
-        by default the layer's :meth:`weight_rows`."""
+        """Weights of every position along ``axis``, one position per index of dim 0 (a 2-D
+        tensor of rows, or any view whose other dims hold the position's weights: no copy
+        needed for a layer's input columns); None: no weights. By default :meth:`weight_rows`."""
         return self.weight_rows(module, axis)
 
     def weight_rows(self, module: M, axis: str, weight: torch.Tensor | None = None
