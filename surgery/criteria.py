@@ -23,6 +23,7 @@ from torch import nn
 from .errors import ConfigError
 from .graph import ChannelGraph
 from .groups import Group, Slot, param_dim
+from .paths import Submodules
 from .rules import module_rule
 
 Scorer = Callable[[Group], np.ndarray]
@@ -49,20 +50,20 @@ def get_criterion(name: str) -> CriterionFactory:
         raise ConfigError(f"unknown criterion {name!r}; expected one of {criteria()}") from None
 
 
-def slot_tensor(model: nn.Module, slot: Slot) -> torch.Tensor | None:
-    """The weights of every position of a slot as rows of a 2-D tensor."""
+def slot_tensor(model: nn.Module, slot: Slot, submodule: Submodules | None = None
+                ) -> torch.Tensor | None:
+    """The weights of every position of a slot, one position per index of dim 0.
+    ``submodule``: a lookup table of ``model``'s layers, for many calls."""
+    submodule = submodule or Submodules(model)
     if slot.kind == "module":
-        m = model.get_submodule(slot.path)
+        m = submodule(slot.path)
         rule = module_rule(m)
         return None if rule is None else rule.importance(m, slot.axis)
-    t = model.get_parameter(slot.path) if _is_param(model, slot.path) else \
-        model.get_buffer(slot.path)
+    owner, _, name = slot.path.rpartition(".")
+    m = submodule(owner)
+    t = m._parameters[name] if name in m._parameters else m._buffers[name]
+    assert t is not None, f"{slot.path} is None"
     return t.detach().movedim(param_dim(slot.axis), 0).reshape(slot.size, -1)
-
-
-def _is_param(model: nn.Module, path: str) -> bool:
-    owner, _, name = path.rpartition(".")
-    return name in model.get_submodule(owner)._parameters
 
 
 def powered_row_sums(t: torch.Tensor, p: float) -> np.ndarray:
@@ -92,15 +93,16 @@ def powered_row_sums(t: torch.Tensor, p: float) -> np.ndarray:
 def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:
     def factory(model: nn.Module, graph: ChannelGraph, seed: int = 0) -> Scorer:
         cache: dict[str, np.ndarray | None] = {}
+        submodule = Submodules(model)
 
         def per_position(key: str) -> np.ndarray | None:
             if key not in cache:
                 slot = graph.slots[key]
                 if only_norms and not (slot.kind == "module" and getattr(
-                        module_rule(model.get_submodule(slot.path)), "is_norm", False)):
+                        module_rule(submodule(slot.path)), "is_norm", False)):
                     cache[key] = None
                 else:
-                    t = slot_tensor(model, slot)
+                    t = slot_tensor(model, slot, submodule)
                     cache[key] = None if t is None else powered_row_sums(t, p)
             return cache[key]
 

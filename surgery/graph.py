@@ -34,6 +34,7 @@ from torch import nn
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import switched_mode
+from .paths import Submodules
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
 from .sizes import AttrInt, Dyn, DynFloat, attribute_ints, derive
 
@@ -323,6 +324,7 @@ class _Context:
         self.opaque_names = opaque
         self.node: torch.fx.Node | None = None
         self.model: nn.Module | None = None
+        self._submodules: Submodules | None = None
         self.env: dict[torch.fx.Node, Any] = {}
         #: attribute (qualified name) -> atoms of the positions its value counts
         self.attrs: dict[str, np.ndarray] = {}
@@ -500,12 +502,20 @@ class _Context:
     def record_contracted(self, atoms: np.ndarray) -> None:
         self.contracted.append(atoms)
 
+    def submodule(self, path: str) -> nn.Module:
+        """The traced model's layer at ``path`` (a table per model: the tree is not changed
+        while it is traced)."""
+        assert self.model is not None
+        if self._submodules is None or self._submodules.model is not self.model:
+            self._submodules = Submodules(self.model)
+        return self._submodules(path)
+
     def owner(self, p: Any) -> tuple[str, nn.Module, ModuleRule | None] | None:
         """(path, module, rule) of the module owning parameter/buffer ``p``, if ``p`` is one."""
         if not isinstance(p, TVal) or p.param is None or self.model is None:
             return None
         owner_path = p.param.rpartition(".")[0]
-        owner = self.model.get_submodule(owner_path)
+        owner = self.submodule(owner_path)
         return owner_path, owner, module_rule(owner)
 
     def bind_param(self, p: TVal, dim: int, atoms: np.ndarray, cross_channel: bool = False,
@@ -523,7 +533,7 @@ class _Context:
                 return None
             dim = real
         owner_path, _, name = p.param.rpartition(".")
-        rule = module_rule(self.model.get_submodule(owner_path))
+        rule = module_rule(self.submodule(owner_path))
         axis = rule.param_axis(name, dim) if rule is not None else None
         if axis is not None:
             return self.slot(owner_path, axis, atoms, cross_channel=cross_channel)
@@ -563,7 +573,7 @@ class _Context:
     def _module(self, model: nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict[str, Any],
                 out: Any) -> Any:
         path = str(node.target)
-        module = model.get_submodule(path)
+        module = self.submodule(path)
         inputs, extra = _by_position(module, args, kwargs)
         for v in _walk(extra):  # a tensor no parameter of forward names: it must stay whole
             if v.tracked:

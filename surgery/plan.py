@@ -27,6 +27,7 @@ from .depth import Bypass, outermost
 from .errors import ConfigError, NothingToPruneError, PlanError
 from .graph import ChannelGraph, Inputs, trace
 from .groups import Group
+from .paths import Submodules
 
 FORMAT = "surgery-plan"
 VERSION = 1
@@ -317,11 +318,12 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
     layers: dict[str, LayerPlan] = {}
     removed = np.zeros(len(graph.roots), dtype=bool)  # by root: one lookup per atom
     removed[gone] = True
+    submodule = Submodules(model)
     for slot in graph.slots.values():
         keep = np.flatnonzero(~removed[graph.roots[slot.atoms]])
         if len(keep) == slot.size:
             continue
-        cls = type(model.get_submodule(slot.path)).__name__ if slot.kind == "module" else "Tensor"
+        cls = type(submodule(slot.path)).__name__ if slot.kind == "module" else "Tensor"
         lp = layers.setdefault(slot.path, LayerPlan(slot.kind, cls, {}))
         lp.axes[slot.axis] = AxisPlan(slot.size, tuple(keep.tolist()))
     attributes: dict[str, dict[str, AxisPlan]] = {}

@@ -11,6 +11,7 @@ from torch import nn
 from .bench import BenchReport
 from .criteria import slot_tensor
 from .graph import ChannelGraph
+from .paths import Submodules
 from .plan import Plan
 from .stats import count_macs, count_params, module_macs
 from .verify import VerifyReport
@@ -20,6 +21,7 @@ def group_table(model: nn.Module, graph: ChannelGraph, x: torch.Tensor) -> list[
     """One row per coupled group: size, prunability (and why not), params and MACs it touches."""
     macs = module_macs(model, x)
     rows = []
+    submodule = Submodules(model)
     for g in graph.groups:
         units = np.concatenate([g.units, g.pinned])
         params = 0
@@ -28,7 +30,7 @@ def group_table(model: nn.Module, graph: ChannelGraph, x: torch.Tensor) -> list[
         for key in g.slots:
             slot = graph.slots[key]
             mine = np.isin(graph.slot_roots(key), units)
-            t = slot_tensor(model, slot)
+            t = slot_tensor(model, slot, submodule)
             if t is not None:
                 params += int(mine.sum()) * (t.numel() // max(t.shape[0], 1))
             share = float(mine.mean())

@@ -17,19 +17,20 @@ from .depth import bypass_in_place, bypassed_modules
 from .errors import PlanError, SurgeryError
 from .graph import Inputs, fingerprint, trace
 from .groups import param_dim
+from .paths import Submodules
 from .plan import Plan, check_coupling
 from .rules import module_rule, set_tensor
 
 
-def _tensor(model: nn.Module, path: str) -> torch.Tensor:
+def _tensor(submodule: Submodules, path: str) -> torch.Tensor:
     owner, _, name = path.rpartition(".")
-    t = getattr(model.get_submodule(owner), name, None)
+    t = getattr(submodule(owner), name, None)
     if not isinstance(t, torch.Tensor):
         raise AttributeError(name)
     return t
 
 
-def _validate(model: nn.Module, plan: Plan) -> None:
+def _validate(model: nn.Module, plan: Plan, submodule: Submodules) -> None:
     fp = fingerprint(model)
     if fp != plan.fingerprint:
         raise PlanError(f"the plan was made for another architecture ({plan.model_class}, "
@@ -44,7 +45,7 @@ def _validate(model: nn.Module, plan: Plan) -> None:
                             "(it no longer runs); re-create the plan")
     for path, lp in plan.layers.items():
         try:
-            target = model.get_submodule(path) if lp.kind == "module" else _tensor(model, path)
+            target = submodule(path) if lp.kind == "module" else _tensor(submodule, path)
         except AttributeError:
             raise PlanError(
                 f"the plan names layer '{path}' which this model does not have") from None
@@ -80,17 +81,18 @@ Built = tuple[dict[int, nn.Module], list[tuple[str, torch.Tensor]]]
 def _build(model: nn.Module, plan: Plan) -> Built:
     modules: dict[int, nn.Module] = {}
     tensors: list[tuple[str, torch.Tensor]] = []
+    submodule = Submodules(model)
     for path, lp in plan.layers.items():
         try:
             if lp.kind == "module":
-                old = model.get_submodule(path)
+                old = submodule(path)
                 keep = {a: torch.tensor(ap.keep, dtype=torch.long) for a, ap in lp.axes.items()}
                 rule = module_rule(old)
                 # _validate found a rule for every axis the plan prunes
                 assert rule is not None, f"no module rule for {type(old).__name__}"
                 modules[id(old)] = rule.shrink(old, keep)
             else:
-                t = _tensor(model, path)
+                t = _tensor(submodule, path)
                 for axis, ap in lp.axes.items():
                     t = t.detach().index_select(param_dim(axis),
                                                 torch.tensor(ap.keep, device=t.device))
@@ -145,7 +147,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Inputs | None = None) ->
     Example:
         >>> small = surgery.apply(model, surgery.Plan.load("plan.json"), x)
     """
-    _validate(model, plan)
+    submodule = Submodules(model)
+    _validate(model, plan, submodule)
     if example_inputs is not None and (plan.layers or plan.attributes):
         # the channels couple as they do once the plan's bypasses are made
         traced = bypass_in_place(copy.deepcopy(model), plan.bypasses) if plan.bypasses else model
@@ -154,7 +157,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Inputs | None = None) ->
     # Layers the plan rebuilds are not worth copying: they are replaced by new modules built from
     # the originals (read only). Everything else is deep-copied.
     rebuilt = {id(m): m for path, lp in plan.layers.items() if lp.kind == "module"
-               for m in (model.get_submodule(path),)}
+               for m in (submodule(path),)}
     target = deep_copy(model, memo=dict(rebuilt))
     bypassed = bypassed_modules(target, plan.bypasses)
     modules, tensors = _build(target, plan)
@@ -178,7 +181,8 @@ def _swap_bypassed(model: nn.Module, bypassed: dict[str, nn.Module]) -> None:
 
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """In place: swap the smaller layers into ``model`` itself (atomic: all built first)."""
-    _validate(model, plan)
+    submodule = Submodules(model)
+    _validate(model, plan, submodule)
     bypassed = bypassed_modules(model, plan.bypasses)
     built = _build(model, plan)
     _swap_bypassed(model, bypassed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +45,8 @@ def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -
     """max|got - want| / max|want|: the largest difference relative to the reference's scale.
 
     An all-zero reference gives the absolute difference (so a non-zero result is not hidden);
-    integer outputs give 0 when equal and infinity otherwise; empty ones 0.
+    integer outputs give 0 when equal and infinity otherwise; empty ones 0; a NaN on either
+    side infinity (NaN compares false with any tolerance, so it must not be what is returned).
     """
     a, b = torch.as_tensor(got), torch.as_tensor(want)
     if not b.numel():
@@ -53,4 +55,12 @@ def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -
         return 0.0 if torch.equal(a, b) else float("inf")
     diff = (a.to(b.dtype) - b).abs().max().item()
     scale = b.abs().max().item()
+    return relative(diff, scale)
+
+
+def relative(diff: float, scale: float) -> float:
+    """``diff / scale`` as :func:`rel_error` defines it (absolute where ``scale`` is 0, NaN as
+    infinity)."""
+    if math.isnan(diff) or math.isnan(scale):
+        return math.inf
     return diff / scale if scale > 0 else diff

@@ -36,6 +36,7 @@ from .errors import ExampleInputError, VerificationError
 from .graph import Inputs, Recorder, as_tuple, fx_trace
 from .groups import param_dim, param_reads
 from .modes import switched_mode
+from .paths import Submodules
 from .plan import LayerPlan, Plan
 from .rules import ModuleRule, module_rule
 from .tensors import output_tensors, rel_error, replace_tensors
@@ -87,10 +88,11 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
     """
     masks: dict[str, list[tuple[int, torch.Tensor]]] = {}
     zeroed: list[str] = []  # layers whose weights are zeroed in the copy
+    submodule = Submodules(model)
     for path, lp in plan.layers.items():
         if lp.kind != "module":
             continue
-        m = model.get_submodule(path)
+        m = submodule(path)
         rule = module_rule(m)
         if rule is not None and type(rule).zero_removed is ModuleRule.zero_removed:
             continue  # its weights read no channel across (a norm layer): nothing to zero
@@ -102,21 +104,22 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
                    if axis in dims]
         if any(len(idx) for _, idx in entries):
             masks[path] = entries
-    ref = _light_copy(model, plan, zeroed) if share_tensors else None
+    ref = _light_copy(model, plan, zeroed, submodule) if share_tensors else None
     if ref is None:
         ref = copy.deepcopy(model)
     bypass_in_place(ref, plan.bypasses)
+    in_ref = Submodules(ref)
     for path, lp in plan.layers.items():
         if lp.kind != "module":
-            _zero_read_entries(ref, path, lp)
+            _zero_read_entries(in_ref, path, lp)
         elif path in zeroed:
-            m = ref.get_submodule(path)
+            m = in_ref(path)
             rule = module_rule(m)
             for axis, ap in lp.axes.items():
                 assert rule is not None  # a plan prunes only the axes of a ruled layer
                 rule.zero_removed(m, axis, _removed(ap.size, ap.keep))
     for path, entries in masks.items():
-        ref.get_submodule(path).register_forward_pre_hook(_InputZeroer(path, entries),
+        in_ref(path).register_forward_pre_hook(_InputZeroer(path, entries),
                                                           with_kwargs=True)
     return ref
 
@@ -187,17 +190,18 @@ def _tables(m: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return m._parameters, m._buffers
 
 
-def _light_copy(model: nn.Module, plan: Plan, zeroed: list[str]) -> nn.Module | None:
+def _light_copy(model: nn.Module, plan: Plan, zeroed: list[str], submodule: Submodules
+                ) -> nn.Module | None:
     """The module tree of ``model`` copied (tables of its own), tensors shared except those of
     the ``zeroed`` layers and the plan's raw tensors, which are cloned (ties kept). None where
     that is not safe."""
     touched: set[int] = set()
     for path in zeroed:
-        touched.update(id(m) for m in model.get_submodule(path).modules())
+        touched.update(id(m) for m in submodule(path).modules())
     for path, lp in plan.layers.items():
         if lp.kind != "module":
             owner, _, name = path.rpartition(".")
-            t = getattr(model.get_submodule(owner), name)
+            t = getattr(submodule(owner), name)
             if isinstance(t, torch.Tensor):
                 touched.add(id(t))
     copies: dict[int, nn.Module] = {}
@@ -246,10 +250,10 @@ def _removed(size: int, keep: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor([i for i in range(size) if i not in kept], dtype=torch.long)
 
 
-def _zero_read_entries(ref: nn.Module, path: str, lp: LayerPlan) -> None:
+def _zero_read_entries(submodule: Submodules, path: str, lp: LayerPlan) -> None:
     """A raw weight that reads channels (``F.conv2d(x, self.w)``) stops reading the removed ones."""
     owner, _, name = path.rpartition(".")
-    t = getattr(ref.get_submodule(owner), name)
+    t = getattr(submodule(owner), name)
     for axis, ap in lp.axes.items():
         if param_reads(axis):
             with torch.no_grad():

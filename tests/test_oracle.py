@@ -280,3 +280,13 @@ def test_outputs_rewritten_in_place_are_compared_as_returned() -> None:
     bad = _tamper(plan, "layer1.0.conv2", "in")  # reads other channels than bn1 keeps
     report = surgery.verify(model, surgery.apply(model, bad), bad, x, raise_on_failure=False)
     assert not report.passed and report.max_rel_error > 1e-3
+
+
+def test_a_nan_output_fails_verification() -> None:
+    """NaN compares false with every tolerance: a pruned model that returns NaN where the
+    reference does not must fail, not pass with an error of NaN."""
+    from surgery.tensors import rel_error
+
+    want = torch.ones(3)
+    assert rel_error(torch.tensor([1.0, float("nan"), 1.0]), want) == float("inf")
+    assert rel_error(want, want) == 0.0
