@@ -164,3 +164,69 @@ def test_readme_worked_example_a_rule_for_your_own_layer() -> None:
     register_module_rule(AffineRule())
     small = surgery.prune(model, x, ratio=0.5)  # verified exact inside
     assert small[1].c == 8 and small[1].scale.shape == (8,) and small[0].out_channels == 8
+
+
+def test_a_masked_layer_called_by_keyword_falls_back_to_zeroed_weights() -> None:
+    """The reference zeroes removed channels on the way into a layer whose rule gives
+    ``input_dims``; a call that passes the input under another keyword cannot be masked, so the
+    reference is built again with that layer's weights zeroed, and verification still passes."""
+    from surgery import ModuleRule, TVal, register_module_rule
+    from surgery.rules import clone_module, set_tensor
+
+    class Mix(nn.Module):  # a 1x1 conv written by hand: y[:, o] = sum_i w[o, i] x[:, i]
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__()
+            self.cin, self.cout = cin, cout
+            self.w = nn.Parameter(torch.randn(cout, cin))
+
+        def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("oi,bihw->bohw", self.w, x)
+
+    class MixRule(ModuleRule):
+        types, axes = (Mix,), ("in", "out")
+
+        def propagate(self, ctx, path, m, inputs, out):  # type: ignore[no-untyped-def]
+            ctx.slot(path, "in", ctx.channels_in(inputs[0], 1, m.cin))
+            return TVal(out.shape, (1,), ctx.out_atoms(path, "out", m.cout))
+
+        def shrink(self, m, keep):  # type: ignore[no-untyped-def]
+            kin = keep.get("in", torch.arange(m.cin))
+            kout = keep.get("out", torch.arange(m.cout))
+            new = clone_module(m)
+            set_tensor(new, "w", m.w.detach()[kout][:, kin])
+            new.cin, new.cout = len(kin), len(kout)
+            return new
+
+        def weight_rows(self, m, axis, weight=None):  # type: ignore[no-untyped-def]
+            w = m.w.detach() if weight is None else weight
+            return w if axis == "out" else w.t()
+
+        def zero_removed(self, m, axis, idx):  # type: ignore[no-untyped-def]
+            if axis == "in" and len(idx):
+                with torch.no_grad():
+                    m.w[:, idx] = 0
+
+        def input_dims(self, m):  # type: ignore[no-untyped-def]
+            return {"in": 1}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3)
+            self.mix = Mix(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mix(x=torch.relu(self.conv(x)))
+
+    register_module_rule(MixRule())
+    model = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert small.mix.w.shape == (4, 8) and report.passed and report.max_rel_error < 1e-5
+    # a wrong prune is still caught through the fallback
+    with torch.no_grad():
+        small.mix.w[0, 0] += 1
+    with pytest.raises(surgery.VerificationError):
+        surgery.verify(model, small, plan, x)
