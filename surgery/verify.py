@@ -21,7 +21,6 @@ the second pass.
 
 from __future__ import annotations
 
-import collections
 import copy
 import math
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .copies import SharedModule, own_tables
 from .depth import bypass_in_place
 from .errors import ExampleInputError, VerificationError
 from .graph import Inputs, Recorder, as_tuple, fx_trace
@@ -153,39 +153,6 @@ def _masking_failed(ref: nn.Module) -> bool:
                for h in m._forward_pre_hooks.values())
 
 
-class _Unsafe(Exception):
-    """A module holds another module outside ``_modules``: a light copy would leave that
-    reference pointing at the original."""
-
-
-_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
-_COPIED = (dict, collections.OrderedDict, list, set)
-_ATOMS = frozenset({type(None), bool, int, float, str})
-
-
-def _shallow(m: nn.Module) -> nn.Module:
-    """``m`` with its own tables (parameters, buffers, children, hooks): the values are shared."""
-    d = m.__dict__.copy()
-    for key, v in d.items():
-        if type(v) in _ATOMS:
-            continue
-        if isinstance(v, nn.Module):
-            raise _Unsafe
-        if isinstance(v, dict | list | tuple | set):
-            if not v:
-                if not isinstance(v, tuple):
-                    d[key] = v.copy()
-                continue
-            if key not in _TABLES and any(isinstance(e, nn.Module) for e in (
-                    v.values() if isinstance(v, dict) else v)):
-                raise _Unsafe
-            if not isinstance(v, tuple):
-                d[key] = v.copy() if type(v) in _COPIED else copy.copy(v)
-    new = type(m).__new__(type(m))
-    object.__setattr__(new, "__dict__", d)
-    return new
-
-
 def _tables(m: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return m._parameters, m._buffers
 
@@ -216,9 +183,7 @@ def _light_copy(model: nn.Module, plan: Plan, zeroed: list[str], submodule: Subm
     def visit(m: nn.Module) -> nn.Module:
         if id(m) in copies:
             return copies[id(m)]
-        if type(m).__dict__.get("__slots__") is not None:
-            raise _Unsafe
-        new = _shallow(m)
+        new = own_tables(m)
         copies[id(m)] = new
         for key, child in m._modules.items():
             if child is not None:
@@ -234,7 +199,7 @@ def _light_copy(model: nn.Module, plan: Plan, zeroed: list[str], submodule: Subm
 
     try:
         ref = visit(model)
-    except _Unsafe:
+    except SharedModule:
         return None
     for new in copies.values():  # a tensor tied into a layer the plan does not touch
         for table in _tables(new):

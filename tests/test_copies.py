@@ -1,5 +1,6 @@
-"""surgery.copies.deep_copy makes what copy.deepcopy makes: a new tree, its own tensors, the
-same ties, attributes and hooks; a module with its own copy protocol goes through deepcopy."""
+"""surgery.copies: deep_copy makes what copy.deepcopy makes (a new tree, its own tensors, the
+same ties, attributes and hooks; a module with its own copy protocol goes through deepcopy);
+the shallow copies have tables of their own and share the values."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from surgery.copies import deep_copy
+from surgery.copies import SharedModule, deep_copy, own_tables, shallow_copy
 
 
 class _Tied(nn.Module):
@@ -71,3 +72,21 @@ def test_ties_attributes_hooks_and_own_copy_protocols_are_kept() -> None:
     # a memo entry is taken as it is (the surgeon passes the layers it rebuilds)
     kept = deep_copy(holder, memo={id(holder[1]): holder[1]})
     assert kept[1] is holder[1] and kept[0] is not holder[0]
+
+
+@pytest.mark.parametrize("copier", [shallow_copy, own_tables])
+def test_shallow_copies_own_their_tables_and_share_the_values(copier: Any) -> None:
+    m = nn.Conv2d(3, 4, 3)
+    m.register_forward_hook(lambda *a: None)
+    new = copier(m)
+    assert type(new) is nn.Conv2d and new.weight is m.weight and new.kernel_size == (3, 3)
+    new.register_forward_hook(lambda *a: None)
+    new.weight = nn.Parameter(torch.zeros(4, 3, 3, 3))
+    assert len(m._forward_hooks) == 1 and len(new._forward_hooks) == 2
+    assert m.weight.abs().sum() > 0 and m._parameters["weight"] is not new.weight
+
+
+def test_own_tables_refuses_a_module_held_outside_its_children() -> None:
+    with pytest.raises(SharedModule, match="also"):
+        own_tables(_Tied())  # `also` lists the head outside _modules
+    assert own_tables(nn.Sequential(nn.ReLU()))[0] is not None

@@ -9,14 +9,13 @@ Adding support for a layer is one ``register_module_rule`` call. Rules program a
 
 from __future__ import annotations
 
-import collections
-import copy
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 from torch import nn
 
+from ..copies import shallow_copy as clone_module
 from ..groups import TVal
 from .context import RuleContext
 
@@ -201,23 +200,6 @@ def function_rule(target: Any) -> FunctionRule | None:
         return _FUNCTION_RULES.get(target)
     except TypeError:  # unhashable target
         return None
-
-
-def clone_module(module: M) -> M:
-    """A shallow copy with its own parameter/buffer/hook tables: same class, attributes, mode.
-
-    Keeping the object (rather than calling the constructor again) preserves every constructor
-    argument, user attribute, hook, dtype, device and train/eval flag of the original.
-    """
-    new = copy.copy(module)
-    for key, value in vars(module).items():
-        if isinstance(value, dict | set | list):
-            # the tables' own copy: several times faster than copy.copy's generic protocol
-            new.__dict__[key] = value.copy() if type(value) in _PLAIN_TABLES else copy.copy(value)
-    return new
-
-
-_PLAIN_TABLES = frozenset({dict, set, list, collections.OrderedDict})
 
 
 def take_rows_cols(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
