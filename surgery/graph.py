@@ -9,18 +9,17 @@ its train/eval flags are restored.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import hashlib
 import inspect
-import io
 import linecache
 import operator
 import os
 import re
 import sys
 import textwrap
-import tokenize
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -797,20 +796,76 @@ def fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = Non
 
 
 @functools.cache
+@functools.cache
 def _mentions_training(cls: type) -> bool:
-    """Does the code of ``cls`` or a base below nn.Module read a name ``training``? Words in
-    strings and comments (a warning that mentions training) do not count."""
+    """Could the code of ``cls`` (or a base below nn.Module) trace differently in train mode?
+    It can where it reads a name ``training``, except as an argument handed straight to a
+    function fx records as one op (a torch function such as ``F.dropout``, or one registered
+    with ``torch.fx.wrap``): there the mode is that op's argument, not a branch of the graph.
+    Words in strings and comments do not count; code without source counts."""
     for base in cls.__mro__:
         if base is nn.Module or base is object:
             continue
+        module = sys.modules.get(base.__module__)
         try:
-            source = inspect.getsource(base)
-            tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
-            if any(t.type == tokenize.NAME and t.string == "training" for t in tokens):
-                return True
-        except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+            tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+        except (OSError, TypeError, SyntaxError):
             return True  # no source to read: assume it may branch on the mode
+        if module is None or any(not _mode_as_op_argument(read, up, vars(module))
+                                 for read, up in _mode_reads(tree)):
+            return True
     return False
+
+
+def _mode_reads(tree: ast.AST) -> Iterator[tuple[ast.AST, list[ast.AST]]]:
+    """Every ``training`` name or attribute in ``tree``, with the two nodes it sits in."""
+    parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.Name) and n.id == "training") or (
+                isinstance(n, ast.Attribute) and n.attr == "training"):
+            up = [p for p in (parents.get(n),) if p is not None]
+            up += [p for p in (parents.get(up[0]),) if p is not None] if up else []
+            yield n, up
+
+
+def _mode_as_op_argument(read: ast.AST, up: list[ast.AST], scope: dict[str, Any]) -> bool:
+    """Is ``read`` loaded and passed as is to a call of a function fx records as one op?"""
+    if not isinstance(getattr(read, "ctx", None), ast.Load) or not up:
+        return False
+    if isinstance(up[0], ast.Call) and read in up[0].args:
+        call = up[0]
+    elif isinstance(up[0], ast.keyword) and len(up) > 1 and isinstance(up[1], ast.Call):
+        call = up[1]
+    else:
+        return False
+    return _records_one_op(call.func, scope)
+
+
+def _records_one_op(func: ast.expr, scope: dict[str, Any]) -> bool:
+    if isinstance(func, ast.Name) and (id(scope), func.id) in getattr(
+            torch.fx._symbolic_trace, "_wrapped_fns_to_patch", {}):
+        return True  # torch.fx.wrap("name") in the module that calls it
+    target = _resolved(func, scope)
+    try:
+        return target is not None and target in _overridable()
+    except TypeError:  # unhashable
+        return False
+
+
+def _resolved(expr: ast.expr, scope: dict[str, Any]) -> Any:
+    if isinstance(expr, ast.Name):
+        return scope.get(expr.id)
+    if isinstance(expr, ast.Attribute):
+        owner = _resolved(expr.value, scope)
+        return getattr(owner, expr.attr, None) if owner is not None else None
+    return None
+
+
+@functools.cache
+def _overridable() -> frozenset[Any]:
+    """The torch functions that dispatch ``__torch_function__``: fx records each as one op."""
+    return frozenset(f for fs in torch.overrides.get_overridable_functions().values()
+                     for f in fs)
 
 
 def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:

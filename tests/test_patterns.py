@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from conftest import assert_unchanged, randomize_norms, rounding, snapshot
 from patterns import PATTERNS, Concat, Grouped, LayerScale, Shuffle, TrainOnlyAux
 from torch import nn
+from torch.nn import functional as F
 
 import surgery
 
@@ -196,6 +198,48 @@ def test_the_word_training_in_a_string_does_not_trace_twice(
                         lambda *a, **k: traced.append(1) or real(*a, **k))
     surgery.trace(Said(), torch.randn(1, 3, 8, 8))
     assert len(traced) == 1
+
+
+def _with_aux(x: torch.Tensor, aux: nn.Module, training: bool) -> Any:
+    """A plain helper fx traces into: it branches on the mode it is handed."""
+    return (x, aux(x)) if training else x
+
+
+class _ModeToHelper(TrainOnlyAux):
+    def forward(self, x: torch.Tensor) -> Any:
+        x, aux = _with_aux(self.a(x), self.aux, self.training), None
+        if isinstance(x, tuple):
+            x, aux = x
+        out = self.fc(self.b(x).mean((2, 3)))
+        return (out, aux) if aux is not None else out
+
+
+class _ModeToOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.dropout(self.conv(x), 0.1, self.training)
+        return F.dropout(y, p=0.1, training=self.training)
+
+
+def test_the_mode_handed_to_one_op_does_not_trace_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``F.dropout(x, training=self.training)`` changes an argument of one recorded op, not the
+    graph: no second trace. Handed to a helper fx traces into, the mode can branch: traced
+    again, and the train-only layers are found."""
+    from surgery import graph as graph_module
+
+    traced: list[int] = []
+    real = graph_module.fx_trace
+    monkeypatch.setattr(graph_module, "fx_trace",
+                        lambda *a, **k: traced.append(1) or real(*a, **k))
+    assert not surgery.trace(_ModeToOp(), torch.randn(1, 3, 8, 8)).train_graph
+    assert len(traced) == 1
+    graph = surgery.trace(_ModeToHelper(), torch.randn(2, 3, 16, 16))
+    assert len(traced) == 3 and graph.train_graph
+    small = surgery.prune(_ModeToHelper(), torch.randn(2, 3, 16, 16), ratio=0.5, round_to=1)
+    assert small.aux[0].in_channels == small.a[0].out_channels == 8
 
 
 def test_pinned_io_and_explain() -> None:
