@@ -796,7 +796,6 @@ def fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = Non
 
 
 @functools.cache
-@functools.cache
 def _mentions_training(cls: type) -> bool:
     """Could the code of ``cls`` (or a base below nn.Module) trace differently in train mode?
     It can where it reads a name ``training``, except as an argument handed straight to a
