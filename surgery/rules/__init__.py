@@ -49,7 +49,7 @@ class ModuleRule(Generic[M]):
       (``TVal``), tie them to the module's axes with ``ctx.slot``, return the output ``TVal``;
     - ``shrink(module, keep)``: a copy keeping only ``keep[axis]`` positions (same class, with its
       size attributes updated; ``clone_module`` and ``set_tensor`` help);
-    - ``importance(module, axis)``: the weights of each position as rows (for the criteria);
+    - ``importance(module, axis)``: the weights of each position along dim 0 (for the criteria);
     - ``zero_removed(module, axis, idx)``: zero what reads removed input positions (the
       verification reference).
     """
