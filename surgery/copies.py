@@ -30,6 +30,10 @@ _TABLES = frozenset({dict, collections.OrderedDict, set, list})
 _OWN = frozenset({"_parameters", "_buffers", "_modules"})
 
 
+def _table_copy(v: Any) -> Any:
+    return v.copy() if type(v) in _TABLES else copy.copy(v)
+
+
 def shallow_copy(module: M) -> M:
     """A shallow copy with its own parameter/buffer/hook tables: same class, attributes, mode.
 
@@ -39,7 +43,7 @@ def shallow_copy(module: M) -> M:
     new = copy.copy(module)
     for key, value in vars(module).items():
         if isinstance(value, dict | set | list):
-            new.__dict__[key] = value.copy() if type(value) in _TABLES else copy.copy(value)
+            new.__dict__[key] = _table_copy(value)
     return new
 
 
@@ -69,7 +73,7 @@ def own_tables(m: M) -> M:
                     v.values() if isinstance(v, dict) else v)):
                 raise SharedModule(key)
             if not isinstance(v, tuple):
-                d[key] = v.copy() if type(v) in _TABLES else copy.copy(v)
+                d[key] = _table_copy(v)
     new = type(m).__new__(type(m))
     object.__setattr__(new, "__dict__", d)
     return new

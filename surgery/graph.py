@@ -810,31 +810,31 @@ def _mentions_training(cls: type) -> bool:
             tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
         except (OSError, TypeError, SyntaxError):
             return True  # no source to read: assume it may branch on the mode
-        if module is None or any(not _mode_as_op_argument(read, up, vars(module))
-                                 for read, up in _mode_reads(tree)):
+        if module is None or any(not _mode_as_op_argument(*found, vars(module))
+                                 for found in _mode_reads(tree)):
             return True
     return False
 
 
-def _mode_reads(tree: ast.AST) -> Iterator[tuple[ast.AST, list[ast.AST]]]:
-    """Every ``training`` name or attribute in ``tree``, with the two nodes it sits in."""
+def _mode_reads(tree: ast.AST) -> Iterator[tuple[ast.AST, ast.AST | None, ast.AST | None]]:
+    """Every ``training`` name or attribute in ``tree``, with its parent and grandparent."""
     parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
     for n in ast.walk(tree):
         if (isinstance(n, ast.Name) and n.id == "training") or (
                 isinstance(n, ast.Attribute) and n.attr == "training"):
-            up = [p for p in (parents.get(n),) if p is not None]
-            up += [p for p in (parents.get(up[0]),) if p is not None] if up else []
-            yield n, up
+            parent = parents.get(n)
+            yield n, parent, parents.get(parent) if parent is not None else None
 
 
-def _mode_as_op_argument(read: ast.AST, up: list[ast.AST], scope: dict[str, Any]) -> bool:
+def _mode_as_op_argument(read: ast.AST, parent: ast.AST | None, grand: ast.AST | None,
+                         scope: dict[str, Any]) -> bool:
     """Is ``read`` loaded and passed as is to a call of a function fx records as one op?"""
-    if not isinstance(getattr(read, "ctx", None), ast.Load) or not up:
+    if not isinstance(getattr(read, "ctx", None), ast.Load):
         return False
-    if isinstance(up[0], ast.Call) and read in up[0].args:
-        call = up[0]
-    elif isinstance(up[0], ast.keyword) and len(up) > 1 and isinstance(up[1], ast.Call):
-        call = up[1]
+    if isinstance(parent, ast.Call) and read in parent.args:
+        call = parent
+    elif isinstance(parent, ast.keyword) and isinstance(grand, ast.Call):
+        call = grand
     else:
         return False
     return _records_one_op(call.func, scope)

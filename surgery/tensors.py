@@ -55,12 +55,6 @@ def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -
         return 0.0 if torch.equal(a, b) else float("inf")
     diff = (a.to(b.dtype) - b).abs().max().item()
     scale = b.abs().max().item()
-    return relative(diff, scale)
-
-
-def relative(diff: float, scale: float) -> float:
-    """``diff / scale`` as :func:`rel_error` defines it (absolute where ``scale`` is 0, NaN as
-    infinity)."""
     if math.isnan(diff) or math.isnan(scale):
         return math.inf
     return diff / scale if scale > 0 else diff

@@ -125,9 +125,8 @@ class _ConvBase(ModuleRule[_ConvNd]):
         return w.reshape(g, m.out_channels // g, m.in_channels // g, -1)
 
     def importance(self, m: _ConvNd, axis: str) -> torch.Tensor:
-        w = self._grouped(m)  # [g, opg, ipg, K]
         if axis == "in" and m.groups == 1:  # [in, out, K], a view: the criteria read it in place
-            return w[0].transpose(0, 1)
+            return self._grouped(m)[0].transpose(0, 1)
         return self.weight_rows(m, axis)
 
     def weight_rows(self, m: _ConvNd, axis: str, weight: torch.Tensor | None = None
