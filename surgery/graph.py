@@ -1,7 +1,8 @@
 """trace(model, example_inputs): the channel-dependency graph of a model.
 
 torch.fx traces the forward (layers with a rule are leaves), an fx Interpreter runs it once on the
-example inputs to learn every shape, and the per-op rules propagate channel atoms along the graph.
+example inputs to learn every shape (costly layers on the meta device: :mod:`surgery.shape_run`),
+and the per-op rules propagate channel atoms along the graph.
 When the forward differs between train and eval mode (auxiliary heads, drop paths) both graphs are
 analysed, so the pruned model still trains. Tracing is analysis only: the model is not modified and
 its train/eval flags are restored.
@@ -35,6 +36,7 @@ from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import switched_mode
 from .paths import Submodules
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
+from .shape_run import NeedsValues, ShapeRun, hooked
 from .sizes import AttrInt, Dyn, DynFloat, attribute_ints, derive
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -188,17 +190,23 @@ def _sized(node: torch.fx.Node, args: Any, kwargs: Any, out: Any) -> Any:
     return _dyn(out)
 
 
-class Recorder(torch.fx.Interpreter):
-    """Runs the traced graph once and keeps the shape skeleton of every node's value."""
+class Recorder(ShapeRun):
+    """Runs the traced graph once and keeps the shape skeleton of every node's value (with
+    ``cheap``, costly layers' values are zeros: see :mod:`surgery.shape_run`)."""
 
-    def __init__(self, gm: nn.Module, graph: torch.fx.Graph | None = None) -> None:
-        super().__init__(gm, graph=graph)
+    def __init__(self, gm: nn.Module, graph: torch.fx.Graph | None = None, *,
+                 cheap: bool = False) -> None:
+        super().__init__(gm, graph=graph, cheap=cheap)
         self.meta: dict[torch.fx.Node, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             result = super().run_node(n)
+        except NeedsValues:
+            raise
         except Exception as e:
+            if self.cheap:  # perhaps only the zeros fail: the real run decides
+                raise NeedsValues(f"{n.name}: {e}") from e
             where = source_line(n)
             raise ExampleInputError(
                 f"the model fails on the example inputs at node '{n.name}' ({n.op} {n.target})"
@@ -906,10 +914,24 @@ TRACERS = ("auto", "fx", "run")
 
 
 def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tuple) -> None:
-    rec = Recorder(model, graph)  # no GraphModule: its code generation is not needed to run
+    """Learn every value's shape (costly layers on the meta device where the graph allows, else
+    a real run), then propagate the channel rules."""
+    rec = None
+    if not hooked(model):
+        try:
+            rec = _recorded(model, graph, inputs, cheap=True)
+        except NeedsValues:
+            rec = None
+    if rec is None:
+        rec = _recorded(model, graph, inputs, cheap=False)
+    ctx.run(model, graph, rec.meta)
+
+
+def _recorded(model: nn.Module, graph: torch.fx.Graph, inputs: tuple, cheap: bool) -> Recorder:
+    rec = Recorder(model, graph, cheap=cheap)  # no GraphModule: its code is not needed to run
     with torch.no_grad():
         rec.run(*inputs)
-    ctx.run(model, graph, rec.meta)
+    return rec
 
 
 def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (),

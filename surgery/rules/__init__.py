@@ -109,6 +109,13 @@ class ModuleRule(Generic[M]):
     def zero_removed(self, module: M, axis: str, idx: torch.Tensor) -> None:
         """Zero the weights that read the removed input positions (the equivalence reference)."""
 
+    def shape_only_macs(self, module: M, inputs: list[Any]) -> float | None:
+        """Where the layer's output shape follows from its inputs' shapes alone: roughly the
+        multiply-adds of a call on ``inputs`` (its tensor arguments). The trace takes a costly
+        call's output shape from the meta device (no arithmetic) and goes on with zeros
+        (:mod:`surgery.shape_run`). None (default): the trace runs the layer."""
+        return None
+
     def input_dims(self, module: M) -> dict[str, int] | None:
         """Where zeroing the layer's input does what :meth:`zero_removed` does: axis -> the dim
         of the first input that holds its positions (every axis not named reads nothing). The

@@ -148,6 +148,12 @@ class _ConvBase(ModuleRule[_ConvNd]):
         # channels sit before the spatial dims, batched or not
         return {"in": -(m.weight.dim() - 1)} if runs_own_forward(m, self.types) else None
 
+    def shape_only_macs(self, m: _ConvNd, inputs: list[Any]) -> float | None:
+        # every input position meets the whole weight (at most: a stride skips some)
+        x = inputs[0] if inputs else None
+        return m.weight.numel() * (x.numel() // m.in_channels) \
+            if isinstance(x, torch.Tensor) else None
+
     def zero_removed(self, m: _ConvNd, axis: str, idx: torch.Tensor) -> None:
         if axis != "in" or len(idx) == 0:
             return

@@ -62,6 +62,11 @@ class LinearRule(ModuleRule[nn.Linear]):
     def input_dims(self, m: nn.Linear) -> dict[str, int] | None:
         return {"in": -1} if runs_own_forward(m, self.types) else None
 
+    def shape_only_macs(self, m: nn.Linear, inputs: list[Any]) -> float | None:
+        x = inputs[0] if inputs else None
+        return m.weight.numel() * (x.numel() // m.in_features) \
+            if isinstance(x, torch.Tensor) else None
+
     def zero_removed(self, m: nn.Linear, axis: str, idx: torch.Tensor) -> None:
         if axis == "in" and len(idx):
             with torch.no_grad():

@@ -1,0 +1,103 @@
+"""The trace's shape run: costly layers on the meta device, the same shapes as a real run, and a
+real run wherever the graph reads values."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torchvision
+from patterns import PATTERNS
+from torch import nn
+
+import surgery
+from surgery.graph import Recorder, fx_trace
+from surgery.shape_run import NeedsValues
+
+shape_run = importlib.import_module("surgery.shape_run")
+
+
+def _meta(model: nn.Module, x: tuple, cheap: bool) -> tuple[str, Recorder]:
+    rec = Recorder(model, fx_trace(model, (), len(x)), cheap=cheap)
+    with torch.no_grad():
+        rec.run(*x)
+    return repr(sorted((n.name, repr(v)) for n, v in rec.meta.items())), rec
+
+
+def test_costly_layers_are_not_computed_and_every_shape_is_the_real_ones() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    cheap, rec = _meta(model, x, cheap=True)
+    real, _ = _meta(model, x, cheap=False)
+    assert cheap == real
+    zeroed = {n.name for n in rec.zeroed}
+    assert {"conv1", "layer4_1_conv2", "fc"} <= zeroed  # values not computed
+    with torch.no_grad():
+        out = Recorder(model, fx_trace(model, (), 1), cheap=True).run(*x)
+    assert torch.equal(out, model.fc.bias.expand(1, 1000))  # the classifier read zeros
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_every_pattern_gives_the_real_shapes_or_runs_for_real(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shape_run, "COSTLY_MACS", 0)  # every conv and linear on meta
+    torch.manual_seed(0)
+    cls, shape = PATTERNS[name]
+    model, x = cls().eval(), (torch.randn(shape),)
+    try:
+        graph = fx_trace(model, (), len(x))
+    except Exception:
+        pytest.skip("fx cannot trace this pattern (the executing tracer runs it for real)")
+    try:
+        cheap, _ = _meta(model, x, cheap=True)
+    except NeedsValues:
+        return  # the trace runs it for real
+    assert cheap == _meta(model, x, cheap=False)[0], graph
+
+
+class Masked(nn.Module):
+    """How many values a mask keeps depends on the values: zeros would keep none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.score = nn.Conv2d(3, 1, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.score(x)
+        positive = s[s > 0]
+        return self.fc(self.conv(x).mean((2, 3))) + positive.sum()
+
+
+def test_a_value_read_after_a_zeroed_layer_runs_for_real(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shape_run, "COSTLY_MACS", 0)
+    torch.manual_seed(0)
+    model, x = Masked().eval(), (torch.randn(1, 3, 8, 8),)
+    with pytest.raises(NeedsValues, match="reads values"):
+        _meta(model, x, cheap=True)
+    graph = surgery.trace(model, x)
+    assert graph.tracer == "fx"
+    small = surgery.prune(model, x, ratio=0.5)  # verified against the zeroed original
+    assert small.conv.out_channels == 8
+
+
+def test_forward_hooks_see_the_real_values_during_a_trace() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    seen: list[torch.Tensor] = []
+    model.layer1[0].conv1.register_forward_hook(  # fx's symbolic trace calls it with proxies
+        lambda _m, _a, out: seen.append(out) if isinstance(out, torch.Tensor) else None)
+    x = torch.randn(1, 3, 64, 64)
+    surgery.trace(model, x)
+    assert seen and all(t.device.type == "cpu" and t.any() for t in seen)
+
+
+def test_an_op_is_shape_only_unless_torch_tags_it_as_reading_values() -> None:
+    only = shape_run._shape_only
+    assert only("add") and only("relu_") and only("conv2d") and only("view")
+    assert not only("nonzero") and not only("item") and not only("masked_select")
+    assert not only("not_an_aten_op")
