@@ -36,7 +36,7 @@ from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import switched_mode
 from .paths import Submodules
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
-from .shape_run import NeedsValues, ShapeRun, hooked
+from .shape_run import NeedsValues, ShapeRun, hooked, torch_functions
 from .sizes import AttrInt, Dyn, DynFloat, attribute_ints, derive
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -854,7 +854,7 @@ def _records_one_op(func: ast.expr, scope: dict[str, Any]) -> bool:
         return True  # torch.fx.wrap("name") in the module that calls it
     target = _resolved(func, scope)
     try:
-        return target is not None and target in _overridable()
+        return target is not None and target in torch_functions()
     except TypeError:  # unhashable
         return False
 
@@ -866,13 +866,6 @@ def _resolved(expr: ast.expr, scope: dict[str, Any]) -> Any:
         owner = _resolved(expr.value, scope)
         return getattr(owner, expr.attr, None) if owner is not None else None
     return None
-
-
-@functools.cache
-def _overridable() -> frozenset[Any]:
-    """The torch functions that dispatch ``__torch_function__``: fx records each as one op."""
-    return frozenset(f for fs in torch.overrides.get_overridable_functions().values()
-                     for f in fs)
 
 
 def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:

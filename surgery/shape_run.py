@@ -48,7 +48,9 @@ class NeedsValues(Exception):
 
 
 @functools.cache
-def _torch_callables() -> frozenset[Any]:
+def torch_functions() -> frozenset[Any]:
+    """The torch functions that dispatch ``__torch_function__`` (``torch.*``, ``F.*``, tensor
+    methods): fx records each as one op."""
     return frozenset(f for fs in get_overridable_functions().values() for f in fs)
 
 
@@ -199,4 +201,4 @@ class ShapeRun(torch.fx.Interpreter):
             return not _holds_tensor(args[1:])
         if target in _OPERATORS:
             return True
-        return target in _torch_callables() and _shape_only(getattr(target, "__name__", ""))
+        return target in torch_functions() and _shape_only(getattr(target, "__name__", ""))

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from patterns import PATTERNS
 from torch import nn
+from zoo import DEFAULT, TIMM_40, TIMM_ATTENTION, build, classifiers
 
 import surgery
 from surgery.graph import Recorder, fx_trace
@@ -18,8 +19,9 @@ from surgery.shape_run import NeedsValues
 shape_run = importlib.import_module("surgery.shape_run")
 
 
-def _meta(model: nn.Module, x: tuple, cheap: bool) -> tuple[str, Recorder]:
-    rec = Recorder(model, fx_trace(model, (), len(x)), cheap=cheap)
+def _meta(model: nn.Module, x: tuple, cheap: bool, graph: torch.fx.Graph | None = None
+          ) -> tuple[str, Recorder]:
+    rec = Recorder(model, graph or fx_trace(model, (), len(x)), cheap=cheap)
     with torch.no_grad():
         rec.run(*x)
     return repr(sorted((n.name, repr(v)) for n, v in rec.meta.items())), rec
@@ -29,9 +31,9 @@ def test_costly_layers_are_not_computed_and_every_shape_is_the_real_ones() -> No
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = (torch.randn(1, 3, 64, 64),)
-    cheap, rec = _meta(model, x, cheap=True)
-    real, _ = _meta(model, x, cheap=False)
-    assert cheap == real
+    graph = fx_trace(model, (), 1)
+    cheap, rec = _meta(model, x, True, graph)
+    assert cheap == _meta(model, x, False, graph)[0]
     zeroed = {n.name for n in rec.zeroed}
     assert {"conv1", "layer4_1_conv2", "fc"} <= zeroed  # values not computed
     with torch.no_grad():
@@ -51,10 +53,38 @@ def test_every_pattern_gives_the_real_shapes_or_runs_for_real(
     except Exception:
         pytest.skip("fx cannot trace this pattern (the executing tracer runs it for real)")
     try:
-        cheap, _ = _meta(model, x, cheap=True)
+        cheap, _ = _meta(model, x, True, graph)
     except NeedsValues:
         return  # the trace runs it for real
-    assert cheap == _meta(model, x, cheap=False)[0], graph
+    assert cheap == _meta(model, x, False, graph)[0]
+
+
+ZOO = [pytest.param(("torchvision", n), marks=() if n in DEFAULT else pytest.mark.slow)
+       for n in classifiers()] + [pytest.param(("timm", n), marks=pytest.mark.slow)
+                                  for n in TIMM_40 + TIMM_ATTENTION]
+
+
+@pytest.mark.parametrize("source", ZOO, ids=lambda s: s[1])
+def test_the_shape_run_gives_the_real_shapes_on_the_zoo(source: tuple[str, str]) -> None:
+    """Models nobody here wrote: every node's shape as a real run has it, or a real run."""
+    torch.manual_seed(0)
+    if source[0] == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(source[1], pretrained=False)
+        x = (torch.randn(1, *model.pretrained_cfg["input_size"]),)
+    else:
+        model, t = build(source[1])
+        x = (t,)
+    model.eval()
+    try:
+        graph = fx_trace(model, (), 1)
+    except Exception:
+        pytest.skip("fx cannot trace it: the executing tracer runs it for real")
+    try:
+        cheap, _ = _meta(model, x, True, graph)
+    except NeedsValues:
+        return
+    assert cheap == _meta(model, x, False, graph)[0]
 
 
 class Masked(nn.Module):
