@@ -199,6 +199,9 @@ class ShapeRun(torch.fx.Interpreter):
     def _shapes_follow(target: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
         if target is operator.getitem:  # a tensor index (a mask) may select by value
             return not _holds_tensor(args[1:])
-        if target in _OPERATORS:
-            return True
-        return target in torch_functions() and _shape_only(getattr(target, "__name__", ""))
+        try:
+            if target in _OPERATORS:
+                return True
+            return target in torch_functions() and _shape_only(getattr(target, "__name__", ""))
+        except TypeError:  # an unhashable callable: not a torch op
+            return False
