@@ -1,14 +1,14 @@
 """Running a traced graph for the shapes of its values, without the costly arithmetic.
 
-The trace needs every value's shape, not its numbers. A layer whose rule says its output shape
-follows from its inputs' shapes alone (``ModuleRule.shape_only_macs``: convolutions, linear
-layers) is run on the meta device when the call is costly (``COSTLY_MACS``): the meta device
-computes shapes and no arithmetic, and the graph goes on with zeros of that shape. Ops after it
-run on those zeros where their output shapes cannot depend on values (a torch op with no
-overload tagged as reading values: ``add``, ``cat``, ``view`` …); any other op that reads a
-zeroed value (``nonzero``, a boolean mask, ``.item()``, a function torch does not know) is run
-on the meta device too, which refuses to read values. Where it refuses, or anything fails,
-:class:`NeedsValues` tells the caller to run the graph for real.
+The trace needs every value's shape, not its numbers. A layer or function whose rule says its
+output shape follows from its inputs' shapes alone (``shape_only_macs`` of a module or function
+rule: convolutions, linear layers) is run on the meta device when the call is costly
+(``COSTLY_MACS``): the meta device computes shapes and no arithmetic, and the graph goes on with
+zeros of that shape. Ops after it run on those zeros where their output shapes cannot depend on
+values (a torch op with no overload tagged as reading values: ``add``, ``cat``, ``view`` …);
+any other op that reads a zeroed value (``nonzero``, a boolean mask, ``.item()``, a function
+torch does not know) is run on the meta device too, which refuses to read values. Where it
+refuses, or anything fails, :class:`NeedsValues` tells the caller to run the graph for real.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import get_overridable_functions
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .rules import leaf_rule
+from .rules import function_rule, leaf_rule
 
 #: Python operators fx records for tensor arithmetic (and ``getattr``, for ``x.shape``): their
 #: output shapes follow the operands' shapes
@@ -185,7 +185,14 @@ class ShapeRun(torch.fx.Interpreter):
         return module(*args, **kwargs)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self.cheap and self._reads_zeros and not self._shapes_follow(target, args, kwargs):
+        if not self.cheap:
+            return super().call_function(target, args, kwargs)
+        rule = function_rule(target)
+        macs = rule.shape_only_macs(args, kwargs) if rule is not None else None
+        if macs is not None and macs >= COSTLY_MACS:  # F.conv2d with a computed weight ...
+            self._zeros_out = True
+            return _on_meta(target, args, kwargs)
+        if self._reads_zeros and not self._shapes_follow(target, args, kwargs):
             return _on_meta(target, args, kwargs)
         return super().call_function(target, args, kwargs)
 

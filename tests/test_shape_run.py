@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from patterns import PATTERNS
 from torch import nn
@@ -57,6 +58,27 @@ def test_every_pattern_gives_the_real_shapes_or_runs_for_real(
     except NeedsValues:
         return  # the trace runs it for real
     assert cheap == _meta(model, x, False, graph)[0]
+
+
+class StdConv(nn.Conv2d):
+    """A weight-standardised conv (timm's StdConv2d, NFNets): ``F.conv2d`` on a computed weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_functional_conv_on_a_computed_weight_is_taken_to_meta_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv(3, 32, 3, padding=1), nn.ReLU(), StdConv(32, 32, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = (torch.randn(1, 3, 64, 64),)  # both convs above COSTLY_MACS
+    graph = fx_trace(model, (), 1)
+    cheap, rec = _meta(model, x, True, graph)
+    assert cheap == _meta(model, x, False, graph)[0]
+    convs = [n for n in graph.nodes if n.target is F.conv2d]
+    assert len(convs) == 2 and set(convs) <= rec.zeroed
 
 
 ZOO = [pytest.param(("torchvision", n), marks=() if n in DEFAULT else pytest.mark.slow)

@@ -135,13 +135,20 @@ class FunctionRule:
     or ``NotImplemented`` to decline (the call is then treated as an op without a rule: its
     inputs are pinned, and a layer's parameter read by it is refused, naming the layer)."""
 
-    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str,
+                 macs: Callable[[tuple[Any, ...], dict[str, Any]], float | None] | None = None
+                 ) -> None:
         self.fn = fn
         self.name = name
+        self.macs = macs
 
     def propagate(self, ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
                   out: Any) -> Any:
         return self.fn(ctx, args, kwargs, out)
+
+    def shape_only_macs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+        """As :meth:`ModuleRule.shape_only_macs`, for a call with these (real) arguments."""
+        return self.macs(args, kwargs) if self.macs is not None else None
 
     def __repr__(self) -> str:
         return f"FunctionRule({self.name})"
@@ -162,9 +169,13 @@ def register_module_rule(rule: ModuleRule, *, replace: bool = False) -> ModuleRu
 
 
 def register_function_rule(targets: Iterable[Any], fn: Callable[..., Any], *, name: str = "",
-                           replace: bool = False) -> FunctionRule:
-    """Register ``fn(ctx, args, kwargs, out)`` for fx call targets (callables or method names)."""
-    rule = FunctionRule(fn, name or getattr(fn, "__name__", "rule"))
+                           replace: bool = False,
+                           macs: Callable[[tuple[Any, ...], dict[str, Any]], float | None]
+                           | None = None) -> FunctionRule:
+    """Register ``fn(ctx, args, kwargs, out)`` for fx call targets (callables or method names).
+    ``macs(args, kwargs)``: where the output shape follows from the input shapes alone, the
+    multiply-adds of a call (see :meth:`FunctionRule.shape_only_macs`)."""
+    rule = FunctionRule(fn, name or getattr(fn, "__name__", "rule"), macs)
     for t in dict.fromkeys(targets):  # aliases (F.relu_ is torch.relu_) collapse
         if t in _FUNCTION_RULES and not replace:
             raise ValueError(f"a function rule for {t!r} is already registered")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -196,14 +197,32 @@ def _embedding(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
     return TVal(out.shape, (out.ndim - 1,), atoms)
 
 
+def _weight_macs(in_dim: int, grouped: bool = False) -> Any:
+    """Multiply-adds of a functional conv/linear call: every input position meets the whole
+    weight (at most: a stride skips some). ``in_dim``: the weight dim of the input channels
+    (of one group where ``grouped``: ``groups`` is the conv's 7th argument)."""
+
+    def macs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+        x = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() < 2:
+            return None
+        groups = (args[6] if len(args) > 6 else kwargs.get("groups", 1)) if grouped else 1
+        channels = w.shape[in_dim] * (groups if isinstance(groups, int) else 1)
+        return w.numel() * (x.numel() // channels) if channels else None
+
+    return macs
+
+
 register_function_rule([F.batch_norm], _feature_norm(BatchNormRule, "batch_norm"),
                        name="batch_norm")
 register_function_rule([F.instance_norm], _feature_norm(InstanceNormRule, "instance_norm"),
                        name="instance_norm")
 register_function_rule([F.group_norm], _group_norm, name="group_norm")
-register_function_rule([F.conv1d, F.conv2d, F.conv3d], _conv(False), name="conv")
+register_function_rule([F.conv1d, F.conv2d, F.conv3d], _conv(False), name="conv",
+                       macs=_weight_macs(1, grouped=True))
 register_function_rule([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
-                       _conv(True), name="conv_transpose")
-register_function_rule([F.linear], _linear, name="linear")
+                       _conv(True), name="conv_transpose", macs=_weight_macs(0))
+register_function_rule([F.linear], _linear, name="linear", macs=_weight_macs(1))
 register_function_rule([F.prelu], _prelu, name="prelu")
 register_function_rule([F.embedding], _embedding, name="embedding")
