@@ -911,10 +911,8 @@ def _analyse(ctx: _Context, model: nn.Module, graph: torch.fx.Graph, inputs: tup
     a real run), then propagate the channel rules."""
     rec = None
     if not hooked(model):
-        try:
+        with contextlib.suppress(NeedsValues):
             rec = _recorded(model, graph, inputs, cheap=True)
-        except NeedsValues:
-            rec = None
     if rec is None:
         rec = _recorded(model, graph, inputs, cheap=False)
     ctx.run(model, graph, rec.meta)

@@ -156,7 +156,7 @@ class ShapeRun(torch.fx.Interpreter):
             return found
         owner, _, name = target.rpartition(".")
         module = self.submodules.get(owner)
-        if module is not None and name in module._parameters | module._buffers:
+        if module is not None and (name in module._parameters or name in module._buffers):
             return getattr(module, name)
         return super().fetch_attr(target)
 

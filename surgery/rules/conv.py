@@ -30,7 +30,7 @@ from . import (
     take_rows_cols,
 )
 from .context import RuleContext
-from .cost import ConvCost
+from .cost import ConvCost, weight_macs
 
 
 def couple_widths(ctx: RuleContext, a_in: np.ndarray, a_out: np.ndarray, groups: int) -> None:
@@ -149,10 +149,7 @@ class _ConvBase(ModuleRule[_ConvNd]):
         return {"in": -(m.weight.dim() - 1)} if runs_own_forward(m, self.types) else None
 
     def shape_only_macs(self, m: _ConvNd, inputs: list[Any]) -> float | None:
-        # every input position meets the whole weight (at most: a stride skips some)
-        x = inputs[0] if inputs else None
-        return m.weight.numel() * (x.numel() // m.in_channels) \
-            if isinstance(x, torch.Tensor) else None
+        return weight_macs(inputs[0] if inputs else None, m.weight, m.in_channels)
 
     def zero_removed(self, m: _ConvNd, axis: str, idx: torch.Tensor) -> None:
         if axis != "in" or len(idx) == 0:

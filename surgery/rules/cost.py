@@ -23,6 +23,14 @@ from ..runtimes import LayerProgram
 M = TypeVar("M", bound=nn.Module)
 
 
+def weight_macs(x: object, weight: torch.Tensor, in_channels: int) -> float | None:
+    """Roughly the multiply-adds of a conv or linear call on ``x``: every input position meets
+    the whole weight (at most: a stride skips some). None where ``x`` is not a tensor."""
+    if not isinstance(x, torch.Tensor) or in_channels <= 0:
+        return None
+    return weight.numel() * (x.numel() // in_channels)
+
+
 @dataclass
 class Call(Generic[M]):
     """One call of a costed leaf module: its input shape and the slots of its channel axes."""

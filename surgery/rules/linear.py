@@ -23,7 +23,7 @@ from . import (
     take_rows_cols,
 )
 from .context import RuleContext
-from .cost import LinearCost
+from .cost import LinearCost, weight_macs
 
 
 class LinearRule(ModuleRule[nn.Linear]):
@@ -63,9 +63,7 @@ class LinearRule(ModuleRule[nn.Linear]):
         return {"in": -1} if runs_own_forward(m, self.types) else None
 
     def shape_only_macs(self, m: nn.Linear, inputs: list[Any]) -> float | None:
-        x = inputs[0] if inputs else None
-        return m.weight.numel() * (x.numel() // m.in_features) \
-            if isinstance(x, torch.Tensor) else None
+        return weight_macs(inputs[0] if inputs else None, m.weight, m.in_features)
 
     def zero_removed(self, m: nn.Linear, axis: str, idx: torch.Tensor) -> None:
         if axis == "in" and len(idx):

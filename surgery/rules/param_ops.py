@@ -27,6 +27,7 @@ from ..groups import TVal
 from . import ModuleRule, passthrough, register_function_rule
 from .context import RuleContext
 from .conv import ConvRule, ConvTransposeRule
+from .cost import weight_macs
 from .functions import bind_args
 from .linear import LinearRule
 from .norm import BatchNormRule, GroupNormRule, InstanceNormRule
@@ -197,19 +198,17 @@ def _embedding(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
     return TVal(out.shape, (out.ndim - 1,), atoms)
 
 
-def _weight_macs(in_dim: int, grouped: bool = False) -> Any:
-    """Multiply-adds of a functional conv/linear call: every input position meets the whole
-    weight (at most: a stride skips some). ``in_dim``: the weight dim of the input channels
-    (of one group where ``grouped``: ``groups`` is the conv's 7th argument)."""
+def _functional_macs(in_dim: int, grouped: bool = False) -> Any:
+    """:func:`weight_macs` of a functional conv/linear call; ``in_dim``: the weight dim of the
+    input channels (of one group where ``grouped``)."""
 
     def macs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-        x = args[0] if args else kwargs.get("input")
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() < 2:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        b = bind_args(args, kwargs, names, {"groups": 1})
+        w, groups = b.get("weight"), b["groups"] if grouped else 1
+        if not isinstance(w, torch.Tensor) or w.dim() < 2 or not isinstance(groups, int):
             return None
-        groups = (args[6] if len(args) > 6 else kwargs.get("groups", 1)) if grouped else 1
-        channels = w.shape[in_dim] * (groups if isinstance(groups, int) else 1)
-        return w.numel() * (x.numel() // channels) if channels else None
+        return weight_macs(b.get("input"), w, w.shape[in_dim] * groups)
 
     return macs
 
@@ -220,9 +219,9 @@ register_function_rule([F.instance_norm], _feature_norm(InstanceNormRule, "insta
                        name="instance_norm")
 register_function_rule([F.group_norm], _group_norm, name="group_norm")
 register_function_rule([F.conv1d, F.conv2d, F.conv3d], _conv(False), name="conv",
-                       macs=_weight_macs(1, grouped=True))
+                       macs=_functional_macs(1, grouped=True))
 register_function_rule([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],
-                       _conv(True), name="conv_transpose", macs=_weight_macs(0))
-register_function_rule([F.linear], _linear, name="linear", macs=_weight_macs(1))
+                       _conv(True), name="conv_transpose", macs=_functional_macs(0))
+register_function_rule([F.linear], _linear, name="linear", macs=_functional_macs(1))
 register_function_rule([F.prelu], _prelu, name="prelu")
 register_function_rule([F.embedding], _embedding, name="embedding")
