@@ -107,22 +107,26 @@ def magnitude(p: float, only_norms: bool = False) -> CriterionFactory:
             return cache[key]
 
         def score(group: Group) -> np.ndarray:
-            total = np.zeros(len(group.units))
-            members = 0
-            for key in group.slots:
-                v = per_position(key)
-                if v is None:
-                    continue
-                roots = graph.slot_roots(key)
-                idx = np.searchsorted(group.units, roots).clip(0, len(group.units) - 1)
-                mine = group.units[idx] == roots
-                s = np.bincount(idx[mine], weights=v[mine], minlength=len(group.units)) ** (1 / p)
-                if s.mean() > 0:
-                    total += s / s.mean()
-                    members += 1
-            if members == 0 and fallback is not None:
-                return fallback(group)
-            return total / max(members, 1)
+            # every member at once: row i of ``s`` is member i's norm per unit (positions of
+            # other groups in a member's slot, e.g. a concat's other inputs, are left out)
+            n = len(group.units)
+            found = [(key, v) for key in group.slots for v in (per_position(key),)
+                     if v is not None]
+            if not found:
+                return fallback(group) if fallback is not None else np.zeros(n)
+            roots = [graph.slot_roots(key) for key, _ in found]
+            member = np.repeat(np.arange(len(found)), [len(r) for r in roots])
+            flat = np.concatenate(roots)
+            idx = np.searchsorted(group.units, flat).clip(0, n - 1)
+            mine = group.units[idx] == flat
+            values = np.concatenate([v for _, v in found])
+            s = np.bincount(member[mine] * n + idx[mine], weights=values[mine],
+                            minlength=len(found) * n).reshape(len(found), n) ** (1 / p)
+            means = s.mean(axis=1)
+            live = means > 0
+            if not live.any():
+                return fallback(group) if fallback is not None else np.zeros(n)
+            return (s[live] / means[live, None]).sum(axis=0) / live.sum()
 
         fallback = magnitude(p)(model, graph, seed) if only_norms else None
         return score

@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
-from .modes import switched_mode
+from .modes import attributes_kept, buffers_kept, switched_mode
 from .paths import Submodules
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
 from .shape_run import NeedsValues, ShapeRun, hooked, torch_functions
@@ -950,7 +950,11 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
     inputs = as_tuple(example_inputs)
     ignore = tuple(ignore)
     notes: list[str] = []
-    with _buffers_kept(model), attribute_ints(model), switched_mode(model, train=None):
+    # buffers put back: symbolic tracing runs in-place updates on real buffers (a BatchNorm
+    # subclass's train-mode `num_batches_tracked.add_(1)`) and a train-mode run updates stats;
+    # attributes put back: a symbolic trace of `self.count += 1` assigns a Proxy to the module
+    with attributes_kept(model), buffers_kept(model), attribute_ints(model), \
+            switched_mode(model, train=None):
         ctx, used, train_graph = _trace_modes(model, inputs, ignore, tracer, notes)
         crossed = ctx.crossed_groups()
         if crossed:  # a channel shuffle ties their groups: trace again, pruning by width
@@ -963,21 +967,6 @@ def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (
                              f"{' …' if len(crossed) > 4 else ''}")
         tracer = used
     return _finish(ctx, model, ignore, train_graph, tracer, notes)
-
-
-@contextlib.contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Put back ``model``'s buffers afterwards: symbolic tracing runs in-place updates on real
-    buffers (``num_batches_tracked.add_(1)`` in a BatchNorm subclass's train-mode forward), and a
-    recorded or train-mode forward updates running statistics."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                if not torch.equal(b, saved):
-                    b.copy_(saved)
 
 
 def _free_units(ctx: _Context) -> int:
@@ -1024,7 +1013,7 @@ def _run_traced(ctx: _Context, model: nn.Module, inputs: tuple, ignore: tuple,
     model.train()
     doubled = _doubled(inputs)
     try:
-        with _buffers_kept(model):
+        with buffers_kept(model):
             graph_t, meta_t = _record(model, doubled, ignore, notes)
     except ExampleInputError as e:
         notes.append(f"training-mode forward not analysed: it fails on the example inputs "
@@ -1053,7 +1042,7 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
     # train-only branches (aux heads): the train-mode forward updates running stats, which
     # trace() puts back afterwards (with the train/eval flags), so it runs on the model itself
     try:
-        with _buffers_kept(model):
+        with buffers_kept(model):
             _analyse(ctx, model, graph_t, _doubled(inputs))
     except ExampleInputError as e:
         raise ExampleInputError(

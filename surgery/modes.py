@@ -1,10 +1,12 @@
-"""Train/eval flags of a user's modules: set for one job, put back exactly afterwards."""
+"""Train/eval flags and buffers of a user's modules: set for one job, put back afterwards."""
 
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -16,10 +18,58 @@ def switched_mode(*models: nn.Module | None, train: bool | None = False) -> Iter
     present = [m for m in models if m is not None]
     saved = [(m, m.training) for model in present for m in model.modules()]
     try:
-        if train is not None:
+        if train is not None and any(mode is not train for _, mode in saved):
             for model in present:
                 model.train(train)
         yield
     finally:
         for m, mode in saved:
-            m.training = mode
+            if m.training is not mode:
+                m.training = mode
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module | None) -> Iterator[None]:
+    """Run the block, then put back the values of ``model``'s buffers (None: nothing): a
+    forward may update them in place (running statistics in train mode, a counter). One copy
+    per dtype and device before and one comparison after, whatever the number of buffers."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for b in model.buffers() if model is not None else ():
+        if b.device.type != "meta" and b.numel():
+            groups.setdefault((b.dtype, b.device), []).append(b)
+    with torch.no_grad():
+        saved = [(bs, _flat(bs)) for bs in groups.values()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bs, flat in saved:
+                if torch.equal(_flat(bs), flat):
+                    continue
+                for b, old in zip(bs, flat.split([b.numel() for b in bs]), strict=True):
+                    old = old.view(b.shape)
+                    if not torch.equal(b, old):
+                        b.copy_(old)
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The values of ``tensors`` in one new 1-d tensor."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module | None) -> Iterator[None]:
+    """Run the block, then put back every attribute, parameter, buffer and child of ``model``'s
+    modules as the objects they were (None: nothing). A forward that assigns to its module
+    (``self.count += 1``) would otherwise leave a tracer's stand-in, or a new object, in the
+    user's model; the values inside tensors are :func:`buffers_kept`'s job."""
+    saved = [(table, dict(table)) for m in (model.modules() if model is not None else ())
+             for table in (m.__dict__, m._parameters, m._buffers, m._modules)]
+    try:
+        yield
+    finally:
+        for table, old in saved:
+            if len(table) != len(old) or table.keys() != old.keys() or \
+                    not all(map(operator.is_, table.values(), old.values())):
+                table.clear()
+                table.update(old)

@@ -35,7 +35,7 @@ from .depth import bypass_in_place
 from .errors import ExampleInputError, VerificationError
 from .graph import Inputs, Recorder, as_tuple, fx_trace
 from .groups import param_dim, param_reads
-from .modes import switched_mode
+from .modes import attributes_kept, buffers_kept, switched_mode
 from .paths import Submodules
 from .plan import LayerPlan, Plan
 from .rules import ModuleRule, module_rule
@@ -86,7 +86,7 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
     a forward pass that must not be modified in place. ``mask_inputs=False``: zero the weights
     of every layer (no input hooks).
     """
-    masks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    masks: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
     zeroed: list[str] = []  # layers whose weights are zeroed in the copy
     submodule = Submodules(model)
     for path, lp in plan.layers.items():
@@ -100,9 +100,9 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
         if dims is None:
             zeroed.append(path)
             continue
-        entries = [(dims[axis], _removed(ap.size, ap.keep)) for axis, ap in lp.axes.items()
-                   if axis in dims]
-        if any(len(idx) for _, idx in entries):
+        entries = [(axis, dims[axis], _removed(ap.size, ap.keep))
+                   for axis, ap in lp.axes.items() if axis in dims]
+        if any(len(idx) for _, _, idx in entries):
             masks[path] = entries
     ref = _light_copy(model, plan, zeroed, submodule) if share_tensors else None
     if ref is None:
@@ -119,8 +119,10 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
                 assert rule is not None  # a plan prunes only the axes of a ruled layer
                 rule.zero_removed(m, axis, _removed(ap.size, ap.keep))
     for path, entries in masks.items():
-        in_ref(path).register_forward_pre_hook(_InputZeroer(path, entries),
-                                                          with_kwargs=True)
+        m = in_ref(path)
+        rule = module_rule(m)
+        assert rule is not None  # only a ruled layer has input_dims
+        m.register_forward_pre_hook(_InputZeroer(path, entries, rule), with_kwargs=True)
     return ref
 
 
@@ -129,21 +131,36 @@ class _Unmasked(Exception):
 
 
 class _InputZeroer:
-    """Forward pre-hook: the layer's input with the removed positions zeroed (a new tensor)."""
+    """Forward pre-hook: the layer's input with the removed positions zeroed (a new tensor), or,
+    where the layer's weights are smaller than its input (a small conv on a large feature map),
+    its weights replaced by zeroed copies once (the reference's module has tables of its own)
+    and the input passed on as it is: either is the same to the layer, whichever copies less."""
 
-    def __init__(self, path: str, entries: list[tuple[int, torch.Tensor]]) -> None:
-        self.path, self.entries, self.failed = path, entries, False
+    def __init__(self, path: str, entries: list[tuple[str, int, torch.Tensor]],
+                 rule: ModuleRule) -> None:
+        self.path, self.entries, self.rule, self.failed = path, entries, rule, False
 
-    def zeroed(self, x: torch.Tensor) -> torch.Tensor:
-        for dim, idx in self.entries:
+    def zeroed(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.entries:
+            return x
+        if x.numel() >= sum(t.numel() for t in m._parameters.values() if t is not None):
+            with torch.no_grad():
+                for name, t in m._parameters.items():
+                    if t is not None:
+                        m._parameters[name] = nn.Parameter(t.detach().clone(), t.requires_grad)
+                for axis, _, idx in self.entries:
+                    self.rule.zero_removed(m, axis, idx)
+            self.entries = []
+            return x
+        for _, dim, idx in self.entries:
             x = x.index_fill(dim, idx.to(x.device), 0)
         return x
 
-    def __call__(self, _m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def __call__(self, m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         if args and isinstance(args[0], torch.Tensor):
-            return (self.zeroed(args[0]), *args[1:]), kwargs
+            return (self.zeroed(m, args[0]), *args[1:]), kwargs
         if isinstance(kwargs.get("input"), torch.Tensor):
-            return args, {**kwargs, "input": self.zeroed(kwargs["input"])}
+            return args, {**kwargs, "input": self.zeroed(m, kwargs["input"])}
         self.failed = True  # seen after the run even if the forward swallows the exception
         raise _Unmasked(self.path)
 
@@ -330,9 +347,9 @@ def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
     if inner is not None or forced is not None:
         for path, m in model.named_modules():
             hooks.append(m.register_forward_hook(hook(path)))
-    buffers = [(b, b.clone()) for b in model.buffers()] if in_place else []
     try:
-        with torch.no_grad(), switched_mode(model if in_place else None):
+        own = model if in_place else None
+        with torch.no_grad(), switched_mode(own), buffers_kept(own), attributes_kept(own):
             out = output_tensors(model.eval()(*inputs))
         for got, i, t, version in versions:
             if t._version != version:  # rewritten in place after the layer returned it
@@ -341,15 +358,12 @@ def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                if not torch.equal(b, saved):
-                    b.copy_(saved)
 
 
-def _float_dtypes(*models: nn.Module) -> set[torch.dtype]:
-    return {t.dtype for model in models for ts in (model.parameters(), model.buffers())
-            for t in ts if t.is_floating_point()}
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model`` (shared ones repeated), in one walk."""
+    return [t for m in model.modules() for table in (m._parameters, m._buffers)
+            for t in table.values() if t is not None]
 
 
 def _has_signal(outputs: list[torch.Tensor]) -> bool:
@@ -403,15 +417,16 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
     # one pass in the model's own float32 (or float64): the reference (sharing the original's
     # tensors) records its layer outputs, then the pruned model runs in place, layer by layer
     # against them; float64 copies only where that pass is not enough
-    own = _float_dtypes(original, pruned)
+    mine = _tensors(original)
+    own = {t.dtype for t in (*mine, *_tensors(pruned)) if t.is_floating_point()}
     one_pass = own <= {torch.float32} or own == {torch.float64}
     strict = 1e-6 if rtol is None else rtol
     inner_want: Inner = {}
     if one_pass:
-        want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None,
-                              share=True, kept=True)
-        own_tensors = frozenset(id(t) for ts in (original.parameters(), original.buffers())
-                                for t in ts)
+        with buffers_kept(original):  # the reference shares them
+            want = _reference_run(original, plan, inputs, None,
+                                  inner_want if plan.exact else None, share=True, kept=True)
+        own_tensors = frozenset(id(t) for t in mine)
         forced = _Forced(inner_want, _limits(original), own_tensors) if plan.exact else None
         got = _pruned_run(pruned, inputs, None, None, in_place=True, forced=forced)
         tol = strict if rtol is not None or own == {torch.float64} else \

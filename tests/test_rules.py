@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_norms
+from conftest import assert_unchanged, randomize_norms, snapshot
 from torch import nn
 
 import surgery
@@ -52,6 +52,43 @@ def test_flags_modes_and_requires_grad_survive() -> None:
     assert small.training and not small[1].training and small[3].training
     assert small[0].my_note == "user attribute"
     assert model[0].out_channels == 16  # the original is untouched
+
+
+class _Counting(nn.Module):
+    """A forward that writes its module's state: buffers of three dtypes and a plain int."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen", torch.zeros(3))
+        self.register_buffer("flag", torch.zeros(2, dtype=torch.bool))
+        self.runs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.seen += x.mean((0, 2, 3))
+        self.flag[0] = True
+        self.runs += 1
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_forward_that_writes_its_state_leaves_both_models_as_they_were(mode: str) -> None:
+    """Tracing, planning and verifying run the forward (symbolically: ``self.calls += 1`` would
+    leave a tracer's Proxy in the buffer's place; and for real, on the original's own tensors),
+    yet the user's model and the pruned one keep every value and attribute they had."""
+    model = getattr(randomize_norms(_Counting()), mode)()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert plan.layers["conv"].axes["out"].size == 16 and model.runs == 0
+    small = surgery.apply(model, plan)
+    after_apply = snapshot(small)
+    assert surgery.verify(model, small, plan, x).passed
+    assert_unchanged(model, before)
+    assert_unchanged(small, after_apply)
+    assert (model.runs, small.runs) == (0, 0) and model.training == (mode == "train")
 
 
 def test_norm_variants() -> None:
