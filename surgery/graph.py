@@ -114,6 +114,45 @@ class LocatingTracer(torch.fx.Tracer):
             node.meta["surgery_loc"] = loc
         return node
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's proxy for a parameter or buffer read in a traced forward, found by a table:
+        fx searches the root's parameters from the start on every read, which grows with the
+        square of the layers traced into (timm's norm layers: half of a RegNet's trace)."""
+        if self.param_shapes_constant or not isinstance(attr_val, torch.Tensor):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        params, buffers, _ = self._names()
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:  # not registered when the table was made: fx's own search
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's argument for a parameter, buffer or layer of the root, found by a table (fx
+        searches them from the start for each such argument)."""
+        if isinstance(a, torch.Tensor | nn.Module) and hasattr(self, "root"):
+            params, buffers, modules = self._names()
+            name = (params if isinstance(a, nn.Parameter) else
+                    buffers if isinstance(a, torch.Tensor) else modules).get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def _names(self) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """The root's parameters, buffers and layers by id, each under the first name fx
+        would find for it."""
+        cached = getattr(self, "_names_of", None)
+        if cached is None or cached[0] is not self.root:
+            root = self.root
+            cached = (root, {id(p): n for n, p in root.named_parameters()},
+                      {id(b): n for n, b in root.named_buffers()},
+                      {id(m): n for n, m in root.named_modules()})
+            self._names_of = cached
+        return cached[1], cached[2], cached[3]
+
 
 class _Tracer(LocatingTracer):
     """fx tracer: layers with a rule are leaves (and the ``opaque`` ones)."""

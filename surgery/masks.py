@@ -142,7 +142,7 @@ def _fold_constants(clean: nn.Module, small: nn.Module, plan: Plan, inputs: tupl
     for path, ap in consumers.items():
         old, new = clean.get_submodule(path), small.get_submodule(path)
         rule = module_rule(old)
-        gone = torch.tensor(sorted(set(range(ap.size)) - set(ap.keep)), dtype=torch.long)
+        gone = ap.removed()
         extra = rule.bias_of_removed_inputs(old, seen[path], gone) if rule is not None else None
         if extra is None or not extra.abs().max() > 0:
             continue

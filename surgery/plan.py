@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from .atomic import write_text
@@ -37,6 +38,16 @@ VERSION = 1
 class AxisPlan:
     size: int
     keep: tuple[int, ...]
+
+    def kept(self) -> torch.Tensor:
+        """The kept positions as an index tensor (for gathers and ``index_select``)."""
+        return torch.from_numpy(np.fromiter(self.keep, np.int64, len(self.keep)))
+
+    def removed(self) -> torch.Tensor:
+        """The removed positions, ascending, as an index tensor."""
+        mask = np.ones(self.size, bool)
+        mask[np.fromiter(self.keep, np.int64, len(self.keep))] = False
+        return torch.from_numpy(np.flatnonzero(mask))
 
 
 @dataclass(frozen=True)

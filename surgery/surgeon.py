@@ -86,7 +86,7 @@ def _build(model: nn.Module, plan: Plan) -> Built:
         try:
             if lp.kind == "module":
                 old = submodule(path)
-                keep = {a: torch.tensor(ap.keep, dtype=torch.long) for a, ap in lp.axes.items()}
+                keep = {a: ap.kept() for a, ap in lp.axes.items()}
                 rule = module_rule(old)
                 # _validate found a rule for every axis the plan prunes
                 assert rule is not None, f"no module rule for {type(old).__name__}"
@@ -95,7 +95,7 @@ def _build(model: nn.Module, plan: Plan) -> Built:
                 t = _tensor(submodule, path)
                 for axis, ap in lp.axes.items():
                     t = t.detach().index_select(param_dim(axis),
-                                                torch.tensor(ap.keep, device=t.device))
+                                                ap.kept().to(t.device))
                 tensors.append((path, t))
         except SurgeryError:
             raise

@@ -100,7 +100,7 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
         if dims is None:
             zeroed.append(path)
             continue
-        entries = [(axis, dims[axis], _removed(ap.size, ap.keep))
+        entries = [(axis, dims[axis], ap.removed())
                    for axis, ap in lp.axes.items() if axis in dims]
         if any(len(idx) for _, _, idx in entries):
             masks[path] = entries
@@ -117,7 +117,7 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
             rule = module_rule(m)
             for axis, ap in lp.axes.items():
                 assert rule is not None  # a plan prunes only the axes of a ruled layer
-                rule.zero_removed(m, axis, _removed(ap.size, ap.keep))
+                rule.zero_removed(m, axis, ap.removed())
     for path, entries in masks.items():
         m = in_ref(path)
         rule = module_rule(m)
@@ -226,12 +226,6 @@ def _light_copy(model: nn.Module, plan: Plan, zeroed: list[str], submodule: Subm
     return ref
 
 
-def _removed(size: int, keep: tuple[int, ...]) -> torch.Tensor:
-    """The positions of ``range(size)`` not in ``keep``, ascending."""
-    kept = set(keep)
-    return torch.tensor([i for i in range(size) if i not in kept], dtype=torch.long)
-
-
 def _zero_read_entries(submodule: Submodules, path: str, lp: LayerPlan) -> None:
     """A raw weight that reads channels (``F.conv2d(x, self.w)``) stops reading the removed ones."""
     owner, _, name = path.rpartition(".")
@@ -239,7 +233,7 @@ def _zero_read_entries(submodule: Submodules, path: str, lp: LayerPlan) -> None:
     for axis, ap in lp.axes.items():
         if param_reads(axis):
             with torch.no_grad():
-                t.index_fill_(param_dim(axis), _removed(ap.size, ap.keep), 0)
+                t.index_fill_(param_dim(axis), ap.removed(), 0)
 
 
 def _cast(v: Any, dtype: torch.dtype) -> Any:

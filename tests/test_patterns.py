@@ -301,3 +301,42 @@ def test_in_place_variant_and_shared_module() -> None:
         assert small.again is small.mid and small.mid.weight.shape == (8, 8, 3, 3)
         check = surgery.verify(model, small, plan, x)  # equals the zeroed original
         assert check.passed and check.exact_checked and check.max_rel_error <= rounding(model)
+
+
+class _Reads(nn.Module):
+    """Reads its tensors the ways fx resolves by name: a parameter tied under two names, a
+    buffer and a parameter handed to functions, a plain tensor attribute (a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.b.weight = self.a.weight  # tied: fx names it by its first name
+        self.scale = nn.Parameter(torch.rand(8))
+        self.register_buffer("shift", torch.rand(8))
+        self.plain = torch.ones(8)  # neither: fx keeps it as a constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.b.weight * 2
+        h = F.conv2d(x, w) + self.a(x)
+        h = h * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+        return F.batch_norm(h, self.shift, self.plain, training=False)
+
+
+def test_tracer_names_tensors_as_fx_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracer finds a read tensor's name in a table (fx searches the whole model for each
+    read); its graph is fx's own, node for node."""
+    import importlib
+
+    graph_module = importlib.import_module("surgery.graph")
+
+    def nodes(model: nn.Module) -> list[tuple[str, str, str]]:
+        graph = graph_module.fx_trace(model, (), 1)
+        return [(n.op, str(n.target), str(n.args)) for n in graph.nodes]
+
+    ours = nodes(_Reads())
+    assert ("get_attr", "a.weight", "()") in ours and ("get_attr", "shift", "()") in ours
+    assert not any(target == "b.weight" for _, target, _ in ours)
+    monkeypatch.delattr(graph_module.LocatingTracer, "getattr")
+    monkeypatch.delattr(graph_module.LocatingTracer, "create_arg")
+    assert nodes(_Reads()) == ours

@@ -221,7 +221,10 @@ def function_rule(target: Any) -> FunctionRule | None:
 
 
 def take_rows_cols(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``w[rows][:, cols]`` in one gather (a new tensor; several times faster on conv weights)."""
+    """``w[rows][:, cols]`` as a new tensor: two ``index_select`` on a small weight (half the
+    time of a gather), one gather on a large one (a third less time than the selects)."""
+    if w.numel() < 1 << 18:
+        return w.index_select(0, rows).index_select(1, cols)
     return w[rows[:, None], cols[None, :]]
 
 
