@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,16 +61,34 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 @contextlib.contextmanager
 def attributes_kept(model: nn.Module | None) -> Iterator[None]:
     """Run the block, then put back every attribute, parameter, buffer and child of ``model``'s
-    modules as the objects they were (None: nothing). A forward that assigns to its module
-    (``self.count += 1``) would otherwise leave a tracer's stand-in, or a new object, in the
-    user's model; the values inside tensors are :func:`buffers_kept`'s job."""
-    saved = [(table, dict(table)) for m in (model.modules() if model is not None else ())
-             for table in (m.__dict__, m._parameters, m._buffers, m._modules)]
+    modules as the objects they were (None: nothing), and the entries of attributes that are
+    lists, dicts or sets. A forward that assigns to its module (``self.count += 1``) or fills
+    a cache in it (``self.cache[key] = bias``) would otherwise leave a tracer's stand-in, or a
+    new object, in the user's model; the values inside tensors are :func:`buffers_kept`'s."""
+    saved: list[tuple[Any, Any]] = []
+    for m in model.modules() if model is not None else ():
+        for table in (m.__dict__, m._parameters, m._buffers, m._modules):
+            saved.append((table, dict(table)))
+        saved.extend((v, v.copy()) for key, v in m.__dict__.items()
+                     if isinstance(v, list | dict | set) and not key.startswith("_"))
     try:
         yield
     finally:
         for table, old in saved:
-            if len(table) != len(old) or table.keys() != old.keys() or \
-                    not all(map(operator.is_, table.values(), old.values())):
+            if _changed(table, old):
                 table.clear()
-                table.update(old)
+                if isinstance(table, list):
+                    table.extend(old)
+                else:
+                    table.update(old)
+
+
+def _changed(now: Any, old: Any) -> bool:
+    """Whether a list, dict or set no longer holds the same objects (by identity)."""
+    if len(now) != len(old):
+        return True
+    if isinstance(now, dict):
+        return now.keys() != old.keys() or not all(map(operator.is_, now.values(), old.values()))
+    if isinstance(now, list):
+        return not all(map(operator.is_, now, old))
+    return {id(x) for x in now} != {id(x) for x in old}

@@ -340,3 +340,4 @@ def test_tracer_names_tensors_as_fx_does(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delattr(graph_module.LocatingTracer, "getattr")
     monkeypatch.delattr(graph_module.LocatingTracer, "create_arg")
     assert nodes(_Reads()) == ours
+

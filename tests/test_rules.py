@@ -55,7 +55,8 @@ def test_flags_modes_and_requires_grad_survive() -> None:
 
 
 class _Counting(nn.Module):
-    """A forward that writes its module's state: buffers of three dtypes and a plain int."""
+    """A forward that writes its module's state: buffers of three dtypes, a plain int, a dict
+    and a list."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,12 +65,16 @@ class _Counting(nn.Module):
         self.register_buffer("seen", torch.zeros(3))
         self.register_buffer("flag", torch.zeros(2, dtype=torch.bool))
         self.runs = 0
+        self.last: dict[str, torch.Tensor] = {}
+        self.inputs: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.seen += x.mean((0, 2, 3))
         self.flag[0] = True
         self.runs += 1
+        self.last["input"] = x
+        self.inputs.append(x)
         return self.head(torch.relu(self.bn(self.conv(x))))
 
 
@@ -89,6 +94,7 @@ def test_a_forward_that_writes_its_state_leaves_both_models_as_they_were(mode: s
     assert_unchanged(model, before)
     assert_unchanged(small, after_apply)
     assert (model.runs, small.runs) == (0, 0) and model.training == (mode == "train")
+    assert (model.last, model.inputs, small.last, small.inputs) == ({}, [], {}, [])
 
 
 def test_norm_variants() -> None:
