@@ -7,16 +7,16 @@ are checked.
 
 One pass in the model's own precision decides when it can. The reference runs first, sharing
 the original's tensors (where a layer's rule allows it, it zeroes the removed channels on the way
-into the layer instead of copying and zeroing its weights), and keeps every layer output that no
-later in-place op changed (an output a later ``relu_`` or ``+=`` rewrote is not compared; the
-next layer's is). The pruned model then runs in place, layer by layer against those: each layer's
-output is compared as it returns and its successors get the reference's, so a difference stays
-where it arose and float32 rounding cannot flip a later top-k or NMS choice (a detector's
-proposals). The pass succeeds when every compared output is within the model's float32 rounding
-(:func:`float32_rounding`, at least 1e-6). Anything above is never failed on float32 evidence:
-both are run again in float64 (fresh copies, end to end), which decides at 1e-6, so a real
-mismatch cannot hide in float32 rounding and rounding cannot fail a correct prune; it only costs
-the second pass.
+into the layer instead of copying and zeroing its weights, whichever copies fewer values), and
+keeps every layer output that no later in-place op changed (an output a later ``relu_`` or
+``+=`` rewrote is not compared; the next layer's is). The pruned model then runs in place, layer
+by layer against those: each layer's output is compared as it returns and its successors get the
+reference's, so a difference stays where it arose and float32 rounding cannot flip a later top-k
+or NMS choice (a detector's proposals). The pass succeeds when every compared output is within
+the model's float32 rounding (:func:`float32_rounding`, at least 1e-6). Anything above is never
+failed on float32 evidence: both are run again in float64 (fresh copies, end to end), which
+decides at 1e-6, so a real mismatch cannot hide in float32 rounding and rounding cannot fail a
+correct prune; it only costs the second pass.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
                      mask_inputs: bool = True) -> nn.Module:
     """A copy of ``model`` with the plan's bypasses made and every weight that reads a removed
     channel set to zero, or, where a layer's rule says it is the same (a conv or linear layer
-    with its own forward: ``rule.input_dims``), those channels zeroed on the way into the layer.
+    with its own forward: ``rule.input_dims``), those channels zeroed on the way into the layer
+    (or, at its first call on an input larger than its weights, a zeroed copy of its weights).
 
     ``share_tensors``: the copy's module tree is its own (flags, hooks, tables), but the tensors
     of layers whose weights are not zeroed are ``model``'s own, not copies; a cheap reference for
