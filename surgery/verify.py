@@ -123,7 +123,8 @@ def zeroed_reference(model: nn.Module, plan: Plan, *, share_tensors: bool = Fals
         m = in_ref(path)
         rule = module_rule(m)
         assert rule is not None  # only a ruled layer has input_dims
-        m.register_forward_pre_hook(_InputZeroer(path, entries, rule), with_kwargs=True)
+        weights = sum(t.numel() for t in m._parameters.values() if t is not None)
+        m.register_forward_pre_hook(_InputZeroer(path, entries, rule, weights), with_kwargs=True)
     return ref
 
 
@@ -138,13 +139,14 @@ class _InputZeroer:
     and the input passed on as it is: either is the same to the layer, whichever copies less."""
 
     def __init__(self, path: str, entries: list[tuple[str, int, torch.Tensor]],
-                 rule: ModuleRule) -> None:
+                 rule: ModuleRule, weights: int) -> None:
         self.path, self.entries, self.rule, self.failed = path, entries, rule, False
+        self.weights = weights  # values in the layer's parameters
 
     def zeroed(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.entries:
             return x
-        if x.numel() >= sum(t.numel() for t in m._parameters.values() if t is not None):
+        if x.numel() >= self.weights:
             with torch.no_grad():
                 for name, t in m._parameters.items():
                     if t is not None:
