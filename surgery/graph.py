@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
+from torch.fx import traceback as fx_traceback
 
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
@@ -101,14 +102,25 @@ def source_line(node: torch.fx.Node) -> str:
     return f"{path}:{loc[1]}: {linecache.getline(loc[0], loc[1]).strip()}"
 
 
+#: argument types fx records as they are (``torch.fx.node.base_types``' Python ones)
+_PLAIN_ARGS = frozenset({int, float, bool, str, complex, type(None), torch.dtype, torch.device})
+
+
 class LocatingTracer(torch.fx.Tracer):
     """fx tracer whose every node remembers the user's source line (:func:`source_line`).
 
     The location is the innermost frame outside torch (cheaper than fx's full stack traces).
     """
 
-    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        node = super().create_node(*args, **kwargs)
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict[str, Any],
+                    name: str | None = None, type_expr: Any | None = None) -> torch.fx.Node:
+        if self.check_mutable_operations or self.record_stack_traces or \
+                fx_traceback.has_preserved_node_meta():
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        else:  # fx's own, less a copy of the module stack in every node's meta (unread here):
+            # a tenth of a trace that goes into many small layers
+            node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+            self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
         loc = user_frame(sys._getframe(1))
         if loc is not None:
             node.meta["surgery_loc"] = loc
@@ -132,7 +144,15 @@ class LocatingTracer(torch.fx.Tracer):
 
     def create_arg(self, a: Any) -> Any:
         """fx's argument for a parameter, buffer or layer of the root, found by a table (fx
-        searches them from the start for each such argument)."""
+        searches them from the start for each such argument). Proxies, plain constants and
+        tuples or lists of them take a short way to fx's own result."""
+        kind = type(a)
+        if kind is torch.fx.Proxy:
+            return a.node
+        if kind in _PLAIN_ARGS:
+            return a
+        if kind is tuple or kind is list:
+            return kind(self.create_arg(x) for x in a)
         if isinstance(a, torch.Tensor | nn.Module) and hasattr(self, "root"):
             params, buffers, modules = self._names()
             name = (params if isinstance(a, nn.Parameter) else
