@@ -8,6 +8,7 @@ Runtime and PyTorch.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -167,3 +168,50 @@ def test_depth_rounds_score_blocks_on_the_users_examples(clock: surgery.Runtime)
     assert list(plan.settings["bypass_sensitivity"].values()) == pytest.approx(
         [round(s, 6) for s in want], abs=1e-6)
     assert surgery.verify(model, surgery.apply(model, plan), plan, x).passed
+
+
+@pytest.mark.parametrize(("noise", "lands_at"), [(0.0, 2.02), (0.04, 2.145)])
+def test_a_landing_clears_the_range_by_its_own_noise(clock: surgery.Runtime, noise: float,
+                                                     lands_at: float) -> None:
+    """speedup(ratio) = 1.01 / (1 - ratio)^2: the first ratio tried measures 2.02x, in range for
+    a 2x target. Measured without noise that lands; measured +-4%, a re-measurement would fall
+    below 2x as often as not, so the search goes on towards the middle of the range."""
+    from surgery.target import _search
+
+    config = surgery.LatencyTarget(speedup=2.0, runtime=clock.name)
+    calls: list[tuple[float, bool]] = []
+
+    def attempt(ratio: float, cfg: surgery.LatencyTarget, again: bool = False) -> tuple:
+        calls.append((ratio, again))
+        speedup = 1.01 / (1 - ratio) ** 2
+        fresh = again or all(abs(r - ratio) > 1e-12 for r, _ in calls[:-1])
+        return f"plan at {ratio:.4f}", 10 / speedup, 10.0, speedup, fresh, \
+            noise / 2 ** 0.5 if again else noise
+
+    plan, ms, base, speedup, target = _search(config, attempt)
+    assert target == 2.0 and speedup == pytest.approx(lands_at, abs=0.005)
+    assert calls[-1][1] and calls[-1][0] == calls[-2][0]  # the landing was confirmed
+    assert len(calls) == (2 if noise == 0 else 3)
+    if noise:
+        lo, hi = speedup * math.exp(-noise / 2 ** 0.5), speedup * math.exp(noise / 2 ** 0.5)
+        assert lo > 2.0 and hi < 2.3  # its interval inside [T, 1.15 T]
+
+
+def test_without_a_landing_the_plan_nearest_the_middle_of_the_range_is_kept(
+        clock: surgery.Runtime) -> None:
+    """Measured +-20%, a speedup lands only 3.5% inside the range (the margin's cap): none of
+    these does. Of those in range, the one nearest the middle (2.06x) is the answer, not the
+    first (2.02x, where the search used to stop)."""
+    from surgery.target import _search
+
+    config = surgery.LatencyTarget(speedup=2.0, runtime=clock.name, rounds=4)
+    speedups = iter([2.02, 2.25, 2.06, 1.9, 1.8])
+    seen: list[float] = []
+
+    def attempt(ratio: float, cfg: surgery.LatencyTarget, again: bool = False) -> tuple:
+        s = next(speedups)
+        seen.append(s)
+        return f"plan {len(seen)}", 10 / s, 10.0, s, True, 0.2
+
+    found = _search(config, attempt)
+    assert len(seen) == 4 and found[0] == "plan 3" and found[3] == 2.06
