@@ -10,7 +10,6 @@ its train/eval flags are restored.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import hashlib
@@ -20,9 +19,9 @@ import operator
 import os
 import re
 import sys
-import textwrap
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -37,8 +36,9 @@ from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import attributes_kept, buffers_kept, switched_mode
 from .paths import Submodules
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
-from .shape_run import NeedsValues, ShapeRun, hooked, torch_functions
+from .shape_run import NeedsValues, ShapeRun, hooked
 from .sizes import AttrInt, Dyn, DynFloat, attribute_ints, derive
+from .train_mode import Call, call_of, same_in_train_mode, signature
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -177,11 +177,20 @@ class LocatingTracer(torch.fx.Tracer):
 class _Tracer(LocatingTracer):
     """fx tracer: layers with a rule are leaves (and the ``opaque`` ones)."""
 
-    def __init__(self, opaque: Sequence[str]) -> None:
+    def __init__(self, opaque: Sequence[str], names: dict[int, str] | None = None) -> None:
         super().__init__()
         self.opaque = opaque
+        self.names = names  # the model's names of the layers, where the root is a wrapper
+        self.calls: dict[int, set[Call]] = {}  # id of each module traced into: its calls
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        self.calls.setdefault(id(m), set()).add(call_of(args, kwargs))
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self.names is not None:
+            qualname = self.names.get(id(m), qualname)
         if matches(qualname, self.opaque) and leaf_rule(m) is None:
             return True
         return leaf_rule(m) is not None or super().is_leaf_module(m, qualname)
@@ -843,13 +852,20 @@ def _defaults(model: nn.Module, n_inputs: int | None) -> dict[str, Any] | None:
     return bound or None
 
 
+#: how the modules of a graph from :func:`fx_trace` were called (see :func:`call_of`)
+_CALLS: weakref.WeakKeyDictionary[torch.fx.Graph, dict[int, set[Call]]] = \
+    weakref.WeakKeyDictionary()
+
+
 def fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = None
              ) -> torch.fx.Graph:
     """torch.fx graph of ``model``'s forward, layers in ``opaque`` and ruled leaves kept as
     calls; a failure names the user's source line."""
     tracer = _Tracer(opaque)
     try:
-        return tracer.trace(model, concrete_args=_defaults(model, n_inputs))
+        graph = tracer.trace(model, concrete_args=_defaults(model, n_inputs))
+        _CALLS[graph] = tracer.calls
+        return graph
     except Exception as e:
         frames = [f for f in traceback.extract_tb(e.__traceback__)
                   if "/torch/" not in f.filename and "/surgery/" not in f.filename]
@@ -860,89 +876,6 @@ def fx_trace(model: nn.Module, opaque: Sequence[str], n_inputs: int | None = Non
                 if inside else "make the forward's control flow independent of tensor values")
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}.forward{where} "
                          f"(inside module '{inside or '<root>'}'): {e}. Fix: {hint}.") from e
-
-
-@functools.cache
-def _mentions_training(cls: type) -> bool:
-    """Could the code of ``cls`` (or a base below nn.Module) trace differently in train mode?
-    It can where it reads a name ``training``, except as an argument handed straight to a
-    function fx records as one op (a torch function such as ``F.dropout``, or one registered
-    with ``torch.fx.wrap``): there the mode is that op's argument, not a branch of the graph.
-    Words in strings and comments do not count; code without source counts."""
-    for base in cls.__mro__:
-        if base is nn.Module or base is object:
-            continue
-        module = sys.modules.get(base.__module__)
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
-        except (OSError, TypeError, SyntaxError):
-            return True  # no source to read: assume it may branch on the mode
-        if module is None or any(not _mode_as_op_argument(*found, vars(module))
-                                 for found in _mode_reads(tree)):
-            return True
-    return False
-
-
-def _mode_reads(tree: ast.AST) -> Iterator[tuple[ast.AST, ast.AST | None, ast.AST | None]]:
-    """Every ``training`` name or attribute in ``tree``, with its parent and grandparent."""
-    parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
-    for n in ast.walk(tree):
-        if (isinstance(n, ast.Name) and n.id == "training") or (
-                isinstance(n, ast.Attribute) and n.attr == "training"):
-            parent = parents.get(n)
-            yield n, parent, parents.get(parent) if parent is not None else None
-
-
-def _mode_as_op_argument(read: ast.AST, parent: ast.AST | None, grand: ast.AST | None,
-                         scope: dict[str, Any]) -> bool:
-    """Is ``read`` loaded and passed as is to a call of a function fx records as one op?"""
-    if not isinstance(getattr(read, "ctx", None), ast.Load):
-        return False
-    if isinstance(parent, ast.Call) and read in parent.args:
-        call = parent
-    elif isinstance(parent, ast.keyword) and isinstance(grand, ast.Call):
-        call = grand
-    else:
-        return False
-    return _records_one_op(call.func, scope)
-
-
-def _records_one_op(func: ast.expr, scope: dict[str, Any]) -> bool:
-    if isinstance(func, ast.Name) and (id(scope), func.id) in getattr(
-            torch.fx._symbolic_trace, "_wrapped_fns_to_patch", {}):
-        return True  # torch.fx.wrap("name") in the module that calls it
-    target = _resolved(func, scope)
-    try:
-        return target is not None and target in torch_functions()
-    except TypeError:  # unhashable
-        return False
-
-
-def _resolved(expr: ast.expr, scope: dict[str, Any]) -> Any:
-    if isinstance(expr, ast.Name):
-        return scope.get(expr.id)
-    if isinstance(expr, ast.Attribute):
-        owner = _resolved(expr.value, scope)
-        return getattr(owner, expr.attr, None) if owner is not None else None
-    return None
-
-
-def _mode_dependent(model: nn.Module, graph: torch.fx.Graph) -> bool:
-    """Could the forward differ in train mode? Only classes we trace into can branch on it."""
-    leaves = {str(n.target) for n in graph.nodes if n.op == "call_module"}
-    # ignore: mypy does not see a class as Hashable (python/mypy#20409)
-    return any(_mentions_training(type(m))  # type: ignore[arg-type]
-               for name, m in model.named_modules() if name not in leaves)
-
-
-def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
-    """The ops that compute the outputs. Side effects that feed nothing (a BatchNorm subclass's
-    train-mode ``num_batches_tracked.add_(1)``) do not make a train graph worth analysing."""
-    needed: set[torch.fx.Node] = set()
-    for n in reversed(graph.nodes):
-        if n.op == "output" or any(u in needed for u in n.users):
-            needed.add(n)
-    return [(n.op, str(n.target)) for n in graph.nodes if n in needed]
 
 
 def _record(model: nn.Module, inputs: tuple, opaque: Sequence[str], notes: list[str]
@@ -1078,7 +1011,7 @@ def _run_traced(ctx: _Context, model: nn.Module, inputs: tuple, ignore: tuple,
         notes.append(f"training-mode forward not analysed: it fails on the example inputs "
                      f"({str(e).splitlines()[0][:200]})")
         return False
-    if _signature(graph_t) == _signature(graph):
+    if signature(graph_t) == signature(graph):
         return False
     ctx.run(model, graph_t, meta_t)
     return True
@@ -1094,9 +1027,10 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
     """Analyse the symbolic eval graph, and the train graph where it differs (aux heads)."""
     _analyse(ctx, model, eval_graph, inputs)
     model.train()
-    graph_t = fx_trace(model, ignore, len(inputs)) if _mode_dependent(model, eval_graph) \
-        else eval_graph
-    if _signature(graph_t) == _signature(eval_graph):
+    same = same_in_train_mode(model, eval_graph, _CALLS.get(eval_graph, {}),
+                              lambda names: _Tracer(ignore, names))
+    graph_t = eval_graph if same else fx_trace(model, ignore, len(inputs))
+    if signature(graph_t) == signature(eval_graph):
         return False
     # train-only branches (aux heads): the train-mode forward updates running stats, which
     # trace() puts back afterwards (with the train/eval flags), so it runs on the model itself
