@@ -4,9 +4,10 @@ A model's layers with train-only branches (an auxiliary head) must be analysed i
 but a second symbolic trace of the whole model costs as much as the first, and is wasted where
 the modes trace alike. Only code that reads ``training`` to branch can make them differ
 (:func:`mentions_training`, from the classes' source). Where such modules are found, one of
-each kind (class, plain settings, children: what a symbolic trace can depend on) is traced
-alone in both modes, all of them in one trace of a small wrapper (:func:`same_in_train_mode`);
-only if those differ, or cannot be traced alone, is the whole model traced again.
+each kind (class, settings, children and how the model calls it: what a symbolic trace can
+depend on) is traced alone in both modes, all of them in one trace of a small wrapper
+(:func:`same_in_train_mode`); only if those differ, or cannot be traced alone, is the whole
+model traced again.
 """
 
 from __future__ import annotations
