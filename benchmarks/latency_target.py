@@ -4,7 +4,8 @@ many rounds.
 For every model and target: ``surgery.plan(model, x, LatencyTarget(speedup=T, runtime=...,
 threads=..., batch=1))`` plans, builds and times round by round on that runtime; this script
 records the rounds, the landed speedup at batch 1 (what the loop aimed for) and, measured again
-afterwards in a separate alternating run, the speedup at batch 1 and batch 8.
+afterwards in a separate alternating run, the speedup at batch 1 and batch 8. A landing must
+also hold 0.9 x the target at batch 8 (``floor_batch``, timed only to confirm a landing).
 
     ./run python benchmarks/latency_target.py                          # 9 models x 2 targets
     ./run python benchmarks/latency_target.py --models resnet18 --targets 2
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", default="ort")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--floor-batch", type=int, nargs="*", default=[8],
+                    help="batch sizes a landing must hold 0.9 x target at (none: no floor)")
     ap.add_argument("--uniform", action="store_true", help="lay plans out uniformly")
     ap.add_argument("--depth", action="store_true", help="also bypass blocks (depth pruning)")
     ap.add_argument("--append", action="store_true", help="keep the other models' rows in --out")
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             plan = surgery.plan(model, x, surgery.LatencyTarget(
                 speedup=target, runtime=args.runtime, threads=args.threads,
-                allocate=not args.uniform, depth=args.depth))
+                allocate=not args.uniform, depth=args.depth,
+                floor_batch=tuple(args.floor_batch)))
             seconds = time.perf_counter() - start
             small = surgery.apply(model, plan)
             check = surgery.bench({"original": model, "pruned": small}, (3, args.size, args.size),

@@ -27,6 +27,7 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
               seed: int = 0, exact: bool = False, target_speedup: float | None = None,
               target_latency: float | None = None, runtime: str = "ort",
               batch: int | tuple[int, ...] | None = None,
+              floor_batch: int | tuple[int, ...] = (),
               depth: bool = False) -> PruneConfig:
     """``config``, or the config the keyword settings describe (the older calling style):
     ``ratio`` (Uniform, or RuntimeAware with ``allocate=RUNTIME``), ``target_macs``
@@ -34,7 +35,8 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
     ``runtime`` with ``threads`` and ``batch``, default 1; ``allocate=RUNTIME`` lays it out
     for that runtime); ``depth`` (with ``allocate=RUNTIME``) also bypasses whole blocks;
     ``batch`` with ``allocate=RUNTIME`` alone: the one batch size timed (default: the
-    example's)."""
+    example's); ``floor_batch``: batch sizes a latency target's landing must also hold 0.9 x the
+    target at."""
     if config is not None:
         if not isinstance(config, PruneConfig):
             raise ConfigError(f"expected a prune config (surgery.Uniform(0.5), MacBudget, "
@@ -50,6 +52,9 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
                           f"allocator: give allocate=RUNTIME ({', '.join(runtime_names())})")
     common: dict[str, Any] = {"criterion": criterion, "round_to": round_to,
                               "ignore": tuple(ignore), "seed": seed, "exact": exact}
+    if floor_batch and target_speedup is None and target_latency is None:
+        raise ConfigError("floor_batch= guards a latency target's landing: give target_speedup= "
+                          "or target_latency=")
     if target_speedup is not None or target_latency is not None:
         if ratio is not None or target_macs is not None:
             raise ConfigError("give one of ratio=, target_macs=, target_speedup= or "
@@ -60,7 +65,7 @@ def as_config(config: PruneConfig | None = None, *, ratio: float | None = None,
                               f"(allocate={runtime!r}) or uniformly")
         return LatencyTarget(speedup=target_speedup, latency_ms=target_latency,
                              runtime=runtime, threads=threads,
-                             batch=1 if batch is None else batch,
+                             batch=1 if batch is None else batch, floor_batch=floor_batch,
                              allocate=allocate != "uniform", depth=depth, **common)
     if allocate != "uniform":
         if target_macs is not None:

@@ -95,6 +95,9 @@ def inspect(model: str, model_args: tuple[str, ...], input_shape: str | None,
 @click.option("--batch", default=None, help="Batch size the runtime times: a latency "
               "target's (default 1; several, e.g. 1,8: the target is their geometric-mean "
               "speedup) or --allocate RUNTIME's (default: the example's).")
+@click.option("--floor-batch", default=None, metavar="B[,B]", help="With a latency target: "
+              "also time a landing at these batch sizes; each must reach 0.9x the target "
+              "(else the search aims higher at --batch).")
 @click.option("--criterion", default="l2", show_default=True, help="l1, l2, bn_scale, random.")
 @click.option("--round-to", default=8, show_default=True, type=int,
               help="Keep channel counts multiples of N.")
@@ -161,6 +164,8 @@ def prune(model: str, model_args: tuple[str, ...], input_shape: str | None,
     if settings["batch"] is not None:
         sizes = ints(settings["batch"], "--batch")
         settings["batch"] = sizes[0] if len(sizes) == 1 else tuple(sizes)
+    settings["floor_batch"] = () if settings["floor_batch"] is None else ints(
+        settings["floor_batch"], "--floor-batch")
     if settings["depth"] and settings["allocate"] == "uniform":
         raise UserError("--depth needs --allocate RUNTIME (bypassed blocks are weighed against "
                         "narrower layers by their time on that runtime)")

@@ -176,7 +176,11 @@ class LatencyTarget(PruneConfig):
     speedup that must land is their geometric mean weighted by ``batch_weights`` (equal by
     default), so a plan for batch 1 does not lose at batch 8. Layers are timed at the first.
     Timing uses random inputs at those batches; the example inputs given with the config score
-    channels and, with ``depth``, each block's loss (pass a batch of real images there)."""
+    channels and, with ``depth``, each block's loss (pass a batch of real images there).
+
+    ``floor_batch`` (e.g. 8) guards other batch sizes without weighing them: a landing is also
+    timed there, and kept only if each reaches ``floor`` x the target speedup; where one falls
+    short, the search aims higher in the range at ``batch``, by the shortfall."""
 
     speedup: float | None = None
     latency_ms: float | None = None
@@ -186,6 +190,8 @@ class LatencyTarget(PruneConfig):
     batch_weights: tuple[float, ...] | None = None
     tolerance: float = 0.15
     rounds: int = 8
+    floor_batch: int | tuple[int, ...] = ()
+    floor: float = 0.9
     allocate: bool = True
     #: with ``allocate``: also bypass whole residual bodies and gates (depth pruning)
     depth: bool = False
@@ -195,6 +201,11 @@ class LatencyTarget(PruneConfig):
     def batches(self) -> tuple[int, ...]:
         """The batch sizes timed, the first one also for the per-layer timings."""
         return self.batch if isinstance(self.batch, tuple) else (self.batch,)
+
+    @property
+    def floor_batches(self) -> tuple[int, ...]:
+        """The batch sizes a landing must not lose at (timed only to confirm a landing)."""
+        return self.floor_batch if isinstance(self.floor_batch, tuple) else (self.floor_batch,)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -217,6 +228,17 @@ class LatencyTarget(PruneConfig):
                             for b in sizes) or len(set(sizes)) != len(sizes):
             raise ConfigError(f"batch must be a positive int or distinct positive ints but "
                               f"received {self.batch!r}")
+        if isinstance(self.floor_batch, list | tuple):
+            object.__setattr__(self, "floor_batch", tuple(self.floor_batch))
+        guarded = self.floor_batches
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in guarded) or len(
+                set(guarded)) != len(guarded):
+            raise ConfigError(f"floor_batch must be a positive int or distinct positive ints "
+                              f"but received {self.floor_batch!r}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int | float) or not (
+                0 < self.floor <= 1):
+            raise ConfigError(f"floor must be in (0, 1] (a fraction of the target speedup) but "
+                              f"received {self.floor!r}")
         if self.batch_weights is not None:
             object.__setattr__(self, "batch_weights", tuple(self.batch_weights))
             w = self.batch_weights

@@ -10,8 +10,10 @@ width). A measurement lands when it is in range by more than its own noise (the 
 its bootstrap interval, at most a quarter of the range) on both sides: a search that stops at
 the first measurement inside the range keeps the plans that measured lucky, and a separate
 measurement of such a plan falls back out of range. A landing is timed once more and kept only
-if the geometric mean of both measurements still lands. Where no plan lands so, the one in range
-nearest the middle of the range is the answer. The plan records every round
+if the geometric mean of both measurements still lands, and, with ``floor_batch``, only if it is
+fast enough there too (timed with the confirmation); where it is not, the range's low end rises
+by the shortfall. Where no plan lands so, the one in range nearest the middle of the range is
+the answer. The plan records every round
 (``settings["trajectory"]``) and the result.
 """
 
@@ -22,7 +24,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +40,20 @@ from .surgeon import apply
 
 #: one round: (round index, ratio, measured pruned ms, measured speedup)
 RoundHook = Callable[[int, float, float, float], None]
+
+
+class Timed(NamedTuple):
+    """One plan as measured: pruned and original ms and the (weighted) speedup at the
+    objective's batch sizes, whether this call timed it (else it was measured before), the
+    log half-width of the speedup's 95% interval and the speedup at every batch timed."""
+
+    plan: Plan
+    ms: float
+    base: float
+    speedup: float
+    fresh: bool
+    noise: float
+    each: dict[int, float] = {}  # noqa: RUF012 - read only
 
 _MAX_RATIO = 0.95
 
@@ -72,14 +88,17 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
             original_onnx = str(Path(tmp) / "original.onnx")
             export_onnx(model, inputs[0][:1], original_onnx)
 
-        def measure(small: nn.Module) -> tuple[float, float, float, dict[int, float], float]:
+        def measure(small: nn.Module, extra: tuple[int, ...] = ()
+                    ) -> tuple[float, float, float, dict[int, float], float]:
             """Pruned and original ms at the first batch, the weighted speedup, the speedup at
-            every batch and the weighted half-width of their 95% intervals (log scale)."""
+            every batch (``extra`` ones too) and the weighted half-width of their 95% intervals
+            (log scale)."""
+            timed = [*batches, *(b for b in extra if b not in batches)]
             rep = bench({"original": model, "pruned": small}, shape, runtimes=[config.runtime],
-                        batches=list(batches), threads=config.threads, rounds=10,
+                        batches=timed, threads=config.threads, rounds=10,
                         onnx_files={"original": original_onnx} if original_onnx else None)
             rows = {(r.model, r.batch): r for r in rep.rows}
-            each = {b: float(rows["pruned", b].speedup or 1.0) for b in batches}
+            each = {b: float(rows["pruned", b].speedup or 1.0) for b in timed}
             mean = math.exp(sum(w * math.log(each[b]) for b, w in zip(batches, weights,
                                                                       strict=True)) / sum(weights))
             noise = sum(w * _half_width(rows["pruned", b]) for b, w in zip(
@@ -90,23 +109,21 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
 
         seen: dict[str, tuple[float, float, float, dict[int, float], float]] = {}
 
-
-        def attempt(ratio: float, cfg: LatencyTarget, again: bool = False
-                    ) -> tuple[Plan, float, float, float, bool, float]:
-            """The plan at ``ratio``, its measurement and that measurement's noise (a plan
-            measured before is not timed again: fresh is False). ``again``: time it once more
-            and keep the geometric mean of both measurements (a landing is confirmed, not taken
+        def attempt(ratio: float, cfg: LatencyTarget, again: bool = False) -> Timed:
+            """The plan at ``ratio`` and its measurement (a plan measured before is not timed
+            again: fresh is False). ``again``: time it once more, at the floor batches too, and
+            keep the geometric mean of both measurements (a landing is confirmed, not taken
             from one noisy run)."""
             p = _plan_at(model, example_inputs, cfg, ratio, graph, lat)
             key = repr((p.layers, p.attributes, p.bypasses))
             fresh = key not in seen or again
             if fresh:
-                new = measure(apply(model, p))
+                new = measure(apply(model, p), cfg.floor_batches if again else ())
                 if again and key in seen:
                     old = seen[key]
                     new = (math.sqrt(old[0] * new[0]), math.sqrt(old[1] * new[1]),
                            math.sqrt(old[2] * new[2]),
-                           {b: math.sqrt(old[3][b] * new[3][b]) for b in new[3]},
+                           {b: math.sqrt(old[3].get(b, v) * v) for b, v in new[3].items()},
                            math.hypot(old[4], new[4]) / 2)  # the mean of two: less noise
                 seen[key] = new
             ms, base, speedup, each, noise = seen[key]
@@ -119,10 +136,10 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
                                       if noise else {}),
                                    **({"confirming": True} if again else {}),
                                    **({"by_batch": {str(b): round(v, 4) for b, v in each.items()}}
-                                      if len(batches) > 1 else {})})
+                                      if len(each) > 1 else {})})
                 if on_round is not None:
                     on_round(len(trajectory) - 1, ratio, ms, speedup)
-            return p, ms, base, speedup, fresh, noise
+            return Timed(p, ms, base, speedup, fresh, noise, each)
 
         notes: list[str] = []
         best = _search(config, attempt)
@@ -133,14 +150,18 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
                 notes.append(f"round_to={config.round_to} steps the speedup too coarsely to land "
                              "in the target range; used round_to=1")
                 best = finer
+        each = seen[repr((best[0].layers, best[0].attributes, best[0].bypasses))][3]
+        missing = tuple(b for b in config.floor_batches if b not in each)
+        if missing:  # no landing confirmed this plan: its floors are timed for the record
+            each = {**each, **{b: v for b, v in measure(apply(model, best[0]), missing)[3]
+                               .items() if b in missing}}
     p, ms, base, speedup, target = best
     met = _met(config, best)
     settings = {**p.settings, "config": config.to_dict(), "trajectory": trajectory,
                 "measured": {"runtime": config.runtime, "threads": config.threads,
                              "batch": list(batches) if len(batches) > 1 else batches[0],
-                             **({"by_batch": {str(b): round(v, 4) for b, v in seen[repr(
-                                 (p.layers, p.attributes, p.bypasses))][3].items()}}
-                                if len(batches) > 1 else {}),
+                             **({"by_batch": {str(b): round(v, 4) for b, v in each.items()}}
+                                if len(each) > 1 else {}),
                              "ms": round(ms, 4),
                              "original_ms": round(base, 4), "speedup": round(speedup, 4),
                              "target_speedup": round(target, 4), "met": met}}
@@ -149,6 +170,10 @@ def plan_for_latency(model: nn.Module, example_inputs: Inputs, config: LatencyTa
         notes.append(f"the latency target (speedup {target:.2f}x on {config.runtime}) was not "
                      f"met in {len(trajectory)} rounds: the closest plan measured "
                      f"{speedup:.2f}x ({rounds})")
+    for b in config.floor_batches:
+        if each[b] < config.floor * target:
+            notes.append(f"at batch {b} the plan measured {each[b]:.2f}x, under the floor "
+                         f"{config.floor:g} x {target:.2f}x: the search found none that held it")
     for note in notes:
         warnings.warn(note, stacklevel=2)
     if notes:
@@ -178,12 +203,14 @@ def _met(config: LatencyTarget, found: tuple[Plan, float, float, float, float]) 
     return target <= speedup <= (1 + config.tolerance) * target
 
 
-def _lands(config: LatencyTarget, speedup: float, target: float, noise: float) -> bool:
-    """In range by more than the measurement's noise (log half-width of its interval, at most a
-    quarter of the range's width) on both sides: a re-measurement would most likely stay in."""
-    margin = min(noise, math.log1p(config.tolerance) / 4)
-    return math.log(target) + margin <= math.log(speedup) <= \
-        math.log((1 + config.tolerance) * target) - margin
+def _lands(config: LatencyTarget, speedup: float, target: float, noise: float,
+           lift: float = 1.0) -> bool:
+    """In ``[lift x target, (1 + tolerance) x target]`` by more than the measurement's noise (log
+    half-width of its interval, at most a quarter of the range's width) on both sides: a
+    re-measurement would most likely stay in."""
+    low, high = math.log(lift * target), math.log((1 + config.tolerance) * target)
+    margin = min(noise, (high - low) / 4)
+    return low + margin <= math.log(speedup) <= high - margin
 
 
 def _half_width(row: Measurement) -> float:
@@ -194,60 +221,70 @@ def _half_width(row: Measurement) -> float:
     return max(0.0, math.log(hi / lo) / 2)
 
 
-def _search(config: LatencyTarget,
-            attempt: Callable[..., tuple[Plan, float, float, float, bool, float]]
+def _search(config: LatencyTarget, attempt: Callable[..., Timed]
             ) -> tuple[Plan, float, float, float, float]:
     """Correct the ratio round by round (``config.rounds`` measurements at most); the best plan
     and its (ms, original ms, speedup, target speedup): the first that lands (see
-    :func:`_lands`), else the one in range nearest the middle of the range, else the least
-    overshoot, else the fastest."""
+    :func:`_lands`) and holds its floor at ``config.floor_batches``, else the one in range
+    nearest the aim, else the least overshoot, else the fastest."""
     tol = config.tolerance
     target = config.speedup
     ratio = 1 - 1 / math.sqrt(target) if target else 0.5
-    slow: tuple[float, float] = (0.0, 1.0)  # (ratio, speedup) below the aim
-    fast: tuple[float, float] | None = None  # at or above the aim
+    lift = 1.0  # the range's low end over the target: raised where a floor batch fell short
+    points: list[tuple[float, float]] = [(0.0, 1.0)]  # (ratio, speedup) measured
     tried: list[tuple[Plan, float, float, float, float]] = []
     measured = 0
     landed = False
+    aim = 0.0
     for _ in range(4 * config.rounds):  # plans measured before cost nothing: more steps
-        p, ms, base, speedup, fresh, noise = attempt(ratio, config)
-        measured += fresh
-        target = config.speedup or base / float(config.latency_ms)  # type: ignore[arg-type]
-        tried.append((p, ms, base, speedup, target))
-        if _lands(config, speedup, target, noise) and fresh and measured < config.rounds:
-            # one measurement can land by luck: confirm it with a second
-            p, ms, base, speedup, _, noise = attempt(ratio, config, again=True)
+        got = attempt(ratio, config)
+        measured += got.fresh
+        target = config.speedup or got.base / float(config.latency_ms)  # type: ignore[arg-type]
+        if _lands(config, got.speedup, target, got.noise, lift) and got.fresh and \
+                measured < config.rounds:
+            # one measurement can land by luck: confirm it with a second (and the floors)
+            got = attempt(ratio, config, again=True)
             measured += 1
-            target = config.speedup or base / float(config.latency_ms)  # type: ignore[arg-type]
-            tried[-1] = (p, ms, base, speedup, target)
-        landed = _lands(config, speedup, target, noise)
+            target = config.speedup or got.base / float(config.latency_ms)  # type: ignore
+        fresh = got.fresh
+        tried.append((got.plan, got.ms, got.base, got.speedup, target))
+        points.append((ratio, got.speedup))
+        landed = _lands(config, got.speedup, target, got.noise, lift)
+        if landed:
+            short = [b for b in config.floor_batches
+                     if got.each.get(b, math.inf) < config.floor * target]
+            if short:  # fast enough where it was aimed, not at batch b: aim higher by the gap
+                need = max(config.floor * got.speedup / got.each[b] for b in short)
+                lift = min(max(lift, need), (1 + tol) ** 0.75)  # a quarter of the range left
+                landed = False
         if landed or measured >= config.rounds:
             break
-        aim = target * math.sqrt(1 + tol)  # the middle of the range (log scale)
-        if speedup < aim:
-            slow = max(slow, (ratio, speedup))
-        elif fast is None or ratio < fast[0]:
-            fast = (ratio, speedup)
+        aim = target * math.sqrt(lift * (1 + tol))  # the middle of the range (log scale)
+        below = [pt for pt in points if pt[1] < aim]
+        above = [pt for pt in points if pt[1] >= aim]
+        slow = max(below) if below else (0.0, 1.0)
+        fast = min(above) if above else None
         if fast is not None and slow[0] < fast[0]:  # interpolate log-speedup in the bracket
             (r0, s0), (r1, s1) = slow, fast
             t = (math.log(aim) - math.log(s0)) / max(math.log(s1) - math.log(s0), 1e-9)
             # the same plan again: the steps are coarse here, so halve the bracket instead
             nxt = r0 + (0.5 if not fresh else min(max(t, 0.1), 0.9)) * (r1 - r0)
         else:  # extrapolate: time ~ MACs ~ kept width squared
-            nxt = 1 - (1 - ratio) * math.sqrt(speedup / aim)
+            nxt = 1 - (1 - ratio) * math.sqrt(got.speedup / aim)
             if not fresh:
                 nxt = ratio + 2 * (nxt - ratio)
         nxt = min(max(nxt, 0.0), _MAX_RATIO)
         if abs(nxt - ratio) < 1e-3 or (fast is not None and fast[0] - slow[0] < 2e-3):
             break
-        if speedup < target and ratio >= _MAX_RATIO:
+        if got.speedup < target and ratio >= _MAX_RATIO:
             break  # as far as it goes
         ratio = nxt
     if landed:
         return tried[-1]
     in_range = [t for t in tried if _met(config, t)]
-    if in_range:  # nearest the middle: the least likely to measure out of range again
-        return min(in_range, key=lambda t: abs(math.log(t[3] / t[4]) - math.log1p(tol) / 2))
+    if in_range:  # nearest the aim: the least likely to measure out of range again
+        middle = math.log(lift * (1 + tol)) / 2
+        return min(in_range, key=lambda t: abs(math.log(t[3] / t[4]) - middle))
     feasible = [t for t in tried if t[3] >= t[4]]
     if feasible:
         return min(feasible, key=lambda t: t[3])

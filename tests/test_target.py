@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import surgery
 from surgery.config import config_from_dict
 from surgery.report import prune_report, to_markdown
+from surgery.target import Timed
 
 
 class MacClock(surgery.Runtime):
@@ -123,6 +124,8 @@ def test_a_latency_target_and_one_out_of_reach(clock: surgery.Runtime) -> None:
     ({"speedup": 2, "batch": (1, 1)}, "distinct positive ints"),
     ({"speedup": 2, "batch": (1, 8), "batch_weights": (1.0,)}, "batch_weights must be 2"),
     ({"latency_ms": 2, "batch": (1, 8)}, "a latency_ms target is for one batch size"),
+    ({"speedup": 2, "floor_batch": (8, 0)}, "floor_batch must be a positive int"),
+    ({"speedup": 2, "floor_batch": 8, "floor": 1.5}, "floor must be in (0, 1]"),
 ])
 def test_bad_targets_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(surgery.ConfigError) as e:
@@ -185,8 +188,8 @@ def test_a_landing_clears_the_range_by_its_own_noise(clock: surgery.Runtime, noi
         calls.append((ratio, again))
         speedup = 1.01 / (1 - ratio) ** 2
         fresh = again or all(abs(r - ratio) > 1e-12 for r, _ in calls[:-1])
-        return f"plan at {ratio:.4f}", 10 / speedup, 10.0, speedup, fresh, \
-            noise / 2 ** 0.5 if again else noise
+        return Timed(f"plan at {ratio:.4f}", 10 / speedup, 10.0, speedup, fresh,
+                     noise / 2 ** 0.5 if again else noise)
 
     plan, ms, base, speedup, target = _search(config, attempt)
     assert target == 2.0 and speedup == pytest.approx(lands_at, abs=0.005)
@@ -211,7 +214,76 @@ def test_without_a_landing_the_plan_nearest_the_middle_of_the_range_is_kept(
     def attempt(ratio: float, cfg: surgery.LatencyTarget, again: bool = False) -> tuple:
         s = next(speedups)
         seen.append(s)
-        return f"plan {len(seen)}", 10 / s, 10.0, s, True, 0.2
+        return Timed(f"plan {len(seen)}", 10 / s, 10.0, s, True, 0.2)
 
     found = _search(config, attempt)
     assert len(seen) == 4 and found[0] == "plan 3" and found[3] == 2.06
+
+
+class BatchClock(MacClock):
+    """As MacClock, plus 11.5 ms per image after the first that pruning does not save (memory
+    traffic of the input, say): a batch of 8 gains less than batch 1."""
+
+    name = "batch-clock"
+
+    def model_runner(self, model: Any, x: torch.Tensor, onnx: str | None, threads: int) -> Any:
+        ms = super().model_runner(model, x, onnx, threads)() + 11.5 * (x.shape[0] - 1)
+        return lambda: ms
+
+
+def test_a_floor_batch_lifts_the_landing_until_it_holds_there() -> None:
+    """For 2x at batch 1, the first landing (2.20x) measures 1.79x at batch 8 on this clock:
+    under the floor 0.9 x 2 = 1.8x. The search aims higher in the range by the shortfall and
+    lands where batch 8 holds (2.23x: 1.81x); without floor_batch it keeps the first landing."""
+    clock = surgery.register_runtime(BatchClock(), replace=True)
+    model = surgery.spec.build_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    common = {"speedup": 2.0, "runtime": clock.name, "allocate": False, "round_to": 1}
+
+    def speedup(small: torch.nn.Module, b: int) -> float:
+        base = clock.model_runner(model, torch.randn(b, 3, 32, 32), None, 1)()
+        return base / clock.model_runner(small, torch.randn(b, 3, 32, 32), None, 1)()
+
+    first = surgery.plan(model, x, surgery.LatencyTarget(**common))
+    assert speedup(surgery.apply(model, first), 8) < 1.8  # else the test checks nothing
+    config = surgery.LatencyTarget(**common, floor_batch=8)
+    plan = surgery.plan(model, x, config)
+    measured = plan.settings["measured"]
+    small = surgery.apply(model, plan)
+    assert measured["met"] and 2.0 <= measured["speedup"] <= 2.3
+    assert measured["by_batch"]["8"] == pytest.approx(speedup(small, 8), rel=1e-3)
+    assert speedup(small, 8) >= 1.8 and speedup(small, 1) == pytest.approx(
+        measured["speedup"], rel=1e-3)
+    rejected = [t for t in plan.settings["trajectory"] if t.get("confirming")
+                and t["by_batch"]["8"] < 1.8]
+    assert rejected, "no landing was turned down at batch 8"
+    assert config_from_dict(plan.settings["config"]) == config
+    assert surgery.verify(model, small, plan, x).passed
+
+
+def test_search_aims_higher_by_the_floor_batchs_shortfall(clock: surgery.Runtime) -> None:
+    """speedup(ratio) = 1.01 / (1 - ratio)^2 at batch 1 and 0.85 x that at batch 8: 2.02x lands
+    for 2x but holds 1.72x at batch 8 (floor 1.8x); the next aim is 2.2x, where batch 8 holds."""
+    from surgery.target import _search
+
+    config = surgery.LatencyTarget(speedup=2.0, runtime=clock.name, floor_batch=8)
+    calls: list[tuple[float, bool]] = []
+
+    def attempt(ratio: float, cfg: surgery.LatencyTarget, again: bool = False) -> Timed:
+        calls.append((ratio, again))
+        s = 1.01 / (1 - ratio) ** 2
+        return Timed(f"plan at {ratio:.4f}", 10 / s, 10.0, s, True, 0.0,
+                     {1: s, 8: 0.85 * s} if again else {1: s})
+
+    plan, ms, base, speedup, target = _search(config, attempt)
+    assert [again for _, again in calls] == [False, True, False, True]
+    assert speedup == pytest.approx(2.2069, abs=1e-3) and 0.85 * speedup >= 1.8
+
+
+def test_floor_batch_needs_a_latency_target() -> None:
+    from surgery.api import as_config
+
+    config = as_config(target_speedup=2.0, floor_batch=(8,))
+    assert isinstance(config, surgery.LatencyTarget) and config.floor_batches == (8,)
+    with pytest.raises(surgery.ConfigError, match="floor_batch= guards a latency target"):
+        as_config(ratio=0.5, floor_batch=(8,))
