@@ -150,20 +150,26 @@ class _EachOnce(nn.Module):
         return tuple(out)
 
 
-def _kind(m: nn.Module) -> tuple[Any, ...]:
+def _kind(m: nn.Module, whole: bool = False) -> tuple[Any, ...]:
     """What a symbolic trace of ``m`` can depend on: its class, its settings (plain values and
-    containers of them by value, anything else by identity), which parameters and buffers it
-    has, its hooks and its children's kinds; not tensor values or shapes, which the trace sees
-    as proxies."""
+    containers of them by value, anything else by identity) that its forward reads (all where
+    that is not known from the source, or ``whole``), which parameters and buffers it has, its
+    hooks and its children's kinds; not tensor values or shapes, which the trace sees as
+    proxies. A setting the forward never reads (a norm's ``num_features``) cannot change the
+    trace, and would make one kind of every width."""
+    # ignore: mypy does not see a class as Hashable (python/mypy#20409)
+    found = None if whole else settings_read(type(m))  # type: ignore[arg-type]
+    read, deep = found if found is not None else (None, frozenset())
     settings = []
     for key, v in vars(m).items():
         if key in ("training", "_modules"):
             continue
         if key in ("_parameters", "_buffers"):
             settings.append((key, tuple((k, t is None) for k, t in v.items())))
-        else:
+        elif read is None or key in read or key.startswith("_"):
             settings.append((key, _value(v)))
-    children = tuple((key, None if c is None else _kind(c)) for key, c in m._modules.items())
+    children = tuple((key, None if c is None else _kind(c, whole or read is None or key in deep))
+                     for key, c in m._modules.items())
     return type(m), tuple(settings), children
 
 
@@ -237,37 +243,77 @@ def mentions_training(cls: type, entry: str | None = None) -> bool:
     Words in strings and comments do not count; code without source counts. ``entry``: only
     the methods a call of this one can reach (by name, across the bases) count, and code
     outside methods."""
+    parts = _reachable(cls, entry)
+    if parts is None:
+        return True  # no source to read: assume it may branch on the mode
+    return any(not _mode_as_op_argument(*found, scope)
+               for part, scope in parts for found in _mode_reads(part))
+
+
+@functools.cache
+def settings_read(cls: type, entry: str = "forward"
+                  ) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The attributes ``self.<name>`` that the code of ``cls`` reachable from ``entry`` reads,
+    and those of them it uses other than by calling them (``self.<name>.<attr>``, handed to a
+    function: a child module used so may be read into); None where that cannot be known from
+    the source: no source, or ``self`` handed to a call or read other than by attribute
+    (``getattr(self, ...)``, ``vars(self)``)."""
+    parts = _reachable(cls, entry)
+    if parts is None:
+        return None
+    read: set[str] = set()
+    deep: set[str] = set()
+    for part, _ in parts:
+        parents = {c: n for n in ast.walk(part) for c in ast.iter_child_nodes(n)}
+        for n in ast.walk(part):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.args.args and \
+                    n.args.args[0].arg != "self" and not n.decorator_list:
+                return None  # a method whose instance is not called self
+            if not (isinstance(n, ast.Name) and n.id == "self"):
+                continue
+            parent = parents.get(n)
+            if not isinstance(parent, ast.Attribute) or parent.attr.startswith("__"):
+                return None  # self handed on, or its __dict__ read
+            read.add(parent.attr)
+            user = parents.get(parent)
+            if not (isinstance(user, ast.Call) and user.func is parent):
+                deep.add(parent.attr)
+    return frozenset(read), frozenset(deep)
+
+
+def _reachable(cls: type, entry: str | None) -> list[tuple[ast.AST, dict[str, Any]]] | None:
+    """The code of ``cls`` and its bases below nn.Module, each with its module's names: all of
+    it, or with ``entry`` the methods a call of that one can reach (by name, across the bases)
+    and the code outside methods; None where some of it has no source."""
     code = []
     for base in cls.__mro__:
         if base is nn.Module or base is object:
             continue
         found = _class_code(base)
         if found is None:
-            return True  # no source to read: assume it may branch on the mode
+            return None
         code.append(found)
-    parts: list[tuple[ast.AST, dict[str, Any]]] = []
     if entry is None:
-        parts = [(body, scope) for body, scope in code]
-    else:
-        methods: dict[str, list[tuple[ast.AST, dict[str, Any]]]] = {}
-        for body, scope in code:
-            for stmt in body.body:
-                if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
-                    methods.setdefault(stmt.name, []).append((stmt, scope))
-                else:
-                    parts.append((stmt, scope))
-        todo, reached = [entry], {entry}
-        while todo:
-            for fn, scope in methods.get(todo.pop(), []):
-                parts.append((fn, scope))
-                for n in ast.walk(fn):
-                    name = n.attr if isinstance(n, ast.Attribute) else \
-                        n.id if isinstance(n, ast.Name) else None
-                    if name in methods and name not in reached:
-                        reached.add(name)
-                        todo.append(name)
-    return any(not _mode_as_op_argument(*found, scope)
-               for part, scope in parts for found in _mode_reads(part))
+        return [(body, scope) for body, scope in code]
+    parts: list[tuple[ast.AST, dict[str, Any]]] = []
+    methods: dict[str, list[tuple[ast.AST, dict[str, Any]]]] = {}
+    for body, scope in code:
+        for stmt in body.body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                methods.setdefault(stmt.name, []).append((stmt, scope))
+            else:
+                parts.append((stmt, scope))
+    todo, reached = [entry], {entry}
+    while todo:
+        for fn, scope in methods.get(todo.pop(), []):
+            parts.append((fn, scope))
+            for n in ast.walk(fn):
+                name = n.attr if isinstance(n, ast.Attribute) else \
+                    n.id if isinstance(n, ast.Name) else None
+                if name in methods and name not in reached:
+                    reached.add(name)
+                    todo.append(name)
+    return parts
 
 
 def _mode_reads(tree: ast.AST) -> Iterator[tuple[ast.AST, ast.AST | None, ast.AST | None]]:

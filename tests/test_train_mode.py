@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import DEFAULT, TIMM_40, TIMM_ATTENTION, build
 
 import surgery
 import surgery.graph as graph_module
-from surgery.train_mode import _kind, mentions_training, same_in_train_mode
+from surgery.errors import TraceError
+from surgery.train_mode import _kind, mentions_training, same_in_train_mode, signature
 
 
 class CountingNorm(nn.BatchNorm2d):
@@ -137,3 +139,95 @@ def test_a_kind_is_class_settings_and_children_not_weights() -> None:
     hooked = CountingNorm(16)
     hooked.register_forward_hook(lambda m, i, o: None)
     assert _kind(a) != _kind(hooked)
+
+
+class OptionalAux(nn.Module):
+    """Adds a train-only layer where ``aux`` is set, read in a helper its forward calls."""
+
+    def __init__(self, c: int, aux: int) -> None:
+        super().__init__()
+        self.aux, self.conv, self.extra = aux, nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def uses_extra(self) -> bool:
+        return self.training and self.aux > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + self.extra(x) if self.uses_extra() else y
+
+
+def test_settings_the_forward_never_reads_make_no_kinds() -> None:
+    """CountingNorm's forward reads eps, not num_features: one kind for every width (a symbolic
+    trace cannot tell them apart), but not for another eps."""
+    assert _kind(CountingNorm(16)) == _kind(CountingNorm(32))
+    assert _kind(CountingNorm(16)) != _kind(CountingNorm(16, eps=1e-3))
+    # read in a method the forward reaches: a kind of its own
+    assert _kind(OptionalAux(8, 0)) != _kind(OptionalAux(8, 1))
+    assert _kind(OptionalAux(8, 0)) == _kind(OptionalAux(16, 0))  # c sizes layers only
+
+    class HandsItOn(CountingNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _norm(self, x)  # what it reads is not in its own code: every setting counts
+
+    assert _kind(HandsItOn(16)) != _kind(HandsItOn(32))
+
+    class ReadsIntoChild(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.norm = CountingNorm(c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x) * self.norm.num_features  # reads the child's unread setting
+
+    assert _kind(ReadsIntoChild(16)) != _kind(ReadsIntoChild(32))
+
+
+def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x * m.num_features
+
+
+def test_a_train_only_layer_behind_a_setting_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two blocks alike but for ``aux``: the one with the train-only layer is traced alone as a
+    kind of its own, so the whole model is traced again and its layer is pruned."""
+
+    class TwoBlocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a, self.b = OptionalAux(16, 0), OptionalAux(16, 1)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(self.a(self.stem(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    traces = _fx_traces(monkeypatch)
+    small = surgery.prune(model, torch.randn(1, 3, 16, 16), ratio=0.5)
+    assert traces == ["TwoBlocks", "TwoBlocks"]
+    assert small.b.extra.in_channels == small.b.conv.in_channels < 16
+    small.train()(torch.randn(2, 3, 16, 16))
+
+
+def _zoo_model(name: str) -> nn.Module:
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name[5:], pretrained=False)
+    return build(name)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*DEFAULT, *(f"timm:{n}" for n in (*TIMM_40, *TIMM_ATTENTION))])
+def test_same_in_train_mode_is_never_wrong_on_the_zoo(name: str) -> None:
+    """Where the check says the train forward traces to the eval one's ops, a whole train-mode
+    trace must agree (one of each kind stands for the others)."""
+    torch.manual_seed(0)
+    model = _zoo_model(name).eval()
+    try:
+        eval_graph = graph_module.fx_trace(model, (), 1)
+    except TraceError:
+        pytest.skip("fx cannot trace it (the executing tracer retraces in train mode)")
+    tracer = lambda names: graph_module._Tracer((), names)  # noqa: E731
+    if not same_in_train_mode(model.train(), eval_graph, graph_module._CALLS[eval_graph], tracer):
+        return  # undecided or different: the whole model is traced again anyway
+    assert signature(graph_module.fx_trace(model.train(), (), 1)) == signature(eval_graph)
