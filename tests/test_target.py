@@ -153,6 +153,10 @@ def test_cli_target_speedup_prints_rounds_and_the_trajectory(tmp_path) -> None:
     bad = subprocess.run([script, "prune", "resnet20", "--ratio", "0.5", "--target-speedup", "2",
                           "--dry-run"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "give exactly one of --ratio" in bad.stderr
+    floor = subprocess.run([script, "prune", "resnet20", "--target-speedup", "2",
+                            "--floor-batch", "8,0", "--dry-run"], capture_output=True, text=True,
+                           timeout=600)
+    assert floor.returncode == 1 and "--floor-batch '8,0' must be positive" in floor.stderr
 
 
 def test_depth_rounds_score_blocks_on_the_users_examples(clock: surgery.Runtime) -> None:
