@@ -166,8 +166,8 @@ def _kind(m: nn.Module, whole: bool = False) -> tuple[Any, ...]:
             continue
         if key in ("_parameters", "_buffers"):
             settings.append((key, tuple((k, t is None) for k, t in v.items())))
-        elif read is None or key in read or key.startswith("_"):
-            settings.append((key, _value(v)))
+        elif read is None or key in read or key.startswith("_") or callable(v):
+            settings.append((key, _value(v)))  # callable: an instance's own forward, say
     children = tuple((key, None if c is None else _kind(c, whole or read is None or key in deep))
                      for key, c in m._modules.items())
     return type(m), tuple(settings), children
