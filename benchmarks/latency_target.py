@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 import warnings
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", action="store_true", help="also bypass blocks (depth pruning)")
     ap.add_argument("--append", action="store_true", help="keep the other models' rows in --out")
     ap.add_argument("--out", default="benchmarks/results/latency_target.json")
+    ap.add_argument("--summary", metavar="FILE", help="only summarise a stored result file")
     args = ap.parse_args(argv)
+    if args.summary:
+        summarise(json.loads(Path(args.summary).read_text())["rows"])
+        return 0
     warnings.simplefilter("ignore")
     rows = []
     if args.append and Path(args.out).exists():
@@ -84,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{again[8]:.2f}x | {kept:.0%} | {seconds:.0f} |", flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             write_text(args.out, json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    for target in args.targets:
+    summarise(rows)
+    return 0
+
+
+def summarise(rows: list[dict]) -> None:
+    """Per target: landings, re-measured in range, rounds, batch-8 floors; over all rows: how
+    a separate re-measurement differs from the loop's figure (log ratio) and the loop's
+    measurement noise (median half-width of the rounds' 95% intervals, log)."""
+    for target in sorted({r["target"] for r in rows}):
         mine = [r for r in rows if r["target"] == target]
         inside = sum(target <= r["batch1"] <= 1.15 * target for r in mine)
         print(f"\ntarget {target:g}x: landed in range in the loop for "
@@ -92,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
               f"target] at batch 1 for {inside} of {len(mine)}; median rounds "
               f"{statistics.median(r['rounds'] for r in mine):g}; batch 8 >= 0.9 x target for "
               f"{sum(r['batch8'] >= 0.9 * target for r in mine)} of {len(mine)}")
-    return 0
+    drift = [math.log(r["batch1"] / r["landed"]) for r in rows]
+    widths = [math.log(t["interval"][1] / t["interval"][0]) / 2
+              for r in rows for t in r["trajectory"] if "interval" in t]
+    print(f"\nre-measured / loop (log) over {len(rows)}: mean {statistics.mean(drift):+.1%}, "
+          f"standard deviation {statistics.pstdev(drift):.1%}; rounds' 95% half-width (log): "
+          f"median {statistics.median(widths) if widths else 0:.1%}")
 
 
 if __name__ == "__main__":

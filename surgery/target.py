@@ -204,7 +204,7 @@ def _lands(config: LatencyTarget, speedup: float, target: float, noise: float,
     both sides where the measurement is noisy at all (``noise``: log half-width of its
     interval, > 0): a re-measurement would most likely stay in. Not by the half-width alone:
     two runs of one plan differ by more than the rounds within a run (ONNX Runtime, 2-core VM:
-    2-4% standard deviation between runs, 2.8% median half-width within one)."""
+    2.2-3.6% standard deviation between runs, 2.4-2.8% median half-width within one)."""
     low, high = math.log(lift * target), math.log((1 + config.tolerance) * target)
     margin = (high - low) / 4 if noise > 0 else 0.0
     return low + margin <= math.log(speedup) <= high - margin

@@ -264,7 +264,7 @@ def settings_read(cls: type, entry: str = "forward"
     read: set[str] = set()
     deep: set[str] = set()
     for part, _ in parts:
-        parents = {c: n for n in ast.walk(part) for c in ast.iter_child_nodes(n)}
+        parents = _parents(part)
         for n in ast.walk(part):
             if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.args.args and \
                     n.args.args[0].arg != "self" and not n.decorator_list:
@@ -316,9 +316,14 @@ def _reachable(cls: type, entry: str | None) -> list[tuple[ast.AST, dict[str, An
     return parts
 
 
+def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
+    """Every node of ``tree`` but the root -> its parent."""
+    return {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+
+
 def _mode_reads(tree: ast.AST) -> Iterator[tuple[ast.AST, ast.AST | None, ast.AST | None]]:
     """Every ``training`` name or attribute in ``tree``, with its parent and grandparent."""
-    parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+    parents = _parents(tree)
     for n in ast.walk(tree):
         if (isinstance(n, ast.Name) and n.id == "training") or (
                 isinstance(n, ast.Attribute) and n.attr == "training"):
