@@ -102,6 +102,9 @@ def source_line(node: torch.fx.Node) -> str:
     return f"{path}:{loc[1]}: {linecache.getline(loc[0], loc[1]).strip()}"
 
 
+#: the names fx gives the tensors a forward makes while it is traced (``torch.ones(n)``)
+_FX_CONSTANT = re.compile(r"^_tensor_constant\d+$")
+
 #: argument types fx records as they are (``torch.fx.node.base_types``' Python ones)
 _PLAIN_ARGS = frozenset({int, float, bool, str, complex, type(None), torch.dtype, torch.device})
 
@@ -634,7 +637,10 @@ class _Context:
             if node.op == "placeholder":
                 env[node] = out
             elif node.op == "get_attr":
-                env[node] = TVal(out.shape, param=node.target) if isinstance(out, TVal) else out
+                # a tensor fx made while tracing (``torch.ones(n)`` in forward) is a constant,
+                # not an attribute of the user's model that a plan could slice
+                env[node] = TVal(out.shape, param=None if _FX_CONSTANT.match(str(node.target))
+                                 else node.target) if isinstance(out, TVal) else out
             elif node.op == "call_module":
                 env[node] = self._module(model, node, args, kwargs, out)
             elif node.op in ("call_function", "call_method"):

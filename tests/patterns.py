@@ -282,6 +282,25 @@ class FunctionalGN1(nn.Module):
         return self.b(F.gelu(self.gn(self.a(x))))
 
 
+class JoinedBias(nn.Module):
+    """A layer's weight used with a bias joined from parameters and a buffer (timm's BEiT
+    attention: ``F.linear(x, self.qkv.weight, torch.cat((q_bias, k_bias, v_bias)))``)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(d))
+        self.proj = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = F.linear(self.inp(x), weight=self.qkv.weight, bias=bias).chunk(3, -1)
+        return self.proj(q * k + v)
+
+
 PATTERNS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "chain": (Chain, (2, 3, 16, 16)),
     "residual": (Residual, (2, 3, 16, 16)),
@@ -294,4 +313,5 @@ PATTERNS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "train_only_aux": (TrainOnlyAux, (2, 3, 16, 16)),
     "functional": (Functional, (2, 3, 16, 16)),
     "functional_gn1": (FunctionalGN1, (2, 3, 16, 16)),
+    "joined_bias": (JoinedBias, (2, 5, 8)),
 }

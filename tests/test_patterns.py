@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_unchanged, randomize_norms, rounding, snapshot
-from patterns import PATTERNS, Concat, Grouped, LayerScale, Shuffle, TrainOnlyAux
+from patterns import PATTERNS, Concat, Grouped, JoinedBias, LayerScale, Shuffle, TrainOnlyAux
 from torch import nn
 from torch.nn import functional as F
 
@@ -81,6 +81,29 @@ def test_concat_offsets_and_chunk() -> None:
     assert small.a[0].out_channels == 6 and small.b[0].out_channels == 10
     # chunk(2) stays even: both halves keep as many channels
     assert small.left.in_channels * 2 == small.mix[0].out_channels
+
+
+def test_a_bias_joined_from_parameters_is_sliced_with_the_layer_it_is_given_to() -> None:
+    model = JoinedBias()
+    x = torch.randn(2, 5, 8)
+    small = surgery.prune(model, x, ratio=0.5, round_to=1)
+    kept = small.qkv.out_features // 3
+    assert kept < 16 and small.q_bias.shape == small.k_bias.shape == small.v_bias.shape == (kept,)
+    assert small.proj.in_features == kept
+
+
+def test_a_bias_computed_in_forward_keeps_the_channels_it_is_added_to() -> None:
+    class Computed(JoinedBias):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bias = torch.ones(self.qkv.out_features)  # sized from an attribute, not sliced
+            q, k, v = F.linear(self.inp(x), self.qkv.weight, bias).chunk(3, -1)
+            return self.proj(q * k + v)
+
+    model, x = Computed(), torch.randn(2, 5, 8)
+    graph = surgery.trace(model, x)
+    assert "with a bias computed in forward" in graph.explain("qkv")
+    small = surgery.prune(model, x, ratio=0.5, round_to=1)
+    assert small.qkv.out_features == 48 and small.inp.out_features < 16
 
 
 def test_groups_are_kept_whole() -> None:

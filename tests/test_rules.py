@@ -111,6 +111,40 @@ def test_norm_variants() -> None:
     assert small[7].num_groups == 2 and small[7].num_channels == 6
 
 
+class _RmsNorm(nn.Module):
+    """An RMS norm of one's own (as timm writes it): ``F.rms_norm`` over a size attribute."""
+
+    def __init__(self, n: int, literal: bool = False) -> None:
+        super().__init__()
+        self.normalized_shape, self.literal = (n,), literal
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (24,) if self.literal else self.normalized_shape
+        return nn.functional.rms_norm(x, shape, self.weight, 1e-6)
+
+
+@pytest.mark.parametrize("norm", ["torch", "own", "literal"])
+def test_rms_norms_lose_channels_as_layer_norm_does(norm: str) -> None:
+    layer = nn.RMSNorm(24) if norm == "torch" else _RmsNorm(24, literal=norm == "literal")
+    model = nn.Sequential(nn.Linear(8, 24), layer, nn.GELU(), nn.Linear(24, 4))
+    x = torch.randn(2, 5, 8)
+    if norm == "literal":  # a size written in the call cannot follow: those channels stay
+        with pytest.raises(surgery.NothingToPruneError, match="rms_norm over a size written in "
+                                                              "the call .*test_rules.py"):
+            surgery.plan(model, x, ratio=0.5, round_to=1)
+        return
+    before = snapshot(model)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert_unchanged(model, before)
+    assert small[0].out_features == 12 == small[1].weight.shape[0] == small[3].in_features
+    assert tuple(small[1].normalized_shape) == (12,)
+    assert not plan.exact and not report.exact_checked  # the mean square is over every channel
+    assert small(x).shape == (2, 5, 4)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_conv_transpose_groups(groups: int) -> None:
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ConvTranspose2d(16, 8, 2, stride=2,

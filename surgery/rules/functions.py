@@ -305,7 +305,7 @@ def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
     dim = b["dim"] % out.ndim
     tracked = [v for v in vals if isinstance(v, TVal) and v.tracked]
     if not tracked:
-        return out
+        return _cat_params(ctx, vals, dim, out)
     if all(v.tdims == (dim,) for v in tracked):
         parts = [v.atoms if v.tracked else ctx.pinned_atoms(v.shape[dim], "a constant in a cat")
                  for v in vals]
@@ -319,6 +319,23 @@ def _cat(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
                                                    for d, n in enumerate(out.shape))))
         return TVal(out.shape, joined.tdims, joined.atoms) if joined.tracked else out
     return ctx.opaque(tracked, out, "cat along a dim that mixes channel layouts")
+
+
+def _cat_params(ctx: RuleContext, vals: list[Any], dim: int, out: Any) -> Any:
+    """Parameters joined along their dim 0 (``torch.cat((self.q_bias, self.k_bias,
+    self.v_bias))``): each is sliced with the positions of the result it makes, so the result
+    carries channels wherever it goes (a consumer that cannot follow them keeps them)."""
+    if dim != 0 or not isinstance(out, TVal) or not vals or not all(
+            isinstance(v, TVal) and v.param is not None and v.param_dims is None and v.ndim
+            for v in vals):
+        return out
+    parts = []
+    for v in vals:
+        atoms = ctx.bind_param(v, 0, ctx.uf.new(v.shape[0]))
+        if atoms is None:  # a ruled layer's own tensor: not sliced here, so the result is fixed
+            return out
+        parts.append(atoms)
+    return TVal(out.shape, (0,), np.concatenate(parts))
 
 
 def _pieces(ctx: RuleContext, x: Any, dim: int, out: Any, equal_at_runtime: bool, why: str) -> Any:
@@ -754,27 +771,46 @@ register_function_rule([F.softmax, F.log_softmax, torch.softmax, torch.log_softm
                         "log_softmax"], _softmax, name="softmax")
 
 
-def _layer_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = bind_args(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
-              {"weight": None, "bias": None})
-    x, n = b["input"], len(b["normalized_shape"])
-    if not isinstance(x, TVal) or not x.tracked:
-        return out
-    if max(x.tdims) < x.ndim - n:
-        return passthrough(ctx, x, out)
-    params = [p for p in (b["weight"], b["bias"]) if isinstance(p, TVal)]
-    if n != 1 or x.tdims != (x.ndim - 1,) or any(p.param is None for p in params):
-        return ctx.opaque([x], out, "layer_norm over channels with other dims")
-    atoms = ctx.record_cross_channel(x.atoms)
-    for p in params:
-        bound = ctx.bind_param(p, 0, atoms, cross_channel=True)
-        if bound is None:
-            return ctx.opaque([x], out, f"layer_norm with the weight '{p.param}' of another layer")
-        atoms = bound
-    return TVal(out.shape, x.tdims, atoms)
+def _last_dim_norm(op: str, names: tuple[str, ...]) -> Any:
+    """``F.layer_norm`` / ``F.rms_norm`` over the last dim: every channel counts in the
+    statistics (removal allowed, not exact); the weight (and bias) are sliced with the channels:
+    by the owner's norm rule where it has one, else as raw tensors, and a ``normalized_shape``
+    read from an attribute (timm's ``RmsNorm``: ``self.normalized_shape``) is rewritten."""
+
+    def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        b = bind_args(args, kwargs, ("input", "normalized_shape", *names),
+                      dict.fromkeys(names))
+        x, shape = b["input"], tuple(b["normalized_shape"])
+        if not isinstance(x, TVal) or not x.tracked:
+            return out
+        if max(x.tdims) < x.ndim - len(shape):
+            return passthrough(ctx, x, out)
+        params = [b[n] for n in names if isinstance(b[n], TVal)]
+        if len(shape) != 1 or x.tdims != (x.ndim - 1,) or any(p.param is None for p in params):
+            return ctx.opaque([x], out, f"{op} over channels with other dims")
+        atoms = ctx.record_cross_channel(x.atoms)
+        ruled = False
+        for p in params:
+            found = ctx.owner(p)
+            ruled = ruled or (found is not None and found[2] is not None)
+            bound = ctx.bind_param(p, 0, atoms, cross_channel=True)
+            if bound is None:
+                return ctx.opaque([x], out, f"{op} with the weight '{p.param}' of another layer")
+            atoms = bound
+        if not ruled:  # no norm rule rewrites the size: it must follow by itself or be rewritten
+            role = ctx.size_role(shape[0], x)
+            if isinstance(role, AttrInt):
+                ctx.attr_size(role, atoms)
+            elif role != "free":
+                return ctx.opaque([x], out, f"{op} over a size written in the call {ctx.where()}")
+        return TVal(out.shape, x.tdims, atoms)
+
+    return rule
 
 
-register_function_rule([F.layer_norm], _layer_norm, name="layer_norm")
+register_function_rule([F.layer_norm], _last_dim_norm("layer_norm", ("weight", "bias")),
+                       name="layer_norm")
+register_function_rule([F.rms_norm], _last_dim_norm("rms_norm", ("weight",)), name="rms_norm")
 
 
 def _normalize(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:

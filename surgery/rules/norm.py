@@ -1,12 +1,12 @@
-"""Normalisation layers: BatchNorm, InstanceNorm, GroupNorm, LayerNorm.
+"""Normalisation layers: BatchNorm, InstanceNorm, GroupNorm, LayerNorm and RMSNorm.
 
 Math. Per-channel norms (BatchNorm*, InstanceNorm*) keep ``weight/bias/running_mean/running_var``
 at the surviving channels; nothing else changes, so removal is exact. GroupNorm normalises within
 groups of ``C/G`` channels: the channels of a group form one unit and whole groups are removed
 (``num_groups`` shrinks, group width kept), which is also exact; with one group it normalises over
-all channels and, like LayerNorm, loses single channels, not exactly. LayerNorm over the channel dim
-mixes channels (mean and variance over all of them): removal is allowed but not exact, and the
-verifier knows it from ``cross_channel``.
+all channels and, like LayerNorm, loses single channels, not exactly. LayerNorm (and RMSNorm, the
+same without the mean and bias) over the channel dim mixes channels (statistics over all of them):
+removal is allowed but not exact, and the verifier knows it from ``cross_channel``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class GroupNormRule(_FeatureRule[nn.GroupNorm]):
 
 
 class LayerNormRule(_FeatureRule[nn.LayerNorm]):
-    types = (nn.LayerNorm,)
+    types = (nn.LayerNorm, nn.RMSNorm)
     cross_channel = True
     param_axes = {"weight": ("features", 0), "bias": ("features", 0)}
 

@@ -138,15 +138,37 @@ def _raw_weight(ctx: RuleContext, x: Any, w: Any, bias: Any, out: Any, cdim: int
     return TVal(out.shape, (cdim,), a_out)
 
 
-def _layer_call(ctx: RuleContext, b: dict[str, Any], rule_type: type[ModuleRule], out: Any
-                ) -> tuple[Any, Any, Any, Any]:
+def _layer_call(ctx: RuleContext, b: dict[str, Any], rule_type: type[ModuleRule], out: Any,
+                op: str) -> tuple[Any, Any, Any, Any]:
     """(input, weight, bias) of a functional conv/linear call, and its result already where the
     weight's owner rule takes the call, or where nothing can be followed (else None)."""
     x, w, bias = b["input"], b["weight"], b["bias"]
     done = _delegate(ctx, w, rule_type, ("weight",), x, out)
-    if done is None and not (isinstance(x, TVal) and isinstance(out, TVal)):
+    if done is not None:
+        _call_bias(ctx, w, bias, done, op)
+    elif not (isinstance(x, TVal) and isinstance(out, TVal)):
         done = ctx.opaque([x, w, bias], out)
     return x, w, bias, done
+
+
+def _call_bias(ctx: RuleContext, w: TVal, bias: Any, out: Any, op: str) -> None:
+    """A bias the call passes with a layer's own weight (``F.linear(x, self.qkv.weight,
+    torch.cat((self.q_bias, self.k_bias, self.v_bias)))``) is added to the layer's output
+    channels: it is sliced with them, or they stay where it cannot be."""
+    if bias is None or not isinstance(out, TVal) or len(out.tdims) != 1:
+        return
+    owner = ctx.owner(w)
+    assert owner is not None and w.param is not None  # the weight's owner took the call
+    if isinstance(bias, TVal) and bias.param == (f"{owner[0]}.bias" if owner[0] else "bias"):
+        return  # the layer's own bias: its rule slices it
+    if isinstance(bias, TVal) and bias.tdims == (0,) and bias.shape == out.atoms.shape:
+        ctx.uf.union_arrays(bias.atoms, out.atoms)
+        return
+    if isinstance(bias, TVal) and bias.param is not None and not bias.tracked and \
+            ctx.bind_param(bias, 0, out.atoms) is not None:
+        return
+    if isinstance(bias, torch.Tensor | TVal):
+        ctx.pin(out.atoms, f"{op} with a bias computed in forward {ctx.where()}")
 
 
 def _conv(transposed: bool) -> Any:
@@ -157,7 +179,7 @@ def _conv(transposed: bool) -> Any:
         names: tuple[str, ...] = ("input", "weight", "bias", "stride", "padding")
         names += ("output_padding", "groups") if transposed else ("dilation", "groups")
         b = bind_args(args, kwargs, names, {"bias": None, "groups": 1})
-        x, w, bias, done = _layer_call(ctx, b, rule_type, out)
+        x, w, bias, done = _layer_call(ctx, b, rule_type, out, op)
         if done is not None:
             return done
         if b["groups"] != 1:
@@ -172,7 +194,7 @@ def _conv(transposed: bool) -> Any:
 
 def _linear(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     b = bind_args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
-    x, w, bias, done = _layer_call(ctx, b, LinearRule, out)
+    x, w, bias, done = _layer_call(ctx, b, LinearRule, out, "linear")
     if done is not None:
         return done
     return _raw_weight(ctx, x, w, bias, out, x.ndim - 1, 1, 0, "linear")
