@@ -615,7 +615,8 @@ class _Context:
         axis = rule.param_axis(name, dim) if rule is not None else None
         if axis is not None:
             return self.slot(owner_path, axis, atoms, cross_channel=cross_channel)
-        if rule is not None and rule.axes:
+        if rule is not None and rule.axes and (rule.own_tensors is None
+                                               or name in rule.own_tensors):
             return None  # a ruled layer's own weight used elsewhere: leave it alone
         return self.slot(p.param, f"r{dim}" if reads else str(dim), atoms, kind="param",
                          cross_channel=cross_channel)
@@ -729,7 +730,7 @@ def _user_function(target: Any) -> TypeGuard[Callable[..., Any]]:
 #: alone (reshapes, transposes, elementwise with scalars): a parameter passed through them is
 #: still that parameter, sliced the same way
 _POSITIONWISE = {"unary", "view", "flatten", "unflatten", "getitem", "permute", "transpose",
-                 "broadcast"}
+                 "broadcast", "reshape_as"}
 
 
 def _literal_ints(v: Any) -> set[int]:
@@ -790,7 +791,7 @@ def _dim_map(rule: str, args: Any, src: TVal, out: TVal) -> dict[int, int]:
         off = out.ndim - src.ndim
         return {d: d + off for d in range(src.ndim)
                 if d + off >= 0 and src.shape[d] == out.shape[d + off]}
-    if rule in ("view", "flatten", "unflatten"):
+    if rule in ("view", "flatten", "unflatten", "reshape_as"):
         mapping = _squeezed_map(src.shape, out.shape)
         if rule == "view":  # a size written as a literal does not follow: gamma.view(1, 16)
             written = _literal_ints([a for a in _ints(args[1:]) if not isinstance(a, AttrInt)])
@@ -812,7 +813,8 @@ def _param_lineage(rule: str, args: Any, kwargs: Any, result: Any) -> Any:
     parameter along the dims the op keeps whole (its positions are computed one by one)."""
     if not isinstance(result, TVal) or result.tracked or result.param is not None:
         return result
-    if rule == "getitem":  # the indexed tensor (an index may be a buffer itself)
+    if rule in ("getitem", "reshape_as"):  # the indexed tensor (an index may be a buffer
+        # itself); the tensor reshaped (the other only gives the sizes)
         sources = list(_walk(args[:1]))
         if any(v.tracked for v in _walk(args[1:])):
             return result

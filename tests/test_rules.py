@@ -145,6 +145,39 @@ def test_rms_norms_lose_channels_as_layer_norm_does(norm: str) -> None:
     assert small(x).shape == (2, 5, 4)
 
 
+class _StdConv(nn.Conv2d):
+    """A weight-standardised conv with a per-filter gain (timm's ``ScaledStdConv2d``)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                     weight=self.gain.view(-1), training=True, eps=1e-6)
+        return self._conv_forward(x, w.reshape_as(self.weight), self.bias)
+
+
+def test_a_weight_standardised_in_forward_is_still_the_layers_filters() -> None:
+    model = nn.Sequential(_StdConv(3, 16), nn.ReLU(), _StdConv(16, 16), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    before = snapshot(model)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert_unchanged(model, before)
+    assert small[0].out_channels == 8 == small[2].in_channels and small[2].out_channels == 8
+    assert small[0].gain.shape == (8, 1, 1, 1) and type(small[0]) is _StdConv
+    assert torch.equal(small[0].gain, model[0].gain[plan.layers["0"].axes["out"].kept()])
+    # a filter's statistics are over all its inputs: removing inputs is allowed, not exact
+    assert not plan.exact and not report.exact_checked
+    # whose inputs stay (the image), loses filters exactly: checked value by value
+    first = nn.Sequential(_StdConv(3, 16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    plan = surgery.plan(first, x, ratio=0.5, round_to=1)
+    assert plan.exact and surgery.verify(first, surgery.apply(first, plan), plan, x).exact_checked
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_conv_transpose_groups(groups: int) -> None:
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ConvTranspose2d(16, 8, 2, stride=2,

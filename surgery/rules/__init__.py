@@ -70,6 +70,10 @@ class ModuleRule(Generic[M]):
     #: all); e.g. attention weights averaged over heads change when heads go, and are checked
     #: only where the model uses them (then the rule keeps the heads)
     compared_outputs: int | None = None
+    #: the parameters and buffers ``shrink`` slices; another one a subclass adds (timm's
+    #: ``ScaledStdConv2d.gain``) is sliced as a raw tensor where the forward reads it. None: every
+    #: tensor of the module is the rule's own
+    own_tensors: tuple[str, ...] | None = None
 
     def param_axis(self, name: str, dim: int) -> str | None:
         """The axis that parameter ``name``'s dim ``dim`` belongs to, if the rule says."""

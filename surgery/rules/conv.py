@@ -74,6 +74,7 @@ def _kept_groups(m: _ConvNd, kin: torch.Tensor, kout: torch.Tensor) -> int:
 class _ConvBase(ModuleRule[_ConvNd]):
     axes = ("in", "out")
     transposed = False
+    own_tensors = ("weight", "bias")
 
     def propagate(self, ctx: RuleContext, path: str, m: _ConvNd, inputs: list[Any],
                   out: Any) -> Any:
@@ -167,6 +168,8 @@ class _ConvBase(ModuleRule[_ConvNd]):
 class ConvRule(_ConvBase):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     cost = ConvCost()  # MACs and a one-layer runner (latency-aware allocation)
+    #: a filter is a row of the weight: read elsewhere (weight standardisation), it is the output
+    param_axes = {"weight": ("out", 0), "bias": ("out", 0)}
 
 
 class ConvTransposeRule(_ConvBase):

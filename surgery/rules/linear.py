@@ -30,6 +30,8 @@ class LinearRule(ModuleRule[nn.Linear]):
     types = (nn.Linear,)
     cost = LinearCost()  # MACs and a one-layer runner (latency-aware allocation)
     axes = ("in", "out")
+    own_tensors = ("weight", "bias")
+    param_axes = {"weight": ("out", 0), "bias": ("out", 0)}
 
     def propagate(self, ctx: RuleContext, path: str, m: nn.Linear, inputs: list[Any],
                   out: Any) -> Any:

@@ -36,6 +36,7 @@ class _FeatureRule(ModuleRule[_N]):
     axes = ("features",)
     size_attr = "num_features"
     is_norm = True
+    own_tensors = (*_PER_CHANNEL, "num_batches_tracked")
     param_axes = {name: ("features", 0) for name in _PER_CHANNEL}
 
     def channel_dim(self, m: _N, x: TVal) -> int:

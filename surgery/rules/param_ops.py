@@ -75,6 +75,10 @@ def _feature_norm(rule_type: type[ModuleRule], op: str) -> Any:
     def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         b = bind_args(args, kwargs, ("input", *names), dict.fromkeys(names))
         tensors = tuple(b[n] for n in names)
+        if b["running_mean"] is None and b["running_var"] is None:
+            done = _param_statistics(ctx, b["input"], (b["weight"], b["bias"]), out, op)
+            if done is not None:
+                return done
         for t in tensors:
             done = _delegate(ctx, t, rule_type, names, b["input"], out)
             if done is not None:
@@ -82,6 +86,29 @@ def _feature_norm(rule_type: type[ModuleRule], op: str) -> Any:
         return _per_channel(ctx, b["input"], out, tensors, op)
 
     return rule
+
+
+def _param_statistics(ctx: RuleContext, x: Any, affine: tuple[Any, ...], out: Any, op: str
+                      ) -> TVal | None:
+    """A parameter normalised along dim 1 over its other dims by its own statistics (weight
+    standardisation: ``F.batch_norm(self.weight.reshape(1, out, -1), None, None,
+    training=True)``): still the parameter along that dim, its other dims mixed; an affine
+    weight (a per-filter gain) is sliced with it. None where ``x`` is not such a parameter."""
+    if not isinstance(x, TVal) or x.tracked or x.param is None or x.ndim < 2:
+        return None
+    real = dict(x.param_dims or ()).get(1)
+    if real is None or not isinstance(out, TVal):
+        return None
+    atoms = ctx.bind_param(x, 1, ctx.uf.new(x.shape[1]))
+    if atoms is None:
+        return None
+    for t in affine:
+        if t is not None and not (isinstance(t, TVal) and t.param is not None
+                                  and ctx.bind_param(t, 0, atoms) is not None):
+            ctx.pin(atoms, f"{op} of a parameter with an affine weight computed in forward "
+                           f"{ctx.where()}")
+            break
+    return TVal(out.shape, param=x.param, param_dims=((1, real),))
 
 
 def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -124,8 +151,8 @@ def _raw_weight(ctx: RuleContext, x: Any, w: Any, bias: Any, out: Any, cdim: int
     """A weight that is a raw Parameter of a module without a rule: its input dim reads ``x``'s
     channels on ``cdim``, its output dim (and the bias) makes the output's."""
     if not isinstance(w, TVal) or w.param is None or _owner_rule(ctx, w) is not None:
-        return ctx.opaque([x], out, f"{op} with a weight computed in forward or owned by "
-                                    "another layer")
+        return ctx.opaque([x, w, bias], out, f"{op} with a weight computed in forward or owned "
+                                             "by another layer")
     if ctx.bind_param(w, in_dim, ctx.channels_in(x, cdim, w.shape[in_dim]), reads=True) is None:
         return ctx.opaque([x], out)
     a_out = ctx.bind_param(w, out_dim, ctx.uf.new(w.shape[out_dim]))
@@ -143,12 +170,38 @@ def _layer_call(ctx: RuleContext, b: dict[str, Any], rule_type: type[ModuleRule]
     """(input, weight, bias) of a functional conv/linear call, and its result already where the
     weight's owner rule takes the call, or where nothing can be followed (else None)."""
     x, w, bias = b["input"], b["weight"], b["bias"]
-    done = _delegate(ctx, w, rule_type, ("weight",), x, out)
+    done = _derived_weight(ctx, w, rule_type, x, out) if isinstance(w, TVal) and \
+        w.param_dims is not None else _delegate(ctx, w, rule_type, ("weight",), x, out)
     if done is not None:
         _call_bias(ctx, w, bias, done, op)
     elif not (isinstance(x, TVal) and isinstance(out, TVal)):
         done = ctx.opaque([x, w, bias], out)
     return x, w, bias, done
+
+
+def _derived_weight(ctx: RuleContext, w: Any, rule_type: type[ModuleRule], x: Any, out: Any
+                    ) -> Any | None:
+    """A weight computed in forward from the layer's own (weight standardisation, a mask, a
+    gain): its filters are still the layer's outputs, so the layer's rule takes the call. Where
+    a filter's entries were not computed one by one (a statistic over each filter), removing an
+    input changes the rest of its filter: allowed, not exact."""
+    found = ctx.owner(w) if isinstance(w, TVal) and w.param_dims is not None else None
+    if found is None or not isinstance(found[2], rule_type) or rule_type is not ConvRule and \
+            rule_type is not LinearRule or not isinstance(x, TVal) or not isinstance(out, TVal):
+        return None
+    path, module, rule = found
+    assert isinstance(w, TVal) and w.param is not None and w.param_dims is not None
+    assert rule is not None  # an instance of rule_type
+    weight = getattr(module, "weight", None)
+    dims = dict(w.param_dims)
+    if w.param.rpartition(".")[2] != "weight" or not isinstance(weight, torch.Tensor) or \
+            w.shape != tuple(weight.shape) or dims.get(0) != 0:
+        return None
+    done = rule.propagate(ctx, path, module, [x], out)
+    if any(dims.get(d) != d for d in range(1, w.ndim) if w.shape[d] > 1):
+        ctx.record_cross_channel(ctx.out_atoms(path, "in", weight.shape[1] * getattr(
+            module, "groups", 1)))
+    return done
 
 
 def _call_bias(ctx: RuleContext, w: TVal, bias: Any, out: Any, op: str) -> None:
