@@ -1,5 +1,6 @@
-"""Models nobody here wrote: one timm model per architecture module, none that a test names,
-pruned at ratio 0.5 and verified, each in its own process (a crash or a hang costs one row).
+"""Models nobody here wrote: one timm model per architecture module, none that a test names
+(or the ``--models`` given; ``tv:NAME`` for a torchvision one), pruned at ratio 0.5 and
+verified, each in its own process (a crash or a hang costs one row).
 
 Outcomes: ``exact`` / ``shapes`` (verified: values, or only shapes where a cross-channel norm is
 on a pruned axis), ``refused`` (a :class:`surgery.SurgeryError` that should name the layer and
@@ -14,6 +15,7 @@ the one with the fewest parameters among the dozen whose names say they are smal
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing as mp
 import re
@@ -78,8 +80,18 @@ def one(name: str, q: mp.Queue) -> None:
     row: dict = {"model": name}
     try:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval()
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        if name.startswith("tv:"):  # a torchvision model (segmentation, video ...)
+            import torchvision
+
+            builder = torchvision.models.get_model_builder(name[3:])
+            kw = {"weights_backbone": None} if "weights_backbone" in inspect.signature(
+                builder).parameters else {}
+            model = torchvision.models.get_model(name[3:], weights=None, **kw).eval()
+            video = name[3:] in torchvision.models.list_models(torchvision.models.video)
+            size = (3, 8, 112, 112) if video else (3, 224, 224)
+        else:
+            model = timm.create_model(name, pretrained=False).eval()
+            size = model.pretrained_cfg.get("input_size", (3, 224, 224))
         x = torch.randn(1, *size)
         row["input"] = list(size)
         before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -370,11 +370,11 @@ def test_errors_name_flags_not_keyword_arguments(tmp_path: Path) -> None:
         "class Mix(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
-        "        self.weight = nn.Parameter(torch.randn(4, 8))\n\n"
+        "        self.scale = nn.Parameter(torch.randn(8, 1, 1))\n\n"
         "    def forward(self, x):\n"
-        "        return torch.einsum('bchw,oc->bohw', x, self.weight)\n\n"
+        "        return torch.addcmul(x, x, self.scale)\n\n"
         "def make():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 8, 3), Mix(), nn.Conv2d(4, 2, 1))\n")
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), Mix(), nn.Conv2d(8, 2, 1))\n")
     res = run("prune", "net.py:make", "--ratio", "0.5", "--input-shape", "1,3,16,16", "--out",
               str(tmp_path / "out"), cwd=tmp_path)
     assert res.returncode == 1 and "--ignore 1" in res.stderr, res.stderr

@@ -178,6 +178,85 @@ def test_a_weight_standardised_in_forward_is_still_the_layers_filters() -> None:
     assert plan.exact and surgery.verify(first, surgery.apply(first, plan), plan, x).exact_checked
 
 
+class _RelPos(nn.Module):
+    """A relative-position table gathered by an index buffer and read by einsum along the
+    query's channels (SAM's and MViT's decomposed relative positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 16)
+        self.table = nn.Parameter(torch.randn(7, 16))
+        self.register_buffer("idx", torch.arange(4)[:, None] - torch.arange(4)[None] + 3)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.einsum("bhwc,hkc->bhwk", self.q(x), self.table[self.idx]))
+
+
+def test_a_table_einsum_reads_along_channels_is_sliced_with_them() -> None:
+    model, x = _RelPos(), torch.randn(2, 4, 4, 8)
+    before = snapshot(model)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert_unchanged(model, before)
+    assert small.q.out_features == 8 and small.table.shape == (7, 8)
+    assert torch.equal(small.table, model.table[:, plan.layers["q"].axes["out"].kept()])
+    # summed over, and the table reads them: the reference zeroes its removed entries
+    assert report.exact_checked and report.passed
+
+
+def test_a_weight_einsum_sums_over_reads_the_channels_exactly() -> None:
+    class Mix(nn.Module):  # a 1x1 conv written with einsum, no rule of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bchw,oc->bohw", x, self.w)
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), Mix(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    assert small[0].out_channels == 8 and small[1].w.shape == (4, 8)  # its outputs stay
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.exact_checked
+
+
+class _LayerNorm2d(nn.Module):
+    """A LayerNorm over channels written out by hand (ConvNeXt's reference code)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6)
+        return self.w[:, None, None] * x + self.b[:, None, None]
+
+
+class _SumGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x.sum(1, keepdim=True))
+
+
+def test_a_mean_over_channels_is_a_statistic_and_a_sum_keeps_them() -> None:
+    x = torch.randn(1, 3, 12, 12)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), _LayerNorm2d(16), nn.Conv2d(16, 4, 1))
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    assert small[0].out_channels == 8 == small[1].w.shape[0] == small[2].in_channels
+    assert not plan.exact and surgery.verify(model, small, plan, x).passed
+    exact = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)  # keeps those groups
+    assert exact.exact and exact.removed() == 0
+    # a sum over channels changes scale as they go: those channels stay
+    gated = nn.Sequential(nn.Conv2d(3, 16, 3), _SumGate(), nn.Conv2d(16, 4, 1))
+    with pytest.raises(surgery.NothingToPruneError, match="reduces over channels"):
+        surgery.plan(gated, x, ratio=0.5, round_to=1)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_conv_transpose_groups(groups: int) -> None:
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ConvTranspose2d(16, 8, 2, stride=2,
@@ -209,7 +288,7 @@ def test_registering_a_rule_makes_a_new_layer_prunable() -> None:
             self.w = nn.Parameter(torch.rand(c) + 0.5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.einsum("bchw,c->bchw", x, self.w)  # no rule knows einsum
+            return torch.addcmul(x, x, self.w[:, None, None])  # no rule knows addcmul
 
     class ScaleRule(surgery.ModuleRule):
         types = (Scale,)
@@ -228,7 +307,7 @@ def test_registering_a_rule_makes_a_new_layer_prunable() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), Scale(8), nn.Conv2d(8, 2, 1))
     x = torch.randn(1, 3, 4, 4)
     # traced into, the parameter is read by an op no rule knows: refused, naming the layer
-    with pytest.raises(surgery.UnsupportedLayerError, match="'1' \\(Scale\\).*einsum"):
+    with pytest.raises(surgery.UnsupportedLayerError, match="'1' \\(Scale\\).*addcmul"):
         surgery.prune(model, x, ratio=0.5, round_to=1)
     surgery.register_module_rule(ScaleRule())
     small = surgery.prune(model, x, ratio=0.5, round_to=1)

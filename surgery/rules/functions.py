@@ -264,11 +264,15 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
                    if isinstance(v, TVal) for d in v.tdims}, key=lambda lt: (lt not in outl,
                                                                            outl.find(lt), lt))
     grid: np.ndarray | None = None
+    read: list[tuple[TVal, int]] = []  # a parameter's dims on the channel letter
     for v, ls in zip(ops, letters, strict=True):
         if not isinstance(v, TVal) or len(ls) != v.ndim:
             return ctx.opaque(tracked, out, f"einsum {eq!r}")
         own = [ls[d] for d in v.tdims]
         if any(lt not in own and v.shape[ls.index(lt)] != 1 for lt in chan if lt in ls):
+            if v.param is not None and not v.tracked and len(chan) == 1:
+                read.append((v, ls.index(chan[0])))  # sliced with the channels it meets
+                continue
             if v.param is not None:
                 return NotImplemented  # a layer's weight read by einsum: no rule knows it
             return ctx.opaque(tracked, out, f"einsum {eq!r} meets channels with a constant")
@@ -282,6 +286,12 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
         else:
             ctx.uf.union_arrays(grid, np.ascontiguousarray(g))
     assert grid is not None
+    summed = chan[0] not in outl
+    for v, d in read:  # a weight read along the channels (``einsum("bchw,oc->bohw", x, w)``, a
+        # relative-position table along a head's channels in SAM and MViT): sliced with them;
+        # where they are summed over it reads them, and the reference zeroes what it reads
+        if ctx.bind_param(v, d, grid, reads=summed) is None:
+            return NotImplemented  # a ruled layer's own weight: no rule knows this read
     kept = [lt for lt in chan if lt in outl]
     if len(kept) < len(chan):
         ctx.record_contracted(grid)
@@ -741,22 +751,36 @@ register_function_rule([torch.swapaxes, torch.swapdims, "swapaxes", "swapdims"],
 
 # --- reductions and channel-wise normalisations ---------------------------------------------------
 
-def _reduce(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    b = bind_args(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
-    x, dim = b["input"], b["dim"]
-    if not isinstance(x, TVal) or not x.tracked:
-        return out
-    if dim is None or not isinstance(out, TVal):
-        return ctx.opaque([x], out, "reduces over every dim")
-    dims = {d % x.ndim for d in (dim if isinstance(dim, tuple | list) else (dim,))}
-    if dims & set(x.tdims):
-        return ctx.opaque([x], out, "reduces over channels")
-    shift = 0 if b["keepdim"] else 1
-    return TVal(out.shape, tuple(t - shift * sum(d < t for d in dims) for t in x.tdims), x.atoms)
+def _reduction(statistic: bool) -> Any:
+    """Reductions over some dims: the channels of the others pass. Over the channel dim, a
+    ``statistic`` (mean, variance: a hand-written LayerNorm2d's ``x.mean(1, keepdim=True)``)
+    uses every channel, like a norm layer: removal is allowed, not exact, and the result
+    carries none; a sum or a max over channels keeps them."""
+
+    def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        b = bind_args(args, kwargs, ("input", "dim"), {"dim": None})
+        x, dim = b["input"], b["dim"]
+        if not isinstance(x, TVal) or not x.tracked:
+            return out
+        if dim is None or not isinstance(out, TVal):
+            return ctx.opaque([x], out, "reduces over every dim")
+        dims = {d % x.ndim for d in (dim if isinstance(dim, tuple | list) else (dim,))}
+        if dims & set(x.tdims):
+            if statistic and set(x.tdims) <= dims:
+                ctx.record_cross_channel(x.atoms)
+                return out
+            return ctx.opaque([x], out, "reduces over channels")
+        shift = 0 if out.ndim == x.ndim else 1  # keepdim
+        return TVal(out.shape, tuple(t - shift * sum(d < t for d in dims) for t in x.tdims),
+                    x.atoms)
+
+    return rule
 
 
-register_function_rule([torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
-                        "amin"], _reduce, name="reduce")
+register_function_rule([torch.sum, torch.amax, torch.amin, "sum", "amax", "amin"],
+                       _reduction(False), name="reduce")
+register_function_rule([torch.mean, torch.var, torch.std, "mean", "var", "std"],
+                       _reduction(True), name="statistic")
 
 
 def _softmax(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
