@@ -224,6 +224,39 @@ def test_a_weight_einsum_sums_over_reads_the_channels_exactly() -> None:
     assert report.passed and report.exact_checked
 
 
+class _Ghost(nn.Module):
+    """GhostNet's module: a conv, a cheap depthwise conv of it, both joined and sliced to the
+    width an attribute says (the whole join here: ``stop`` = its width, or a literal)."""
+
+    def __init__(self, cin: int, cout: int, stop: int | None = None) -> None:
+        super().__init__()
+        self.out_chs, self.stop = cout, stop
+        self.primary = nn.Conv2d(cin, cout // 2, 1)
+        self.cheap = nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary(x)
+        out = torch.cat([x1, self.cheap(x1)], dim=1)
+        return out[:, :self.out_chs if self.stop is None else self.stop, :, :]
+
+
+@pytest.mark.parametrize("stop", [None, 64, 12])
+def test_a_slice_that_keeps_the_whole_channel_dim_still_does(stop: int | None) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _Ghost(8, 16, stop),
+                          nn.Conv2d(min(stop or 16, 16), 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    if stop == 12:  # a part of the channels: those stay
+        graph = surgery.trace(model, x)
+        assert "slices the channel dim" in graph.explain("1.primary")
+        return
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.exact_checked
+    assert small[1].primary.out_channels == 4 and small[2].in_channels == 8
+    assert small[1].out_chs == (8 if stop is None else 16)  # the attribute follows the count
+
+
 class _LayerNorm2d(nn.Module):
     """A LayerNorm over channels written out by hand (ConvNeXt's reference code)."""
 

@@ -453,6 +453,29 @@ register_function_rule([torch.chunk, "chunk"], _chunk, name="chunk")
 register_function_rule([torch.split, "split"], _split, name="split")
 
 
+def _whole_slice(ctx: RuleContext, obj: TVal, d: int, s: slice) -> bool:
+    """A slice that keeps every position of channel dim ``d`` and still does once channels go
+    (GhostNet's ``torch.cat([x1, x2], 1)[:, :self.out_chs]`` where the cat is that wide): its
+    end is the size from an attribute (rewritten with the count kept), from the tensor, or a
+    literal no smaller."""
+    if s.start not in (None, 0) or s.step not in (None, 1):
+        return False
+    stop = s.stop
+    if stop is None:
+        return True
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop < obj.shape[d]:
+        return False
+    if isinstance(stop, AttrInt):
+        if stop == obj.shape[d] and obj.tdims == (d,):
+            ctx.attr_size(stop, obj.atoms)
+        else:
+            ctx.freeze([stop])  # larger than the dim: staying so, it keeps the slice whole
+        return True
+    if isinstance(stop, Dyn):
+        return bool(ctx.size_role(stop, obj) == "free")
+    return True
+
+
 def _getitem(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     obj, idx = args
     if isinstance(obj, tuple | list):
@@ -476,7 +499,7 @@ def _getitem(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], ou
             mapping[d_in] = d_out
             d_in, d_out = d_in + 1, d_out + 1
         elif isinstance(i, slice):
-            if d_in in obj.tdims:
+            if d_in in obj.tdims and not _whole_slice(ctx, obj, d_in, i):
                 return ctx.opaque([obj], out, "slices the channel dim")
             mapping[d_in] = d_out
             d_in, d_out = d_in + 1, d_out + 1
