@@ -270,6 +270,18 @@ class _LayerNorm2d(nn.Module):
         return self.w[:, None, None] * x + self.b[:, None, None]
 
 
+class _SpatialGate(nn.Module):
+    """CBAM's spatial attention: channel mean and max, a conv to one channel, a gate on all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([torch.mean(x, 1).unsqueeze(1), torch.max(x, 1)[0].unsqueeze(1)], 1)
+        return x * torch.sigmoid(self.conv(pooled)) + x.max(dim=3, keepdim=True).values
+
+
 class _SumGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(x.sum(1, keepdim=True))
@@ -284,6 +296,12 @@ def test_a_mean_over_channels_is_a_statistic_and_a_sum_keeps_them() -> None:
     assert not plan.exact and surgery.verify(model, small, plan, x).passed
     exact = surgery.plan(model, x, ratio=0.5, round_to=1, exact=True)  # keeps those groups
     assert exact.exact and exact.removed() == 0
+    # a max too; the gate's one channel, broadcast over the others, stays
+    gated = nn.Sequential(nn.Conv2d(3, 16, 3), _SpatialGate(), nn.Conv2d(16, 4, 1))
+    plan = surgery.plan(gated, x, ratio=0.5, round_to=1)
+    small = surgery.apply(gated, plan)
+    assert small[0].out_channels == 8 and small[1].conv.out_channels == 1
+    assert not plan.exact and surgery.verify(gated, small, plan, x).passed
     # a sum over channels changes scale as they go: those channels stay
     gated = nn.Sequential(nn.Conv2d(3, 16, 3), _SumGate(), nn.Conv2d(16, 4, 1))
     with pytest.raises(surgery.NothingToPruneError, match="reduces over channels"):

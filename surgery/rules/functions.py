@@ -98,6 +98,12 @@ def broadcast(ctx: RuleContext, operands: Sequence[Any], out: Any) -> Any:
     if not tracked or not isinstance(out, TVal):
         return ctx.opaque(tracked, out) if tracked else out
     r = out.ndim
+    for v in list(tracked):  # one channel spread over the others' (a spatial gate): it stays
+        if all(v.shape[d] == 1 and out.shape[d + r - v.ndim] != 1 for d in v.tdims):
+            ctx.pin(v.atoms, f"one channel broadcast over many {ctx.where()}")
+            tracked.remove(v)
+    if not tracked:
+        return out
     tdims = tuple(sorted({d + r - v.ndim for v in tracked for d in v.tdims}))
     shape = [out.shape[d] for d in tdims]
     grid: np.ndarray | None = None
@@ -800,10 +806,41 @@ def _reduction(statistic: bool) -> Any:
     return rule
 
 
-register_function_rule([torch.sum, torch.amax, torch.amin, "sum", "amax", "amin"],
-                       _reduction(False), name="reduce")
-register_function_rule([torch.mean, torch.var, torch.std, "mean", "var", "std"],
-                       _reduction(True), name="statistic")
+register_function_rule([torch.sum, "sum"], _reduction(False), name="reduce")
+register_function_rule([torch.mean, torch.var, torch.std, torch.amax, torch.amin, "mean", "var",
+                        "std", "amax", "amin"], _reduction(True), name="statistic")
+
+
+def _extreme(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """``torch.max(x, dim)`` / ``min``: (values, indices) reduced as a statistic (CBAM's
+    ``torch.max(x, 1)[0]`` over channels); ``torch.max(a, b)`` is position-wise."""
+    b = bind_args(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+    if isinstance(b["dim"], TVal | torch.Tensor):
+        return _binary(ctx, args, kwargs, out)
+    if b["dim"] is None or not isinstance(out, tuple) or len(out) != 2:
+        return _reduction(False)(ctx, args, kwargs, out)
+    values = _reduction(True)(ctx, args[:2], {k: v for k, v in kwargs.items() if k == "dim"},
+                              out[0])
+    indices = TVal(out[1].shape, values.tdims, values.atoms) \
+        if isinstance(values, TVal) and values.tracked and isinstance(out[1], TVal) else out[1]
+    kind: Any = type(out)  # torch.return_types.max, a named tuple of (values, indices)
+    return kind((values, indices))
+
+
+register_function_rule([torch.max, torch.min, "max", "min"], _extreme, name="extreme")
+
+
+def _field(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """``x.max(1).values``: a field of a named tuple of results."""
+    obj, name = args[0], args[1]
+    if isinstance(obj, tuple) and isinstance(name, str) and not name.startswith("_"):
+        field = getattr(obj, name, None)
+        if isinstance(field, TVal):
+            return field
+    return NotImplemented
+
+
+register_function_rule([getattr], _field, name="field")
 
 
 def _softmax(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
