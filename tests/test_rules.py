@@ -257,6 +257,29 @@ def test_a_slice_that_keeps_the_whole_channel_dim_still_does(stop: int | None) -
     assert small[1].out_chs == (8 if stop is None else 16)  # the attribute follows the count
 
 
+def test_pixel_shuffle_moves_channels_in_blocks() -> None:
+    class SuperRes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+            self.up, self.c = nn.PixelShuffle(2), nn.Conv2d(8, 16, 3, padding=1)
+            self.d = nn.Conv2d(64, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.up(self.b(torch.relu(self.a(x))))  # 32 channels -> 8 at twice the size
+            return self.d(nn.functional.pixel_unshuffle(self.c(y), 2))  # 16 -> 64 at 1x
+
+    model, x = SuperRes(), torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.exact_checked
+    assert small.b.out_channels == 16 and small.c.in_channels == 4  # 4 per upsampled channel
+    assert small.c.out_channels == 8 and small.d.in_channels == 32
+    kept = plan.layers["b"].axes["out"].kept().reshape(-1, 4)
+    assert torch.equal(kept % 4, torch.arange(4).expand_as(kept))  # whole blocks of r*r
+
+
 class _LayerNorm2d(nn.Module):
     """A LayerNorm over channels written out by hand (ConvNeXt's reference code)."""
 

@@ -680,6 +680,40 @@ def _coupled_along(ctx: RuleContext, atoms: np.ndarray, axis: int) -> bool:
     return bool((roots == np.take(roots, [0], axis=axis)).all())
 
 
+def pixel_shuffled(ctx: RuleContext, x: Any, r: int, out: Any, shuffle: bool) -> Any:
+    """``pixel_shuffle(x, r)``: input channels ``c*r*r ... c*r*r + r*r - 1`` become output
+    channel ``c`` at r x r positions, so they are one unit with it; ``pixel_unshuffle`` the
+    reverse (each input channel spreads over r*r output channels)."""
+    cdim = x.ndim - 3 if isinstance(x, TVal) else 0
+    if not isinstance(x, TVal) or not x.tracked or not isinstance(out, TVal):
+        return out if not (isinstance(x, TVal) and x.tracked) else ctx.opaque([x], out)
+    if x.tdims != (cdim,) or not isinstance(r, int):
+        return ctx.opaque([x], out, "pixel shuffle of channels on other dims")
+    k = r * r
+    if shuffle:
+        grid = x.atoms.reshape(-1, k)
+        _couple_along(ctx, grid, 1)
+        return TVal(out.shape, (cdim,), np.ascontiguousarray(grid[:, 0]))
+    grid = ctx.uf.new(out.shape[cdim]).reshape(-1, k)
+    for j in range(k):
+        ctx.uf.union_arrays(x.atoms, grid[:, j])
+    return TVal(out.shape, (cdim,), grid.reshape(-1))
+
+
+def _pixel(shuffle: bool) -> Any:
+    def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        name = "upscale_factor" if shuffle else "downscale_factor"
+        b = bind_args(args, kwargs, ("input", name), {})
+        return pixel_shuffled(ctx, b["input"], b[name], out, shuffle)
+
+    return rule
+
+
+register_function_rule([F.pixel_shuffle, torch.pixel_shuffle], _pixel(True), name="pixel_shuffle")
+register_function_rule([F.pixel_unshuffle, torch.pixel_unshuffle], _pixel(False),
+                       name="pixel_unshuffle")
+
+
 def _couple_along(ctx: RuleContext, atoms: np.ndarray, axis: int) -> None:
     """Positions along ``axis`` are removed together (the size of that axis stays)."""
     first = np.take(atoms, 0, axis=axis)

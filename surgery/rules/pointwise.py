@@ -1,6 +1,6 @@
 """Parameter-free modules that keep channels where they are (activations, pools, dropout, ...),
-plus the few that move them (Flatten, Softmax, ChannelShuffle) and PReLU, whose weight is
-per channel.
+plus the few that move them (Flatten, Softmax, ChannelShuffle, PixelShuffle) and PReLU, whose
+weight is per channel.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from ..groups import TVal
 from . import ModuleRule, clone_module, passthrough, register_module_rule, set_tensor
 from .context import RuleContext
-from .functions import reshape
+from .functions import pixel_shuffled, reshape
 
 
 class PassthroughRule(ModuleRule):
@@ -75,6 +75,19 @@ class ChannelShuffleRule(ModuleRule[nn.ChannelShuffle]):
         return TVal(out.shape, (1,), grid.T.reshape(-1).copy())
 
 
+class PixelShuffleRule(ModuleRule):
+    """Sub-pixel upsampling (r*r channels make one at r x r positions) and its reverse."""
+
+    types = (nn.PixelShuffle, nn.PixelUnshuffle)
+
+    def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
+                  out: Any) -> Any:
+        if isinstance(m, nn.PixelShuffle):
+            return pixel_shuffled(ctx, inputs[0], m.upscale_factor, out, True)
+        assert isinstance(m, nn.PixelUnshuffle)  # the rule's types
+        return pixel_shuffled(ctx, inputs[0], m.downscale_factor, out, False)
+
+
 class PReLURule(ModuleRule[nn.PReLU]):
     types = (nn.PReLU,)
     axes = ("features",)
@@ -99,5 +112,6 @@ class PReLURule(ModuleRule[nn.PReLU]):
         return m.weight.detach().reshape(-1, 1)
 
 
-for _rule in (PassthroughRule(), FlattenRule(), SoftmaxRule(), ChannelShuffleRule(), PReLURule()):
+for _rule in (PassthroughRule(), FlattenRule(), SoftmaxRule(), ChannelShuffleRule(),
+              PixelShuffleRule(), PReLURule()):
     register_module_rule(_rule)
