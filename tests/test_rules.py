@@ -280,6 +280,34 @@ def test_pixel_shuffle_moves_channels_in_blocks() -> None:
     assert torch.equal(kept % 4, torch.arange(4).expand_as(kept))  # whole blocks of r*r
 
 
+@pytest.mark.parametrize("offset_groups", [1, 2])
+def test_deformable_conv_prunes_as_a_conv_and_keeps_its_offsets(offset_groups: int) -> None:
+    from torchvision.ops import DeformConv2d
+
+    class DCN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.offset = nn.Conv2d(16, 2 * 9 * offset_groups, 3, padding=1)
+            self.mask = nn.Conv2d(16, 9 * offset_groups, 3, padding=1)
+            self.dcn, self.b = DeformConv2d(16, 32, 3, padding=1), nn.Conv2d(32, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.a(x))
+            mask = torch.sigmoid(self.mask(y))
+            return self.b(torch.relu(self.dcn(y, self.offset(y), mask=mask)))
+
+    model, x = DCN(), torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert report.passed and report.exact_checked and type(small.dcn) is DeformConv2d
+    assert small.dcn.out_channels == 16 == small.b.in_channels
+    assert small.offset.out_channels == 18 * offset_groups  # sized by the kernel
+    # several offset groups each cover a fixed share of the inputs: those stay
+    assert small.dcn.in_channels == small.a.out_channels == (8 if offset_groups == 1 else 16)
+
+
 class _LayerNorm2d(nn.Module):
     """A LayerNorm over channels written out by hand (ConvNeXt's reference code)."""
 

@@ -12,10 +12,12 @@ and every group keeps the same positions (equal counts per group).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -177,5 +179,25 @@ class ConvTransposeRule(_ConvBase):
     transposed = True
 
 
+class DeformConvRule(_ConvBase):
+    """torchvision's ``DeformConv2d``: a conv whose sampling positions come from an offset
+    (and mask) input sized by its kernel, which keeps its channels. Its own channels are a
+    conv's; with several offset groups each covers a fixed share of the inputs, which stay."""
+
+    types = (torchvision.ops.DeformConv2d,)
+
+    def propagate(self, ctx: RuleContext, path: str, m: _ConvNd, inputs: list[Any],
+                  out: Any) -> Any:
+        x, extra = inputs[0], [v for v in inputs[1:] if isinstance(v, TVal) and v.tracked]
+        if extra:
+            ctx.opaque(extra, None, f"offsets and masks of '{path}' are sized by its kernel")
+        offset = inputs[1] if len(inputs) > 1 else None
+        k = math.prod(m.kernel_size)
+        if isinstance(offset, TVal) and offset.ndim == 4 and offset.shape[1] != 2 * k:
+            ctx.pin(ctx.channels_in(x, 1, m.in_channels), f"'{path}' has several offset groups")
+        return super().propagate(ctx, path, m, [x], out)
+
+
 register_module_rule(ConvRule())
 register_module_rule(ConvTransposeRule())
+register_module_rule(DeformConvRule())
