@@ -816,9 +816,9 @@ register_function_rule([torch.swapaxes, torch.swapdims, "swapaxes", "swapdims"],
 
 def _reduction(statistic: bool) -> Any:
     """Reductions over some dims: the channels of the others pass. Over the channel dim, a
-    ``statistic`` (mean, variance: a hand-written LayerNorm2d's ``x.mean(1, keepdim=True)``)
+    ``statistic`` (mean, variance, max: a hand-written LayerNorm2d's ``x.mean(1, keepdim=True)``)
     uses every channel, like a norm layer: removal is allowed, not exact, and the result
-    carries none; a sum or a max over channels keeps them."""
+    carries none; a sum over channels, whose scale changes as they go, keeps them."""
 
     def rule(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         b = bind_args(args, kwargs, ("input", "dim"), {"dim": None})
