@@ -141,7 +141,7 @@ def test_hard_coded_view_is_reported_with_line_and_kept() -> None:
     assert small.b.out_channels == 32 and small.a.out_channels == 8
 
 
-def test_hard_coded_size_missed_by_tracing_fails_verification_not_the_model() -> None:
+def test_a_slice_of_the_channels_is_followed_when_whole_and_kept_when_partial() -> None:
     class Sneaky(HardCoded):
         width = 32
 
@@ -151,8 +151,18 @@ def test_hard_coded_size_missed_by_tracing_fails_verification_not_the_model() ->
 
     model = Sneaky()
     x = torch.randn(1, 3, 8, 8)
-    # slicing the channel dim is opaque to the tracer: it pins the channels instead
+    # a slice as wide as the channels still takes them all once some go: pruned, verified
     small = surgery.prune(model, x, ratio=0.5)
+    assert small.b.out_channels == 16 == small.fc.in_features
+
+    class Part(Sneaky):  # a part of them: slicing the channel dim pins them instead
+        width = 24
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(24, 10)
+
+    small = surgery.prune(Part(), x, ratio=0.5)
     assert small.b.out_channels == 32
 
 
