@@ -206,6 +206,21 @@ def test_a_table_einsum_reads_along_channels_is_sliced_with_them() -> None:
     assert report.exact_checked and report.passed
 
 
+def test_a_table_shared_by_heads_leaves_their_width_alone() -> None:
+    class Heads(_RelPos):  # heads folded into the batch dim (SAM): one table for every head
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, h, w, _ = x.shape
+            q = self.q(x).reshape(b, h, w, 4, -1).permute(0, 3, 1, 2, 4).reshape(b * 4, h, w, -1)
+            rel = torch.einsum("bhwc,hkc->bhwk", q, self.table[self.idx][..., :4])
+            return self.out(rel.reshape(b, 4, h, w, 4).sum(1))
+
+    model, x = Heads(), torch.randn(1, 4, 4, 8)
+    graph = surgery.trace(model, x)
+    assert "16 channels in 4 units" in graph.explain("q")  # whole heads, each 4 wide
+    with pytest.raises(KeyError):
+        graph.explain("table")  # its width is a head's, which stays: not a slot
+
+
 def test_a_weight_einsum_sums_over_reads_the_channels_exactly() -> None:
     class Mix(nn.Module):  # a 1x1 conv written with einsum, no rule of its own
         def __init__(self) -> None:

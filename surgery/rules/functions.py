@@ -270,14 +270,16 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
                    if isinstance(v, TVal) for d in v.tdims}, key=lambda lt: (lt not in outl,
                                                                            outl.find(lt), lt))
     grid: np.ndarray | None = None
-    read: list[tuple[TVal, int]] = []  # a parameter's dims on the channel letter
+    read: list[tuple[TVal, int, str]] = []  # a parameter read along one channel letter
     for v, ls in zip(ops, letters, strict=True):
         if not isinstance(v, TVal) or len(ls) != v.ndim:
             return ctx.opaque(tracked, out, f"einsum {eq!r}")
         own = [ls[d] for d in v.tdims]
-        if any(lt not in own and v.shape[ls.index(lt)] != 1 for lt in chan if lt in ls):
-            if v.param is not None and not v.tracked and len(chan) == 1:
-                read.append((v, ls.index(chan[0])))  # sliced with the channels it meets
+        met = [lt for lt in chan if lt in ls and lt not in own and v.shape[ls.index(lt)] != 1]
+        if met:
+            if v.param is not None and not v.tracked and len(met) == 1 and \
+                    all(v.shape[ls.index(lt)] == 1 for lt in chan if lt in ls and lt != met[0]):
+                read.append((v, ls.index(met[0]), met[0]))  # sliced with the channels it meets
                 continue
             if v.param is not None:
                 return NotImplemented  # a layer's weight read by einsum: no rule knows it
@@ -292,11 +294,18 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
         else:
             ctx.uf.union_arrays(grid, np.ascontiguousarray(g))
     assert grid is not None
-    summed = chan[0] not in outl
-    for v, d in read:  # a weight read along the channels (``einsum("bchw,oc->bohw", x, w)``, a
-        # relative-position table along a head's channels in SAM and MViT): sliced with them;
-        # where they are summed over it reads them, and the reference zeroes what it reads
-        if ctx.bind_param(v, d, grid, reads=summed) is None:
+    for v, d, lt in read:  # a weight read along the channels (``einsum("bchw,oc->bohw", x, w)``,
+        # a relative-position table along a head's channels in SAM and MViT): sliced with them,
+        # the same positions for every other channel it meets (every head); where they are
+        # summed over it reads them, and the reference zeroes what it reads
+        k = chan.index(lt)
+        if lt not in outl and len(chan) > 1:
+            continue  # summed within each head, whose width stays (whole heads go): untouched
+        for j in range(len(chan)):
+            if j != k:
+                _couple_along(ctx, grid, j)
+        line = grid[tuple(slice(None) if j == k else 0 for j in range(len(chan)))]
+        if ctx.bind_param(v, d, np.ascontiguousarray(line), reads=lt not in outl) is None:
             return NotImplemented  # a ruled layer's own weight: no rule knows this read
     kept = [lt for lt in chan if lt in outl]
     if len(kept) < len(chan):
