@@ -1066,7 +1066,7 @@ def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray) -> 
         return set()
     mixed: set[int] = set()
     for s in slots:
-        if not (s.kind == "module" and s.axis == "in" or s.kind == "param" and s.axis[0] == "r"):
+        if s.kind != "module" or s.axis != "in":
             continue
         out = ctx.slots.get(f"{s.path}:out")
         produced = set(np.unique(roots[out.atoms]).tolist()) if out is not None else set()

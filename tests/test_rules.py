@@ -221,6 +221,28 @@ def test_a_table_shared_by_heads_leaves_their_width_alone() -> None:
         graph.explain("table")  # its width is a head's, which stays: not a slot
 
 
+def test_a_table_read_by_einsum_does_not_make_a_q_k_product_exact() -> None:
+    class RelAttention(nn.Module):  # one head: q.k (einsum) plus q read by a position table
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16)
+            self.table = nn.Parameter(torch.randn(5, 16))
+            self.proj = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k = self.q(x), self.k(x)
+            scores = torch.einsum("bnc,bmc->bnm", q, k) + torch.einsum("bnc,mc->bnm", q,
+                                                                      self.table)
+            return self.proj(scores.softmax(-1) @ self.v(x))
+
+    model, x = RelAttention(), torch.randn(2, 5, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    assert small.q.out_features == 8 == small.table.shape[1]
+    # q's removed channels still count in q @ k^T of the reference: not exact (shapes checked)
+    assert not plan.exact and surgery.verify(model, small, plan, x).passed
+
+
 def test_a_weight_einsum_sums_over_reads_the_channels_exactly() -> None:
     class Mix(nn.Module):  # a 1x1 conv written with einsum, no rule of its own
         def __init__(self) -> None:

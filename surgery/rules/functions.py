@@ -294,6 +294,7 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
         else:
             ctx.uf.union_arrays(grid, np.ascontiguousarray(g))
     assert grid is not None
+    weighed = False  # a summed letter read by a weight: the reference zeroes what it reads
     for v, d, lt in read:  # a weight read along the channels (``einsum("bchw,oc->bohw", x, w)``,
         # a relative-position table along a head's channels in SAM and MViT): sliced with them,
         # the same positions for every other channel it meets (every head); where they are
@@ -307,9 +308,10 @@ def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
         line = grid[tuple(slice(None) if j == k else 0 for j in range(len(chan)))]
         if ctx.bind_param(v, d, np.ascontiguousarray(line), reads=lt not in outl) is None:
             return NotImplemented  # a ruled layer's own weight: no rule knows this read
+        weighed = weighed or lt not in outl
     kept = [lt for lt in chan if lt in outl]
-    if len(kept) < len(chan):
-        ctx.record_contracted(grid)
+    if len(kept) < len(chan) and not (weighed and len(tracked) == 1):
+        ctx.record_contracted(grid)  # a product of two tensors: not exact unless a layer reads it
     if not kept:
         return out  # every channel is summed over: the output carries none
     for k in range(len(kept), len(chan)):  # summed letters: one unit per output position
