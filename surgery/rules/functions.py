@@ -695,10 +695,10 @@ def pixel_shuffled(ctx: RuleContext, x: Any, r: int, out: Any, shuffle: bool) ->
     """``pixel_shuffle(x, r)``: input channels ``c*r*r ... c*r*r + r*r - 1`` become output
     channel ``c`` at r x r positions, so they are one unit with it; ``pixel_unshuffle`` the
     reverse (each input channel spreads over r*r output channels)."""
-    cdim = x.ndim - 3 if isinstance(x, TVal) else 0
-    if not isinstance(x, TVal) or not x.tracked or not isinstance(out, TVal):
-        return out if not (isinstance(x, TVal) and x.tracked) else ctx.opaque([x], out)
-    if x.tdims != (cdim,) or not isinstance(r, int):
+    if not isinstance(x, TVal) or not x.tracked:
+        return out
+    cdim = x.ndim - 3
+    if not isinstance(out, TVal) or x.tdims != (cdim,) or not isinstance(r, int):
         return ctx.opaque([x], out, "pixel shuffle of channels on other dims")
     k = r * r
     if shuffle:
@@ -851,9 +851,10 @@ def _reduction(statistic: bool) -> Any:
     return rule
 
 
-register_function_rule([torch.sum, "sum"], _reduction(False), name="reduce")
+_REDUCE, _STATISTIC = _reduction(False), _reduction(True)
+register_function_rule([torch.sum, "sum"], _REDUCE, name="reduce")
 register_function_rule([torch.mean, torch.var, torch.std, torch.amax, torch.amin, "mean", "var",
-                        "std", "amax", "amin"], _reduction(True), name="statistic")
+                        "std", "amax", "amin"], _STATISTIC, name="statistic")
 
 
 def _extreme(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -863,9 +864,8 @@ def _extreme(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     if isinstance(b["dim"], TVal | torch.Tensor):
         return _binary(ctx, args, kwargs, out)
     if b["dim"] is None or not isinstance(out, tuple) or len(out) != 2:
-        return _reduction(False)(ctx, args, kwargs, out)
-    values = _reduction(True)(ctx, args[:2], {k: v for k, v in kwargs.items() if k == "dim"},
-                              out[0])
+        return _REDUCE(ctx, args, kwargs, out)
+    values = _STATISTIC(ctx, args[:2], {k: v for k, v in kwargs.items() if k == "dim"}, out[0])
     indices = TVal(out[1].shape, values.tdims, values.atoms) \
         if isinstance(values, TVal) and values.tracked and isinstance(out[1], TVal) else out[1]
     kind: Any = type(out)  # torch.return_types.max, a named tuple of (values, indices)

@@ -186,8 +186,9 @@ def _derived_weight(ctx: RuleContext, w: Any, rule_type: type[ModuleRule], x: An
     a filter's entries were not computed one by one (a statistic over each filter), removing an
     input changes the rest of its filter: allowed, not exact."""
     found = ctx.owner(w) if isinstance(w, TVal) and w.param_dims is not None else None
-    if found is None or not isinstance(found[2], rule_type) or rule_type is not ConvRule and \
-            rule_type is not LinearRule or not isinstance(x, TVal) or not isinstance(out, TVal):
+    if found is None or not isinstance(found[2], rule_type) or \
+            rule_type not in (ConvRule, LinearRule) or not isinstance(x, TVal) or \
+            not isinstance(out, TVal):
         return None
     path, module, rule = found
     assert isinstance(w, TVal) and w.param is not None and w.param_dims is not None
