@@ -329,6 +329,18 @@ def _walk(v: Any) -> Iterable[TVal]:
             yield from _walk(x)
 
 
+@dataclass(frozen=True)
+class TracedSite:
+    """A cross-channel op that can run on kept channels (see :mod:`surgery.kept_sites`): where,
+    the dim of its first input that holds the channels, their units (roots) by position, and
+    how many calls of its function its source line makes."""
+
+    where: tuple[Any, ...]
+    dim: int
+    roots: np.ndarray
+    calls: int
+
+
 @dataclass
 class ChannelGraph:
     """Coupled channel groups of a model. ``print(graph)`` lists them; ``explain`` says why."""
@@ -347,6 +359,11 @@ class ChannelGraph:
     #: module attributes the forward uses as sizes (``"blocks.0.attn.num_heads"``) -> the atoms
     #: of the positions each counts: the plan rewrites them to the number kept
     attrs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the units of ``cross`` whose ops cannot run on the kept channels alone: a plan removing
+    #: one is verified by shapes only (the others by value: :mod:`surgery.kept_sites`)
+    hard_cross: set[int] = field(default_factory=set)
+    #: where the eval forward's other cross-channel ops run
+    sites: list[TracedSite] = field(default_factory=list)
 
     def slot_roots(self, key: str) -> np.ndarray:
         return self.roots[self.slots[key].atoms]
@@ -398,6 +415,12 @@ class _Context:
         self.slots: dict[str, Slot] = {}
         self.pins: list[tuple[np.ndarray, str]] = []
         self.cross: list[np.ndarray] = []
+        #: cross-channel atoms verification cannot run on the kept channels alone
+        self.hard: list[np.ndarray] = []
+        #: where the others run (the eval forward's sites): (where, dim, atoms, calls)
+        self.sites: list[tuple[tuple[Any, ...], int, np.ndarray, int]] = []
+        self.runs = 0  # graphs analysed: the first is the eval forward's
+        self._lines: dict[torch.fx.Node, tuple[int, int]] = {}
         self.contracted: list[np.ndarray] = []
         self.opaque_names = opaque
         self.node: torch.fx.Node | None = None
@@ -562,6 +585,7 @@ class _Context:
         key = f"{path}:{axis}"
         if cross_channel:
             self.cross.append(atoms)
+            self.hard.append(atoms)
         existing = self.slots.get(key)
         if existing is None:
             self.slots[key] = Slot(path, axis, atoms, kind)
@@ -573,9 +597,48 @@ class _Context:
         existing = self.slots.get(f"{path}:{axis}")
         return existing.atoms if existing is not None else self.slot(path, axis, self.uf.new(n))
 
-    def record_cross_channel(self, atoms: np.ndarray) -> np.ndarray:
+    def record_cross_channel(self, atoms: np.ndarray, dim: int | None = None) -> np.ndarray:
         self.cross.append(atoms)
+        where = self._site() if dim is not None and atoms.ndim == 1 else None
+        if where is None or dim is None:
+            if dim is None or self.runs <= 1:  # a train-only op does not run in the reference
+                self.hard.append(atoms)
+        elif self.runs <= 1:
+            self.sites.append((where[:-1], dim, atoms, where[-1]))
         return atoms
+
+    def _site(self) -> tuple[Any, ...] | None:
+        """Where the current op runs, if its rule can run it on kept channels (``on_kept``):
+        ``("module", path, 1)`` or ``("call", file, line, name, n, calls)`` (the n-th of the
+        ``calls`` calls of ``name`` that source line makes)."""
+        node = self.node
+        if node is None:
+            return None
+        if node.op == "call_module":
+            rule = leaf_rule(self.submodule(str(node.target)))
+            if rule is None or type(rule).on_kept is ModuleRule.on_kept:
+                return None
+            return ("module", str(node.target), self._calls(node)[1])
+        fn = function_rule(node.target)
+        loc = node.meta.get("surgery_loc")
+        if fn is None or fn.on_kept is None or loc is None:
+            return None
+        return ("call", loc[0], loc[1], _call_name(node), *self._calls(node))
+
+    def _calls(self, node: torch.fx.Node) -> tuple[int, int]:
+        """A call's index among the calls of the same function from its source line (of the
+        same layer), and how many those are in the graph."""
+        if node not in self._lines:
+            seen: dict[tuple[Any, ...], list[torch.fx.Node]] = {}
+            for n in node.graph.nodes:
+                loc = n.meta.get("surgery_loc")
+                if n.op == "call_module":
+                    seen.setdefault(("module", n.target), []).append(n)
+                elif loc is not None and n.op in ("call_function", "call_method"):
+                    seen.setdefault((*loc, _call_name(n)), []).append(n)
+            self._lines = {n: (i, len(nodes)) for nodes in seen.values()
+                           for i, n in enumerate(nodes)}
+        return self._lines[node]
 
     def record_contracted(self, atoms: np.ndarray) -> None:
         self.contracted.append(atoms)
@@ -624,6 +687,8 @@ class _Context:
     # -- one graph
     def run(self, model: nn.Module, graph: torch.fx.Graph, meta: dict[torch.fx.Node, Any]) -> None:
         self.model = model
+        self.runs += 1
+        self._lines = {}
         env: dict[torch.fx.Node, Any] = {}
         self.env = env
         for node in graph.nodes:
@@ -709,6 +774,13 @@ class _Context:
                     raise _WrappedCall(error, node.target.__name__)
                 raise error
         return self.opaque([args, kwargs], out)
+
+
+def _call_name(node: torch.fx.Node) -> str:
+    """The name a call node's function goes by (``"layer_norm"``, method ``"mean"``), as a torch
+    function mode sees it."""
+    return str(node.target) if node.op == "call_method" else \
+        getattr(node.target, "__name__", str(node.target))
 
 
 class _WrappedCall(Exception):
@@ -1091,7 +1163,11 @@ def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, t
                 reasons.append(reason)
     cross = {r for atoms in ctx.cross for r in np.unique(roots[atoms]).tolist()}
     slots = list(ctx.slots.values())
-    cross |= _contracted_inexact(ctx, slots, roots)
+    inexact = _contracted_inexact(ctx, slots, roots)
+    cross |= inexact
+    hard = {r for atoms in ctx.hard for r in np.unique(roots[atoms]).tolist()} | inexact
+    sites = list({where: TracedSite(where, dim, roots[atoms], calls)  # a layer called twice:
+                  for where, dim, atoms, calls in reversed(ctx.sites)}.values())  # one site
     return ChannelGraph(type(model).__name__, fingerprint(model), {s.key: s for s in slots}, roots,
                         build_groups(slots, roots, pinned), pinned, cross, train_graph, tracer,
-                        notes, dict(ctx.attrs))
+                        notes, dict(ctx.attrs), hard, sites)

@@ -28,6 +28,7 @@ from .depth import Bypass, outermost
 from .errors import ConfigError, NothingToPruneError, PlanError
 from .graph import ChannelGraph, Inputs, trace
 from .groups import Group
+from .kept_sites import KeptSite
 from .paths import Submodules
 
 FORMAT = "surgery-plan"
@@ -72,6 +73,15 @@ class Plan:
     #: depth pruning: ops replaced by one operand (a residual body or a gate that stops running),
     #: made before the layers shrink (see :mod:`surgery.depth`)
     bypasses: tuple[Bypass, ...] = ()
+    #: where ``exact`` is False but every cross-channel op the removed channels pass can run on
+    #: the kept channels alone: those ops and what each keeps (the verification reference runs
+    #: them so and compares values: :mod:`surgery.kept_sites`). None: shapes only
+    kept_sites: tuple[KeptSite, ...] | None = None
+
+    @property
+    def checks_values(self) -> bool:
+        """Whether verification compares values (else output shapes only)."""
+        return self.exact or self.kept_sites is not None
 
     def with_settings(self, settings: dict[str, Any]) -> Plan:
         """The same plan with other settings."""
@@ -85,9 +95,14 @@ class Plan:
         def running(path: str) -> bool:
             return not any(path == r or path.startswith(r + ".") for r in gone)
 
+        sites = self.kept_sites
+        if sites is not None:  # a bypassed line makes fewer calls: call sites are lost
+            sites = None if any(site.where[0] == "call" for site in sites) else \
+                tuple(site for site in sites if running(site.where[1]))
         return dataclasses.replace(
             self, layers={k: v for k, v in self.layers.items() if running(k)},
-            attributes={k: v for k, v in self.attributes.items() if running(k)}, bypasses=outer)
+            attributes={k: v for k, v in self.attributes.items() if running(k)}, bypasses=outer,
+            kept_sites=sites)
 
     def removed_layers(self) -> list[str]:
         """The layers that no longer run (inside a bypassed body or gate)."""
@@ -110,6 +125,8 @@ class Plan:
                                   for name, ap in names.items()}
                            for path, names in self.attributes.items()},
             "bypass": [b.to_dict() for b in self.bypasses],
+            "kept_sites": None if self.kept_sites is None else
+            [site.to_dict() for site in self.kept_sites],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -137,8 +154,10 @@ class Plan:
             attributes = {str(path): {str(n): axis(path, n, ap) for n, ap in names.items()}
                           for path, names in d.get("attributes", {}).items()}
             bypasses = tuple(Bypass.from_dict(b) for b in d.get("bypass", []))
+            sites = d.get("kept_sites")
+            kept_sites = None if sites is None else tuple(KeptSite.from_dict(x) for x in sites)
             return cls(str(d["model_class"]), str(d["fingerprint"]), layers, bool(d["exact"]),
-                       dict(d.get("settings", {})), attributes, bypasses)
+                       dict(d.get("settings", {})), attributes, bypasses, kept_sites)
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -344,10 +363,17 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
             path, _, name = key.rpartition(".")
             attributes.setdefault(path, {})[name] = AxisPlan(len(atoms), tuple(keep.tolist()))
     exact = not (set(gone.tolist()) & graph.cross)
+    kept_sites = None
+    if not exact and not (set(gone.tolist()) & graph.hard_cross):
+        kept_sites = tuple(KeptSite(site.where, site.dim, len(site.roots),
+                                    tuple(np.flatnonzero(~removed[site.roots]).tolist()),
+                                    site.calls)
+                           for site in graph.sites if removed[site.roots].any())
     settings = {**settings, "tracer": graph.tracer}
     if graph.notes:
         settings["trace_notes"] = list(graph.notes)
-    return Plan(graph.model_class, graph.fingerprint, layers, exact, settings, attributes)
+    return Plan(graph.model_class, graph.fingerprint, layers, exact, settings, attributes,
+                kept_sites=kept_sites)
 
 
 def check_coupling(plan: Plan, graph: ChannelGraph) -> None:

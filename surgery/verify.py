@@ -2,8 +2,9 @@
 
 Pruning is exact: deleting channel c is the same as zeroing every weight that reads c downstream.
 The reference is a copy of the original with exactly those weights zeroed. Where a removed channel
-passes a cross-channel normalisation (LayerNorm over C), equivalence is not defined and only shapes
-are checked.
+passes a cross-channel op (a LayerNorm over C, a mean over the channels), the reference runs that op
+on the kept channels alone, as the pruned model does (:mod:`surgery.kept_sites`); where it cannot
+(a scale computed from a channel count), only shapes are checked.
 
 One pass in the model's own precision decides when it can. The reference runs first, sharing
 the original's tensors (where a layer's rule allows it, it zeroes the removed channels on the way
@@ -22,6 +23,7 @@ correct prune; it only costs the second pass.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from .depth import bypass_in_place
 from .errors import ExampleInputError, VerificationError
 from .graph import Inputs, Recorder, as_tuple, fx_trace
 from .groups import param_dim, param_reads
+from .kept_sites import KeptRun
 from .modes import attributes_kept, buffers_kept, switched_mode
 from .paths import Submodules
 from .plan import LayerPlan, Plan
@@ -61,15 +64,21 @@ class VerifyReport:
     #: each layer was compared given the reference's outputs of the layers before it, so float32
     #: rounding could not flip a later selection such as top-k or NMS (the float32 pass)
     layer_by_layer: bool = False
+    #: cross-channel ops (a LayerNorm over C, a mean over the channels) the reference ran on the
+    #: kept channels alone, as the pruned model does, so that values could still be compared
+    kept_sites: int = 0
 
     @property
     def checked(self) -> str:
         """What the equivalence check compared, in words."""
         if not self.exact_checked:
-            return "output shapes only (a cross-channel norm is on a pruned axis)"
+            return "output shapes only (a cross-channel op is on a pruned axis)"
         inner = f"{self.layers_compared} inner layer outputs"
         if self.layer_by_layer:
             inner += " (layer by layer, each on the reference's values before it)"
+        if self.kept_sites:
+            inner += (f", the reference's {self.kept_sites} cross-channel ops (norms, statistics)"
+                      " over the kept channels alone")
         if self.degenerate_outputs:
             return f"{inner} (the outputs are empty or constant, so they prove nothing)"
         return f"outputs and {inner}"
@@ -406,7 +415,9 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
            rtol: float | None = None, raise_on_failure: bool = True) -> VerifyReport:
     """Check ``pruned`` against ``original`` with the removed inputs zeroed; neither is modified.
 
-    Output shapes are always compared; values are compared when ``plan.exact``: the outputs and
+    Output shapes are always compared; values are compared when ``plan.checks_values``
+    (``plan.exact``, or every cross-channel op the removed channels pass runs in the reference on
+    the kept channels alone: :mod:`surgery.kept_sites`): the outputs and
     every module output whose shape the pruning kept (so a detector's head logits before NMS, or
     the features entering a zero-initialised classifier, are checked even when the outputs are
     empty or constant; ``report.checked`` says what was compared).
@@ -422,11 +433,16 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
     """
     inputs = as_tuple(example_inputs)
     unfired: set[str] = set()
-    report = _verify(original, pruned, plan, inputs, rtol, unfired)
-    if unfired and not report.passed and report.message.startswith(_VALUES):
-        # a layer whose weight another forward reads kept its removed inputs in the reference:
-        # zero its weights instead (found only here, so it costs only where it happens)
-        report = _verify(original, pruned, plan, inputs, rtol, set(), by_weight=unfired)
+    try:
+        report = _verify(original, pruned, plan, inputs, rtol, unfired)
+        if unfired and not report.passed and report.message.startswith(_VALUES):
+            # a layer whose weight another forward reads kept its removed inputs in the
+            # reference: zero its weights instead (found only here, so it costs only where
+            # it happens)
+            report = _verify(original, pruned, plan, inputs, rtol, set(), by_weight=unfired)
+    except _Untrusted:  # the forward's calls did not match the trace's: shapes only
+        report = _verify(original, pruned, dataclasses.replace(plan, kept_sites=None), inputs,
+                         rtol, set())
     return _raised(report, raise_on_failure)
 
 
@@ -437,6 +453,7 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, inputs: tuple,
     # one pass in the model's own float32 (or float64): the reference (sharing the original's
     # tensors) records its layer outputs, then the pruned model runs in place, layer by layer
     # against them; float64 copies only where that pass is not enough
+    values = plan.checks_values
     mine = _tensors(original)
     own = {t.dtype for t in (*mine, *_tensors(pruned)) if t.is_floating_point()}
     one_pass = own <= {torch.float32} or own == {torch.float64}
@@ -445,10 +462,10 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, inputs: tuple,
     if one_pass:
         with buffers_kept(original):  # the reference shares them
             want = _reference_run(original, plan, inputs, None,
-                                  inner_want if plan.exact else None, share=True, kept=True,
+                                  inner_want if values else None, share=True, kept=True,
                                   unfired=unfired, by_weight=by_weight)
         own_tensors = frozenset(id(t) for t in mine)
-        forced = _Forced(inner_want, _limits(original), own_tensors) if plan.exact else None
+        forced = _Forced(inner_want, _limits(original), own_tensors) if values else None
         got = _pruned_run(pruned, inputs, None, None, in_place=True, forced=forced)
         tol = strict if rtol is not None or own == {torch.float64} else \
             max(strict, float32_rounding(original))
@@ -464,16 +481,16 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, inputs: tuple,
     inner_want = {}
     inner_got: Inner = {}
     try:
-        want = _reference_run(original, plan, inputs, dtype, inner_want if plan.exact else None,
+        want = _reference_run(original, plan, inputs, dtype, inner_want if values else None,
                               unfired=unfired, by_weight=by_weight)
-        got = _run(small, inputs, dtype, inner_got if plan.exact else None)
+        got = _run(small, inputs, dtype, inner_got if values else None)
     except Exception:  # an op without float64 kernels: compare in the model's own dtype
         dtype = None
         inner_want, inner_got = {}, {}
         small = copy.deepcopy(pruned)
-        want = _reference_run(original, plan, inputs, None, inner_want if plan.exact else None,
+        want = _reference_run(original, plan, inputs, None, inner_want if values else None,
                               unfired=unfired, by_weight=by_weight)
-        got = _run(small, inputs, None, inner_got if plan.exact else None)
+        got = _run(small, inputs, None, inner_got if values else None)
         strict = max(strict, 1e-4)
     compared = _compare_inner(inner_want, inner_got, _limits(original))
     return _report(want, got, compared, plan, strict, dtype)
@@ -513,7 +530,9 @@ def _reference_run(original: nn.Module, plan: Plan, inputs: tuple, dtype: torch.
     weights are zeroed, not their inputs."""
     ref = zeroed_reference(original, plan, share_tensors=share, by_weight=by_weight)
     try:
-        out = _run(ref, inputs, dtype, inner, kept=kept)
+        out = _kept_run(ref, plan, inputs, dtype, inner, kept)
+    except _Untrusted:
+        raise
     except Exception:
         if not _masking_failed(ref):
             raise
@@ -524,8 +543,29 @@ def _reference_run(original: nn.Module, plan: Plan, inputs: tuple, dtype: torch.
             return out
     if inner is not None:
         inner.clear()
-    return _run(zeroed_reference(original, plan, share_tensors=share, mask_inputs=False),
-                inputs, dtype, inner, kept=kept)
+    return _kept_run(zeroed_reference(original, plan, share_tensors=share, mask_inputs=False),
+                     plan, inputs, dtype, inner, kept)
+
+
+class _Untrusted(Exception):
+    """The reference's cross-channel ops could not all be run on the kept channels."""
+
+
+def _kept_run(ref: nn.Module, plan: Plan, inputs: tuple, dtype: torch.dtype | None,
+              inner: Inner | None, kept: bool) -> list[torch.Tensor]:
+    """:func:`_run` of the reference with the plan's cross-channel ops on the kept channels."""
+    if not plan.kept_sites:
+        return _run(ref, inputs, dtype, inner, kept=kept)
+    with KeptRun(ref, plan.kept_sites) as sites:
+        try:
+            out = _run(ref, inputs, dtype, inner, kept=kept)
+        except Exception as e:
+            if sites.bad:
+                raise _Untrusted(sites.bad) from e
+            raise
+    if not sites.trusted():
+        raise _Untrusted(sites.bad or "a site was not met once")
+    return out
 
 
 def _limits(original: nn.Module) -> dict[str, int]:
@@ -559,7 +599,7 @@ def _report(want: list[torch.Tensor], got: list[torch.Tensor], compared: tuple[i
     if shapes != tuple(tuple(t.shape) for t in want):
         message = (f"output shapes differ: pruned {shapes}, original "
                    f"{tuple(tuple(t.shape) for t in want)}")
-    elif plan.exact:
+    elif plan.checks_values:
         for a, b in zip(got, want, strict=True):
             err = max(err, rel_error(a, b))
         layers, inner_err, where = compared
@@ -573,6 +613,7 @@ def _report(want: list[torch.Tensor], got: list[torch.Tensor], compared: tuple[i
             message = ("the outputs are empty or constant on the example inputs, and no inner "
                        "layer output could be compared: give example inputs that produce output")
         err = max(err, inner_err)
-    return VerifyReport(not message, plan.exact, err, shapes,
+    return VerifyReport(not message, plan.checks_values, err, shapes,
                         str(dtype or got[0].dtype if got else ""), message, layers, degenerate,
-                        layer_by_layer and plan.exact)
+                        layer_by_layer and plan.checks_values,
+                        len(plan.kept_sites) if plan.kept_sites else 0)

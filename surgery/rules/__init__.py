@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FunctionRule",
     "ModuleRule",
+    "OnKept",
     "RuleContext",
     "clone_module",
     "function_rule",
@@ -33,6 +34,7 @@ __all__ = [
     "module_rules",
     "register_function_rule",
     "register_module_rule",
+    "scattered",
 ]
 
 #: the module class a rule handles (``ModuleRule[nn.Linear]``); a bare ``ModuleRule`` takes any
@@ -120,6 +122,15 @@ class ModuleRule(Generic[M]):
         (:mod:`surgery.shape_run`). None (default): the trace runs the layer."""
         return None
 
+    def on_kept(self, module: M, x: torch.Tensor, dim: int, keep: torch.Tensor
+                ) -> torch.Tensor | None:
+        """The layer run on the channels ``keep`` of its input ``x`` (along ``dim``) alone, as
+        the pruned layer computes them, the output scattered back into zeros at full width:
+        where a cross-channel layer (LayerNorm over C) recorded its site with
+        ``ctx.record_cross_channel(atoms, dim)``, the verification reference runs this instead,
+        so the pruned model is still compared by value. None (default): it cannot."""
+        return None
+
     def input_dims(self, module: M) -> dict[str, int] | None:
         """Where zeroing the layer's input does what :meth:`zero_removed` does: axis -> the dim
         of the first input that holds its positions (every axis not named reads nothing). The
@@ -134,17 +145,27 @@ def runs_own_forward(module: nn.Module, types: tuple[type[nn.Module], ...]) -> b
     return any(type(module).forward is t.forward for t in types)
 
 
+#: ``on_kept(fn, args, kwargs, dim, keep)``: the call ``fn(*args, **kwargs)`` made on the channels
+#: ``keep`` (along ``dim`` of its first input) alone, as the pruned model makes it; an output that
+#: keeps that dim is scattered back into zeros at full width. A cross-channel op (a statistic over
+#: the channels) that recorded its site with ``ctx.record_cross_channel(atoms, dim)`` runs so in
+#: the verification reference, and the pruned model is still compared by value.
+OnKept = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any], int, torch.Tensor], Any]
+
+
 class FunctionRule:
     """How a function / tensor method passes channels. ``propagate`` returns the output value,
     or ``NotImplemented`` to decline (the call is then treated as an op without a rule: its
-    inputs are pinned, and a layer's parameter read by it is refused, naming the layer)."""
+    inputs are pinned, and a layer's parameter read by it is refused, naming the layer).
+    ``on_kept``: see :data:`OnKept`."""
 
     def __init__(self, fn: Callable[..., Any], name: str,
-                 macs: Callable[[tuple[Any, ...], dict[str, Any]], float | None] | None = None
-                 ) -> None:
+                 macs: Callable[[tuple[Any, ...], dict[str, Any]], float | None] | None = None,
+                 on_kept: OnKept | None = None) -> None:
         self.fn = fn
         self.name = name
         self.macs = macs
+        self.on_kept = on_kept
 
     def propagate(self, ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
                   out: Any) -> Any:
@@ -175,11 +196,12 @@ def register_module_rule(rule: ModuleRule, *, replace: bool = False) -> ModuleRu
 def register_function_rule(targets: Iterable[Any], fn: Callable[..., Any], *, name: str = "",
                            replace: bool = False,
                            macs: Callable[[tuple[Any, ...], dict[str, Any]], float | None]
-                           | None = None) -> FunctionRule:
+                           | None = None, on_kept: OnKept | None = None) -> FunctionRule:
     """Register ``fn(ctx, args, kwargs, out)`` for fx call targets (callables or method names).
     ``macs(args, kwargs)``: where the output shape follows from the input shapes alone, the
-    multiply-adds of a call (see :meth:`FunctionRule.shape_only_macs`)."""
-    rule = FunctionRule(fn, name or getattr(fn, "__name__", "rule"), macs)
+    multiply-adds of a call (see :meth:`FunctionRule.shape_only_macs`); ``on_kept``: the call on
+    the kept channels alone, for verification (see :data:`OnKept`)."""
+    rule = FunctionRule(fn, name or getattr(fn, "__name__", "rule"), macs, on_kept)
     for t in dict.fromkeys(targets):  # aliases (F.relu_ is torch.relu_) collapse
         if t in _FUNCTION_RULES and not replace:
             raise ValueError(f"a function rule for {t!r} is already registered")
@@ -243,6 +265,13 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None
         module._buffers[name] = value.detach()
     else:
         raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+
+
+def scattered(x: torch.Tensor, dim: int, keep: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (computed on the positions ``keep`` of ``x`` along ``dim``) at those positions of a
+    tensor shaped like ``x``, zeros elsewhere (an ``on_kept`` result at full width)."""
+    out = y.new_zeros(x.shape)
+    return out.index_copy(dim, keep, y)
 
 
 def passthrough(ctx: RuleContext, x: Any, out: Any) -> Any:

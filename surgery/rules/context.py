@@ -75,8 +75,14 @@ class RuleContext(Protocol):
         """(path, module, rule) of the module owning parameter ``p``, if ``p`` is one."""
         ...
 
-    def record_cross_channel(self, atoms: np.ndarray) -> np.ndarray:
-        """Mark ``atoms`` as mixed by a cross-channel op (removal allowed, not exact)."""
+    def record_cross_channel(self, atoms: np.ndarray, dim: int | None = None) -> np.ndarray:
+        """Mark ``atoms`` as mixed by a cross-channel op (removal allowed, not exact).
+
+        ``dim``: the dim of the op's first input that holds ``atoms`` (one channel dim), where
+        the current op's rule can run it on the kept channels alone (``on_kept``): verification
+        then runs the op so in the reference and still compares values. Without it (a scale
+        computed from a channel count), a plan removing these atoms is checked by shapes only.
+        """
         ...
 
     def record_contracted(self, atoms: np.ndarray) -> None:

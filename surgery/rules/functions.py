@@ -8,7 +8,7 @@ its tensor inputs are pinned (their channels stay), which is always safe.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torchvision
 
 from ..groups import TVal
 from ..sizes import AttrInt, Dyn
-from . import passthrough, register_function_rule
+from . import OnKept, passthrough, register_function_rule, scattered
 from .context import RuleContext
 
 
@@ -841,7 +841,7 @@ def _reduction(statistic: bool) -> Any:
         dims = {d % x.ndim for d in (dim if isinstance(dim, tuple | list) else (dim,))}
         if dims & set(x.tdims):
             if statistic and set(x.tdims) <= dims:
-                ctx.record_cross_channel(x.atoms)
+                ctx.record_cross_channel(x.atoms, x.tdims[0] if len(x.tdims) == 1 else None)
                 return out
             return ctx.opaque([x], out, "reduces over channels")
         shift = 0 if out.ndim == x.ndim else 1  # keepdim
@@ -851,10 +851,28 @@ def _reduction(statistic: bool) -> Any:
     return rule
 
 
+def _on_kept_input(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   dim: int, keep: torch.Tensor) -> Any:
+    """A statistic over the channels (``x.mean(1)``, ``torch.max(x, 1)``) of the kept ones: the
+    channel dim is reduced, so nothing is scattered back (``max``'s indices count kept channels,
+    as the pruned model's do)."""
+    if args:
+        return fn(args[0].index_select(dim, keep), *args[1:], **kwargs)
+    return fn(**{**kwargs, "input": kwargs["input"].index_select(dim, keep)})
+
+
+def _on_kept_scattered(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                       dim: int, keep: torch.Tensor) -> Any:
+    """An op whose output keeps the channel dim (``F.normalize``) on the kept channels alone."""
+    x = args[0] if args else kwargs["input"]
+    return scattered(x, dim, keep, _on_kept_input(fn, args, kwargs, dim, keep))
+
+
 _REDUCE, _STATISTIC = _reduction(False), _reduction(True)
 register_function_rule([torch.sum, "sum"], _REDUCE, name="reduce")
 register_function_rule([torch.mean, torch.var, torch.std, torch.amax, torch.amin, "mean", "var",
-                        "std", "amax", "amin"], _STATISTIC, name="statistic")
+                        "std", "amax", "amin"], _STATISTIC, name="statistic",
+                       on_kept=_on_kept_input)
 
 
 def _extreme(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -872,7 +890,8 @@ def _extreme(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], ou
     return kind((values, indices))
 
 
-register_function_rule([torch.max, torch.min, "max", "min"], _extreme, name="extreme")
+register_function_rule([torch.max, torch.min, "max", "min"], _extreme, name="extreme",
+                       on_kept=_on_kept_input)
 
 
 def _field(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -917,12 +936,12 @@ def _last_dim_norm(op: str, names: tuple[str, ...]) -> Any:
         params = [b[n] for n in names if isinstance(b[n], TVal)]
         if len(shape) != 1 or x.tdims != (x.ndim - 1,) or any(p.param is None for p in params):
             return ctx.opaque([x], out, f"{op} over channels with other dims")
-        atoms = ctx.record_cross_channel(x.atoms)
+        atoms = ctx.record_cross_channel(x.atoms, x.ndim - 1)
         ruled = False
         for p in params:
             found = ctx.owner(p)
             ruled = ruled or (found is not None and found[2] is not None)
-            bound = ctx.bind_param(p, 0, atoms, cross_channel=True)
+            bound = ctx.bind_param(p, 0, atoms)
             if bound is None:
                 return ctx.opaque([x], out, f"{op} with the weight '{p.param}' of another layer")
             atoms = bound
@@ -937,9 +956,27 @@ def _last_dim_norm(op: str, names: tuple[str, ...]) -> Any:
     return rule
 
 
+def _norm_on_kept(names: tuple[str, ...]) -> OnKept:
+    """``F.layer_norm`` / ``F.rms_norm`` over the kept channels (the last dim) alone, with their
+    entries of the weight (and bias)."""
+
+    def on_kept(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], dim: int,
+                keep: torch.Tensor) -> Any:
+        b = bind_args(args, kwargs, ("input", "normalized_shape", *names), {})
+        x = b.pop("input")
+        b["normalized_shape"] = (len(keep),)
+        for n in ("weight", "bias"):
+            if isinstance(b.get(n), torch.Tensor):
+                b[n] = b[n].index_select(0, keep)
+        return scattered(x, dim, keep, fn(x.index_select(dim, keep), **b))
+
+    return on_kept
+
+
 register_function_rule([F.layer_norm], _last_dim_norm("layer_norm", ("weight", "bias")),
-                       name="layer_norm")
-register_function_rule([F.rms_norm], _last_dim_norm("rms_norm", ("weight",)), name="rms_norm")
+                       name="layer_norm", on_kept=_norm_on_kept(("weight", "bias", "eps")))
+register_function_rule([F.rms_norm], _last_dim_norm("rms_norm", ("weight",)), name="rms_norm",
+                       on_kept=_norm_on_kept(("weight", "eps")))
 
 
 def _normalize(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -948,8 +985,9 @@ def _normalize(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
     b = bind_args(args, kwargs, ("input", "p", "dim"), {"p": 2.0, "dim": 1})
     x = b["input"]
     if isinstance(x, TVal) and x.tracked and b["dim"] % x.ndim in x.tdims:
-        ctx.record_cross_channel(x.atoms)
+        ctx.record_cross_channel(x.atoms, b["dim"] % x.ndim if len(x.tdims) == 1 else None)
     return passthrough(ctx, x, out)
 
 
-register_function_rule([F.normalize], _normalize, name="normalize")
+register_function_rule([F.normalize], _normalize, name="normalize",
+                       on_kept=_on_kept_scattered)

@@ -6,7 +6,8 @@ groups of ``C/G`` channels: the channels of a group form one unit and whole grou
 (``num_groups`` shrinks, group width kept), which is also exact; with one group it normalises over
 all channels and, like LayerNorm, loses single channels, not exactly. LayerNorm (and RMSNorm, the
 same without the mean and bias) over the channel dim mixes channels (statistics over all of them):
-removal is allowed but not exact, and the verifier knows it from ``cross_channel``.
+removal is allowed but not exact; the verification reference then normalises over the kept
+channels alone (``on_kept``), as the pruned layer does, and still compares values.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import PlanError
 from ..groups import TVal
-from . import ModuleRule, clone_module, passthrough, register_module_rule, set_tensor
+from . import ModuleRule, clone_module, passthrough, register_module_rule, scattered, set_tensor
 from .context import RuleContext
 from .cost import NormCost
 
@@ -89,11 +91,18 @@ class GroupNormRule(_FeatureRule[nn.GroupNorm]):
 
     def couple(self, ctx: RuleContext, m: nn.GroupNorm, atoms: np.ndarray) -> None:
         if m.num_groups == 1:  # one group normalises over all channels: like LayerNorm
-            ctx.record_cross_channel(atoms)
+            ctx.record_cross_channel(atoms, 1)
             return
         width = m.num_channels // m.num_groups
         for g in range(m.num_groups):
             ctx.uf.union_all(atoms[g * width:(g + 1) * width])
+
+    def on_kept(self, m: nn.GroupNorm, x: torch.Tensor, dim: int, keep: torch.Tensor
+                ) -> torch.Tensor | None:
+        if m.num_groups != 1 or dim != 1:
+            return None
+        w, b = (None if t is None else t.index_select(0, keep) for t in (m.weight, m.bias))
+        return scattered(x, dim, keep, F.group_norm(x.index_select(dim, keep), 1, w, b, m.eps))
 
     def shrink(self, m: nn.GroupNorm, keep: dict[str, torch.Tensor]) -> nn.GroupNorm:
         k = keep["features"]
@@ -124,8 +133,22 @@ class LayerNormRule(_FeatureRule[nn.LayerNorm]):
             return ctx.opaque([x], out, f"LayerNorm over {tuple(m.normalized_shape)} "
                                         "mixes channels with other dims")
         atoms = ctx.channels_in(x, x.ndim - 1, m.normalized_shape[0])
-        atoms = ctx.slot(path, "features", atoms, cross_channel=True)
+        atoms = ctx.slot(path, "features", atoms)
+        ctx.record_cross_channel(atoms, x.ndim - 1)
         return TVal(out.shape, (x.ndim - 1,), atoms)
+
+    def on_kept(self, m: nn.LayerNorm, x: torch.Tensor, dim: int, keep: torch.Tensor
+                ) -> torch.Tensor | None:
+        if dim != x.ndim - 1 or len(m.normalized_shape) != 1:
+            return None
+        w = None if m.weight is None else m.weight.index_select(0, keep)
+        shape = (len(keep),)
+        if isinstance(m, nn.RMSNorm):
+            y = F.rms_norm(x.index_select(dim, keep), shape, w, m.eps)
+        else:
+            b = None if m.bias is None else m.bias.index_select(0, keep)
+            y = F.layer_norm(x.index_select(dim, keep), shape, w, b, m.eps)
+        return scattered(x, dim, keep, y)
 
     def shrink(self, m: nn.LayerNorm, keep: dict[str, torch.Tensor]) -> nn.LayerNorm:
         k = keep["features"]

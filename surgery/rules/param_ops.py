@@ -17,6 +17,7 @@ no rule is opaque: its input channels are kept, which is always safe.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import TVal
-from . import ModuleRule, passthrough, register_function_rule
+from . import ModuleRule, passthrough, register_function_rule, scattered
 from .context import RuleContext
 from .conv import ConvRule, ConvTransposeRule
 from .cost import weight_macs
@@ -127,9 +128,9 @@ def _group_norm(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any],
         params, computed = _params(b["weight"], b["bias"])
         if computed or x.tdims != (1,):
             return ctx.opaque([x], out, "group_norm with a computed weight")
-        atoms = ctx.record_cross_channel(x.atoms)
+        atoms = ctx.record_cross_channel(x.atoms, 1)
         for p in params:
-            bound = ctx.bind_param(p, 0, atoms, cross_channel=True)
+            bound = ctx.bind_param(p, 0, atoms)
             if bound is None:
                 return ctx.opaque([x], out, f"group_norm with the weight '{p.param}' of another "
                                             "layer")
@@ -293,7 +294,21 @@ register_function_rule([F.batch_norm], _feature_norm(BatchNormRule, "batch_norm"
                        name="batch_norm")
 register_function_rule([F.instance_norm], _feature_norm(InstanceNormRule, "instance_norm"),
                        name="instance_norm")
-register_function_rule([F.group_norm], _group_norm, name="group_norm")
+def _group_norm_on_kept(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                       dim: int, keep: torch.Tensor) -> Any:
+    """``F.group_norm`` with one group over the kept channels alone."""
+    b = bind_args(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), {})
+    x = b.pop("input")
+    if b.get("num_groups") != 1 or dim != 1:
+        raise ValueError("only a group_norm over one group runs on the kept channels")
+    for n in ("weight", "bias"):
+        if isinstance(b.get(n), torch.Tensor):
+            b[n] = b[n].index_select(0, keep)
+    return scattered(x, dim, keep, fn(x.index_select(dim, keep), **b))
+
+
+register_function_rule([F.group_norm], _group_norm, name="group_norm",
+                       on_kept=_group_norm_on_kept)
 register_function_rule([F.conv1d, F.conv2d, F.conv3d], _conv(False), name="conv",
                        macs=_functional_macs(1, grouped=True))
 register_function_rule([F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d],

@@ -1,0 +1,177 @@
+"""Cross-channel ops on pruned channels: the reference runs them on the kept channels alone, so
+verification still compares values (and catches a wrong prune) where it used to compare shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unchanged, randomize_norms, snapshot
+from torch import nn
+
+import surgery
+from surgery.plan import Plan
+
+
+class _Block(nn.Module):
+    """A transformer-style MLP block: pre-norm over the embedding, residual."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class _Norm2d(nn.Module):
+    """A hand-written channels-first LayerNorm: statistics over dim 1 in the forward."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class _Gate(nn.Module):
+    """A spatial gate from the channel max (CBAM), and a normalised embedding."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        gate = torch.sigmoid(torch.max(x, 1, keepdim=True).values)
+        return nn.functional.normalize(x * gate, dim=1)
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), _Block(16), _Block(16), nn.LayerNorm(16),
+                          nn.Linear(16, 3))
+    randomize_norms(model)
+    return model.eval()
+
+
+def _convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _Norm2d(16), nn.GELU(),
+                         nn.Conv2d(16, 16, 1), nn.GroupNorm(1, 16), _Gate(16),
+                         nn.Conv2d(16, 4, 1)).eval()
+
+
+class _SharedNorm(nn.Module):
+    """One LayerNorm called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.mid(self.norm(self.inp(x)))))
+
+
+def _shared() -> nn.Module:
+    torch.manual_seed(0)
+    model = _SharedNorm()
+    randomize_norms(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("make, x", [(_vit, torch.randn(2, 5, 6)),
+                                     (_convnet, torch.randn(1, 3, 8, 8)),
+                                     (_shared, torch.randn(2, 5, 6))])
+def test_cross_channel_ops_are_verified_by_value(make, x) -> None:
+    model = make()
+    before = snapshot(model)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert_unchanged(model, before)
+    assert not plan.exact and plan.kept_sites  # not equal to the zeroed original ...
+    # ... but to the original with each norm and statistic over the kept channels alone
+    assert report.passed and report.exact_checked and report.kept_sites == len(plan.kept_sites)
+    assert report.max_rel_error < 1e-5 and "cross-channel ops" in report.checked
+    # the plan is data: the sites survive JSON, and re-applied they verify the same
+    again = Plan.from_json(plan.to_json())
+    assert again.kept_sites == plan.kept_sites
+    assert surgery.verify(model, surgery.apply(make(), again), again, x).exact_checked
+
+
+def test_the_sites_of_a_plan_name_where_each_op_runs() -> None:
+    model = _convnet()
+    x = torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert plan.kept_sites is not None
+    where = {s.where[0] if s.where[0] == "module" else s.where[3] for s in plan.kept_sites}
+    # the two means of the hand-written norm, the one-group GroupNorm layer, the channel max
+    # of the gate and the normalisation
+    assert where == {"mean", "module", "max", "normalize"}
+    for site in plan.kept_sites:
+        assert 0 < len(site.keep) < site.size
+        if site.where[0] == "call":
+            assert site.where[1].endswith("test_kept_sites.py") and site.calls >= 1
+
+
+@pytest.mark.parametrize("make, x", [(_vit, torch.randn(2, 5, 6)),
+                                     (_convnet, torch.randn(1, 3, 8, 8))])
+def test_a_wrong_prune_behind_a_norm_is_caught(make, x) -> None:
+    """Before, these plans were checked by shapes only: a pruned model that keeps the wrong
+    channel of a norm's weight passed."""
+    model = make()
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    norm = next(m for m in small.modules() if isinstance(m, nn.LayerNorm | nn.GroupNorm))
+    with torch.no_grad():
+        norm.weight[0] += 0.5  # as if the surgery had taken another channel's weight
+    with pytest.raises(surgery.VerificationError, match="differ"):
+        surgery.verify(model, small, plan, x)
+
+
+class _TwoMeans(nn.Module):
+    """A line that makes one more ``mean`` call in the forward than the trace sees (on a tensor
+    made in the forward, which fx turns into a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = x - x.mean(1, keepdim=True) + torch.ones(1).mean()
+        return self.out(x)
+
+
+def test_calls_the_trace_did_not_see_fall_back_to_shapes() -> None:
+    model = _TwoMeans().eval()
+    x = torch.randn(1, 3, 4, 4)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert plan.kept_sites and plan.kept_sites[0].calls == 1
+    report = surgery.verify(model, surgery.apply(model, plan), plan, x)
+    # the reference's calls did not match the trace's: no values are compared on a guess
+    assert report.passed and not report.exact_checked and report.kept_sites == 0
+
+
+def test_a_scale_computed_from_the_width_is_still_checked_by_shapes() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h * h.shape[-1] ** -0.5)
+
+    model = Scaled().eval()
+    x = torch.randn(2, 4)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert not plan.exact and plan.kept_sites is None
+    assert not surgery.verify(model, surgery.apply(model, plan), plan, x).exact_checked
