@@ -2,8 +2,9 @@
 (or the ``--models`` given; ``tv:NAME`` for a torchvision one), pruned at ratio 0.5 and
 verified, each in its own process (a crash or a hang costs one row).
 
-Outcomes: ``exact`` / ``shapes`` (verified: values, or only shapes where a cross-channel norm is
-on a pruned axis), ``refused`` (a :class:`surgery.SurgeryError` that should name the layer and
+Outcomes: ``exact`` / ``shapes`` (verified: values, or only shapes where a cross-channel op on a
+pruned axis cannot run on the kept channels alone in the reference; ``kept_sites`` counts the ops
+that did, ``plan_exact`` says whether the zeroed original alone was the reference), ``refused`` (a :class:`surgery.SurgeryError` that should name the layer and
 line: its first line is kept), ``crash`` (any other exception: a bug), ``modified`` (the
 original's class, state or outputs changed: a bug), ``timeout``. Per module the model picked is
 the one with the fewest parameters among the dozen whose names say they are small.
@@ -104,6 +105,8 @@ def one(name: str, q: mp.Queue) -> None:
             small = surgery.apply(model, plan)
             report = surgery.verify(model, small, plan, x)
             row["outcome"] = "exact" if report.exact_checked else "shapes"
+            row["plan_exact"] = plan.exact
+            row["kept_sites"] = report.kept_sites
             row["tracer"] = graph.tracer
             row["params_kept"] = round(surgery.count_params(small) / surgery.count_params(model), 3)
             row["max_rel_error"] = report.max_rel_error
