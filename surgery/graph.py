@@ -359,9 +359,10 @@ class ChannelGraph:
     #: module attributes the forward uses as sizes (``"blocks.0.attn.num_heads"``) -> the atoms
     #: of the positions each counts: the plan rewrites them to the number kept
     attrs: dict[str, np.ndarray] = field(default_factory=dict)
-    #: the units of ``cross`` whose ops cannot run on the kept channels alone: a plan removing
-    #: one is verified by shapes only (the others by value: :mod:`surgery.kept_sites`)
-    hard_cross: set[int] = field(default_factory=set)
+    #: the units of ``cross`` whose ops cannot run on the kept channels alone, and the first
+    #: such op: a plan removing one is verified by shapes only (the others by value:
+    #: :mod:`surgery.kept_sites`)
+    hard_cross: dict[int, str] = field(default_factory=dict)
     #: where the eval forward's other cross-channel ops run
     sites: list[TracedSite] = field(default_factory=list)
 
@@ -415,13 +416,15 @@ class _Context:
         self.slots: dict[str, Slot] = {}
         self.pins: list[tuple[np.ndarray, str]] = []
         self.cross: list[np.ndarray] = []
-        #: cross-channel atoms verification cannot run on the kept channels alone
-        self.hard: list[np.ndarray] = []
+        #: cross-channel atoms verification cannot run on the kept channels alone, and why
+        self.hard: list[tuple[np.ndarray, str]] = []
         #: where the others run (the eval forward's sites): (where, dim, atoms, calls)
         self.sites: list[tuple[tuple[Any, ...], int, np.ndarray, int]] = []
         self.runs = 0  # graphs analysed: the first is the eval forward's
         self._lines: dict[torch.fx.Node, tuple[int, int]] = {}
-        self.contracted: list[np.ndarray] = []
+        #: atoms summed over by a product, why, and whether the reference can sum over the kept
+        #: ones alone (a site, or a train-only op)
+        self.contracted: list[tuple[np.ndarray, str, bool]] = []
         self.opaque_names = opaque
         self.node: torch.fx.Node | None = None
         self.model: nn.Module | None = None
@@ -585,7 +588,7 @@ class _Context:
         key = f"{path}:{axis}"
         if cross_channel:
             self.cross.append(atoms)
-            self.hard.append(atoms)
+            self.hard.append((atoms, f"layer '{path}' mixes its {axis} channels {self.where()}"))
         existing = self.slots.get(key)
         if existing is None:
             self.slots[key] = Slot(path, axis, atoms, kind)
@@ -602,7 +605,7 @@ class _Context:
         where = self._site() if dim is not None and atoms.ndim == 1 else None
         if where is None or dim is None:
             if dim is None or self.runs <= 1:  # a train-only op does not run in the reference
-                self.hard.append(atoms)
+                self.hard.append((atoms, f"{self._op()} mixes channels {self.where()}"))
         elif self.runs <= 1:
             self.sites.append((where[:-1], dim, atoms, where[-1]))
         return atoms
@@ -640,8 +643,20 @@ class _Context:
                            for i, n in enumerate(nodes)}
         return self._lines[node]
 
-    def record_contracted(self, atoms: np.ndarray) -> None:
-        self.contracted.append(atoms)
+    def record_contracted(self, atoms: np.ndarray, dim: int | None = None) -> None:
+        where = self._site() if dim is not None and atoms.ndim == 1 else None
+        if where is not None and dim is not None and self.runs <= 1:
+            self.sites.append((where[:-1], dim, atoms, where[-1]))
+        soft = dim is not None and (where is not None or self.runs > 1)
+        self.contracted.append((atoms, f"{self._op()} sums over channels {self.where()}", soft))
+
+    def _op(self) -> str:
+        """The current op, as a message names it."""
+        if self.node is None:
+            return "an op"
+        if self.node.op == "call_module":
+            return f"layer '{self.node.target}'"
+        return f"`{getattr(self.node.target, '__name__', self.node.target)}`"
 
     def submodule(self, path: str) -> nn.Module:
         """The traced model's layer at ``path`` (a table per model: the tree is not changed
@@ -1125,17 +1140,25 @@ def _fx_traced(ctx: _Context, model: nn.Module, eval_graph: torch.fx.Graph, inpu
     return True
 
 
-def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray) -> set[int]:
-    """Units summed over in a product of two tensors that no channel-mixing layer also reads.
+def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray
+                        ) -> tuple[set[int], dict[int, str]]:
+    """Units summed over in a product of two tensors that no channel-mixing layer also reads,
+    and of those, the ones the reference cannot sum over the kept alone (with why).
 
     The reference zeroes the weights that read removed channels. A unit that only meets a
     product (the q/k width of a head) is not zeroed by that, so removing it changes the scores:
     allowed, like a cross-channel norm, but not exact. A whole head also feeds the projection,
     which drops its output, so removing it is exact.
     """
-    contracted = {r for atoms in ctx.contracted for r in np.unique(roots[atoms]).tolist()}
+    contracted: set[int] = set()
+    hard: dict[int, str] = {}  # and why, where the reference cannot sum over the kept alone
+    for atoms, why, soft in ctx.contracted:
+        for r in np.unique(roots[atoms]).tolist():
+            contracted.add(r)
+            if not soft:
+                hard.setdefault(r, why)
     if not contracted:
-        return set()
+        return set(), {}
     mixed: set[int] = set()
     for s in slots:
         if s.kind != "module" or s.axis != "in":
@@ -1143,7 +1166,7 @@ def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray) -> 
         out = ctx.slots.get(f"{s.path}:out")
         produced = set(np.unique(roots[out.atoms]).tolist()) if out is not None else set()
         mixed |= set(np.unique(roots[s.atoms]).tolist()) - produced
-    return contracted - mixed
+    return contracted - mixed, {r: why for r, why in hard.items() if r not in mixed}
 
 
 def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, tracer: str,
@@ -1163,9 +1186,11 @@ def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, t
                 reasons.append(reason)
     cross = {r for atoms in ctx.cross for r in np.unique(roots[atoms]).tolist()}
     slots = list(ctx.slots.values())
-    inexact = _contracted_inexact(ctx, slots, roots)
+    inexact, hard = _contracted_inexact(ctx, slots, roots)
     cross |= inexact
-    hard = {r for atoms in ctx.hard for r in np.unique(roots[atoms]).tolist()} | inexact
+    for atoms, why in ctx.hard:
+        for r in np.unique(roots[atoms]).tolist():
+            hard.setdefault(r, why)
     sites = list({where: TracedSite(where, dim, roots[atoms], calls)  # a layer called twice:
                   for where, dim, atoms, calls in reversed(ctx.sites)}.values())  # one site
     return ChannelGraph(type(model).__name__, fingerprint(model), {s.key: s for s in slots}, roots,

@@ -364,7 +364,11 @@ def plan_removing(model: nn.Module, graph: ChannelGraph, gone: np.ndarray,
             attributes.setdefault(path, {})[name] = AxisPlan(len(atoms), tuple(keep.tolist()))
     exact = not (set(gone.tolist()) & graph.cross)
     kept_sites = None
-    if not exact and not (set(gone.tolist()) & graph.hard_cross):
+    hard = [graph.hard_cross[r] for r in gone.tolist() if r in graph.hard_cross]
+    if hard:  # what verification cannot run on the kept channels: it compares shapes only
+        settings = {**settings, "shapes_only": f"{hard[0]}, which the reference cannot run on "
+                                               "the kept channels alone"}
+    elif not exact:
         kept_sites = tuple(KeptSite(site.where, site.dim, len(site.roots),
                                     tuple(np.flatnonzero(~removed[site.roots]).tolist()),
                                     site.calls)

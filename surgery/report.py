@@ -96,6 +96,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                 if k not in ("trace_notes", "warnings", "config", "trajectory", "measured")}
     warned = [f"**warning**: {w}" for w in report["settings"].get("warnings", [])]
     lines = [f"# surgery prune report: {report['model']}", "", *warned, *([""] if warned else [])]
+    settings.pop("shapes_only", None)  # said by the verification line
     lines += [f"settings: {settings}", ""]
     notes = report["settings"].get("trace_notes", [])
     if settings.get("tracer") == "run":
@@ -108,8 +109,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"| MACs | {m['before']:,} | {m['after']:,} | {m['before'] / m['after']:.2f}x |", "",
              "verification: " + (f"exact, max relative error {v['max_rel_error']:.1e} "
                                  f"({v.get('checked', 'outputs')})" if v["exact"] else
-                                 "output shapes only (a removed channel passed a cross-channel "
-                                 "normalisation)") + ("" if v["passed"] else " FAILED"), ""]
+                                 v.get("checked", "output shapes only")) +
+             ("" if v["passed"] else " FAILED"), ""]
     if "onnx" in report:
         o = report["onnx"]
         lines += [f"ONNX: {o['path']} ({o['file_bytes'] / 1e6:.2f} MB), ONNX Runtime max "

@@ -67,12 +67,15 @@ class VerifyReport:
     #: cross-channel ops (a LayerNorm over C, a mean over the channels) the reference ran on the
     #: kept channels alone, as the pruned model does, so that values could still be compared
     kept_sites: int = 0
+    #: where only shapes were compared: the op that the reference cannot run on the kept
+    #: channels alone (it mixes channels the plan removes), with its source line
+    shapes_only: str = ""
 
     @property
     def checked(self) -> str:
         """What the equivalence check compared, in words."""
         if not self.exact_checked:
-            return "output shapes only (a cross-channel op is on a pruned axis)"
+            return f"output shapes only: {self.shapes_only}"
         inner = f"{self.layers_compared} inner layer outputs"
         if self.layer_by_layer:
             inner += " (layer by layer, each on the reference's values before it)"
@@ -440,9 +443,11 @@ def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: I
             # reference: zero its weights instead (found only here, so it costs only where
             # it happens)
             report = _verify(original, pruned, plan, inputs, rtol, set(), by_weight=unfired)
-    except _Untrusted:  # the forward's calls did not match the trace's: shapes only
-        report = _verify(original, pruned, dataclasses.replace(plan, kept_sites=None), inputs,
-                         rtol, set())
+    except _Untrusted as e:  # the forward's calls did not match the trace's: shapes only
+        why = f"the forward's cross-channel calls did not match the trace's ({e})"
+        report = _verify(original, pruned, dataclasses.replace(
+            plan, kept_sites=None, settings={**plan.settings, "shapes_only": why}), inputs,
+            rtol, set())
     return _raised(report, raise_on_failure)
 
 
@@ -616,4 +621,10 @@ def _report(want: list[torch.Tensor], got: list[torch.Tensor], compared: tuple[i
     return VerifyReport(not message, plan.checks_values, err, shapes,
                         str(dtype or got[0].dtype if got else ""), message, layers, degenerate,
                         layer_by_layer and plan.checks_values,
-                        len(plan.kept_sites) if plan.kept_sites else 0)
+                        len(plan.kept_sites) if plan.kept_sites else 0,
+                        "" if plan.checks_values else _why_shapes(plan))
+
+
+def _why_shapes(plan: Plan) -> str:
+    """Why a plan is checked by shapes only, in words."""
+    return str(plan.settings.get("shapes_only", "a cross-channel op is on a pruned axis"))

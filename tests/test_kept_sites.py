@@ -158,6 +158,7 @@ def test_calls_the_trace_did_not_see_fall_back_to_shapes() -> None:
     report = surgery.verify(model, surgery.apply(model, plan), plan, x)
     # the reference's calls did not match the trace's: no values are compared on a guess
     assert report.passed and not report.exact_checked and report.kept_sites == 0
+    assert "did not match the trace's" in report.checked
 
 
 def test_a_scale_computed_from_the_width_is_still_checked_by_shapes() -> None:
@@ -174,4 +175,31 @@ def test_a_scale_computed_from_the_width_is_still_checked_by_shapes() -> None:
     x = torch.randn(2, 4)
     plan = surgery.plan(model, x, ratio=0.5, round_to=1)
     assert not plan.exact and plan.kept_sites is None
-    assert not surgery.verify(model, surgery.apply(model, plan), plan, x).exact_checked
+    report = surgery.verify(model, surgery.apply(model, plan), plan, x)
+    # the report names the op and the line that keep it from comparing values
+    assert not report.exact_checked and report.checked.startswith("output shapes only: `mul`")
+    assert "test_kept_sites.py" in report.checked and "h * h.shape[-1]" in report.checked
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_over_narrower_heads_is_verified_by_value(fused: bool) -> None:
+    """Every head keeps and narrows with the embedding: q·k sums over fewer positions (and fused
+    attention's default scale follows the width), so the plan is not exact; the reference sums
+    over the kept positions alone, and a wrong query weight is caught."""
+    from test_attention import WidthFromInput
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), WidthFromInput(fused=fused), nn.Linear(16, 3)).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 7, 5)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert not plan.exact and small[1].q.out_features < 16
+    assert report.passed and report.exact_checked and report.kept_sites >= 2
+    names = {s.where[3] for s in plan.kept_sites or () if s.where[0] == "call"}
+    assert names == {"scaled_dot_product_attention" if fused else "matmul"}
+    with torch.no_grad():
+        small[1].q.weight[0] += 0.1
+    with pytest.raises(surgery.VerificationError, match="differ"):
+        surgery.verify(model, small, plan, x)

@@ -85,10 +85,11 @@ class RuleContext(Protocol):
         """
         ...
 
-    def record_contracted(self, atoms: np.ndarray) -> None:
+    def record_contracted(self, atoms: np.ndarray, dim: int | None = None) -> None:
         """Mark ``atoms`` as summed over by a product of two tensors (``q @ k``): removing them
         is exact only where a layer that mixes channels reads them too (a head's output goes
-        through the projection, which the reference zeroes); else marked not exact."""
+        through the projection, which the reference zeroes); else marked not exact. ``dim``:
+        as for :meth:`record_cross_channel` (the op's rule sums over the kept ones alone)."""
         ...
 
     def is_computed(self, v: Any, x: TVal | None = None) -> bool:

@@ -195,14 +195,18 @@ def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
     if k in p.tdims:
         pos = p.tdims.index(k)
         others = [j for j in range(len(p.tdims)) if j != pos]
-        ctx.record_contracted(p.atoms)
         moved = np.moveaxis(p.atoms, pos, -1)
         if not others or all(_coupled_along(ctx, moved, j) for j in range(len(others))):
             # only the contracted channels, or a width shared by every head (the heads stay):
-            # the output carries none, so removing them changes it unless a weight read them
+            # the output carries none, so removing them changes it unless a weight read them;
+            # the positions summed over are one line, the same in every head: the sum over the
+            # kept ones is what the pruned model computes (``on_kept`` of matmul, attention)
+            line = moved.reshape(-1, moved.shape[-1])[0]
+            ctx.record_contracted(line, a.ndim - 1)
             if a.tracked and b.tracked:
-                ctx.record_cross_channel(p.atoms)
+                ctx.record_cross_channel(line, a.ndim - 1)
             return out
+        ctx.record_contracted(p.atoms)
         _couple_along(ctx, moved, len(others))
         atoms = np.take(p.atoms, 0, axis=pos)
         return TVal(out.shape, tuple(t - (t > k) for t in p.tdims if t != k), atoms)
@@ -217,8 +221,16 @@ def _matmul(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out
     return contract(ctx, x, y, out)
 
 
+def _matmul_on_kept(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dim: int,
+                    keep: torch.Tensor) -> Any:
+    """``a @ b`` summed over the kept positions of a's last dim (and b's next to last) only."""
+    b = bind_args(args, kwargs, ("input", "other"), {})
+    x, y = b.pop("input"), b.pop("other")
+    return fn(x.index_select(dim, keep), y.index_select(max(y.ndim - 2, 0), keep), **b)
+
+
 register_function_rule([operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"], _matmul,
-                       name="matmul")
+                       name="matmul", on_kept=_matmul_on_kept)
 
 
 def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -234,7 +246,13 @@ def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
         return ctx.opaque([q, k, v, mask], out, "attention without batch dims")
     if b["scale"] is None and q.tracked and q.ndim - 1 in q.tdims and \
             not _coupled_along(ctx, q.atoms, q.tdims.index(q.ndim - 1)):
-        ctx.record_cross_channel(q.atoms)  # 1/sqrt(width) follows a narrower head: not exact
+        # 1/sqrt(width) follows a narrower head: not exact; where the width is one line shared
+        # by every head, the reference runs attention on the kept positions alone (``on_kept``)
+        pos = q.tdims.index(q.ndim - 1)
+        moved = np.moveaxis(q.atoms, pos, -1)
+        shared = all(_coupled_along(ctx, moved, j) for j in range(moved.ndim - 1))
+        ctx.record_cross_channel(moved.reshape(-1, moved.shape[-1])[0] if shared else q.atoms,
+                                 q.ndim - 1 if shared else None)
     kt = permute(k, list(range(k.ndim - 2)) + [k.ndim - 1, k.ndim - 2],
                  TVal(k.shape[:-2] + (k.shape[-1], k.shape[-2])))
     scores = contract(ctx, q, kt, TVal(q.shape[:-1] + (k.shape[-2],)))
@@ -248,7 +266,17 @@ def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
     return contract(ctx, scores, v, out)
 
 
-register_function_rule([F.scaled_dot_product_attention], _sdpa, name="sdpa")
+def _sdpa_on_kept(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dim: int,
+                  keep: torch.Tensor) -> Any:
+    """Attention with the kept positions of the query and key width only (its default scale
+    follows that width, as the pruned model's does)."""
+    b = bind_args(args, kwargs, ("query", "key", "value"), {})
+    q, k, v = b.pop("query"), b.pop("key"), b.pop("value")
+    return fn(q.index_select(dim, keep), k.index_select(k.ndim - 1, keep), v, **b)
+
+
+register_function_rule([F.scaled_dot_product_attention], _sdpa, name="sdpa",
+                       on_kept=_sdpa_on_kept)
 
 
 def _einsum(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
