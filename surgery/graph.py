@@ -127,6 +127,7 @@ class LocatingTracer(torch.fx.Tracer):
         loc = user_frame(sys._getframe(1))
         if loc is not None:
             node.meta["surgery_loc"] = loc
+        node.meta["surgery_scope"] = self.scope.module_path  # the layer whose forward made it
         return node
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
@@ -612,8 +613,9 @@ class _Context:
 
     def _site(self) -> tuple[Any, ...] | None:
         """Where the current op runs, if its rule can run it on kept channels (``on_kept``):
-        ``("module", path, 1)`` or ``("call", file, line, name, n, calls)`` (the n-th of the
-        ``calls`` calls of ``name`` that source line makes)."""
+        ``("module", path, calls)`` or ``("call", file, line, name, scope, n, calls)`` (the n-th
+        of the ``calls`` calls of ``name`` that source line makes in the forward of layer
+        ``scope``)."""
         node = self.node
         if node is None:
             return None
@@ -626,11 +628,12 @@ class _Context:
         loc = node.meta.get("surgery_loc")
         if fn is None or fn.on_kept is None or loc is None:
             return None
-        return ("call", loc[0], loc[1], _call_name(node), *self._calls(node))
+        return ("call", loc[0], loc[1], _call_name(node), node.meta.get("surgery_scope", ""),
+                *self._calls(node))
 
     def _calls(self, node: torch.fx.Node) -> tuple[int, int]:
-        """A call's index among the calls of the same function from its source line (of the
-        same layer), and how many those are in the graph."""
+        """A call's index among the calls of the same function from its source line in the
+        forward of the same layer (a layer's: among its calls), and how many those are."""
         if node not in self._lines:
             seen: dict[tuple[Any, ...], list[torch.fx.Node]] = {}
             for n in node.graph.nodes:
@@ -638,7 +641,8 @@ class _Context:
                 if n.op == "call_module":
                     seen.setdefault(("module", n.target), []).append(n)
                 elif loc is not None and n.op in ("call_function", "call_method"):
-                    seen.setdefault((*loc, _call_name(n)), []).append(n)
+                    seen.setdefault((*loc, _call_name(n), n.meta.get("surgery_scope", "")),
+                                    []).append(n)
             self._lines = {n: (i, len(nodes)) for nodes in seen.values()
                            for i, n in enumerate(nodes)}
         return self._lines[node]

@@ -28,7 +28,8 @@ from .graph import user_frame
 from .paths import Submodules
 from .rules import function_rule, leaf_rule
 
-#: ``("module", path)`` or ``("call", file, line, function name, n)`` (the n-th such call there)
+#: ``("module", path)`` or ``("call", file, line, function name, scope, n)``: the n-th call of
+#: that function from that line in the forward of layer ``scope``
 Where = tuple[Any, ...]
 
 
@@ -44,6 +45,11 @@ class KeptSite:
     keep: tuple[int, ...]
     calls: int = 1
 
+    @property
+    def scope(self) -> str:
+        """The layer that runs the op: the layer itself, or the one whose forward calls it."""
+        return str(self.where[1] if self.where[0] == "module" else self.where[4])
+
     def to_dict(self) -> dict[str, Any]:
         return {"where": list(self.where), "dim": self.dim, "size": self.size,
                 "keep": list(self.keep), "calls": self.calls}
@@ -51,7 +57,7 @@ class KeptSite:
     @classmethod
     def from_dict(cls, d: Any) -> KeptSite:
         where = tuple(d["where"])
-        if where[0] not in ("module", "call") or len(where) != (2 if where[0] == "module" else 5):
+        if where[0] not in ("module", "call") or len(where) != (2 if where[0] == "module" else 6):
             raise ValueError(f"a kept-channel site must be a module or a call, not {where!r}")
         return cls(where, int(d["dim"]), int(d["size"]), tuple(int(i) for i in d["keep"]),
                    int(d.get("calls", 1)))
@@ -72,8 +78,8 @@ class KeptRun:
             if site.where[0] == "module":
                 m = submodule(site.where[1])
                 self.hooks.append(m.register_forward_hook(self._module_hook(site)))
-        self.calls = {(w[1], w[2], w[3], w[4]): s for s in sites
-                      for w in (s.where,) if w[0] == "call"}
+        self.calls = {s.where[1:]: s for s in sites if s.where[0] == "call"}
+        self.paths = {id(m): path for path, m in ref.named_modules()} if self.calls else {}
         self.mode = _KeptCalls(self) if self.calls else None
 
     def _met(self, site: KeptSite, x: Any) -> torch.Tensor | None:
@@ -114,7 +120,7 @@ class KeptRun:
                            for s in self.sites):
             return False
         counts = self.mode.counts if self.mode is not None else {}
-        return all(counts.get(key[:3]) == site.calls for key, site in self.calls.items())
+        return all(counts.get(key[:4]) == site.calls for key, site in self.calls.items())
 
 
 class _KeptCalls(TorchFunctionMode):
@@ -125,16 +131,17 @@ class _KeptCalls(TorchFunctionMode):
         super().__init__()
         self.run = run
         self.names = {key[2] for key in run.calls}
-        self.counts: dict[tuple[str, int, str], int] = {}
+        self.counts: dict[tuple[str, int, str, str], int] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
         if isinstance(name, str) and name in self.names:
-            loc = user_frame(sys._getframe(1))
+            frame = sys._getframe(1)
+            loc = user_frame(frame)
             if loc is not None:
-                key = (loc[0], loc[1], name)
+                key = (loc[0], loc[1], name, self._scope(frame))
                 n = self.counts.get(key, 0)
                 self.counts[key] = n + 1
                 site = self.run.calls.get((*key, n))
@@ -146,4 +153,15 @@ class _KeptCalls(TorchFunctionMode):
                         return rule.on_kept(func, args, kwargs, site.dim, keep)
                     self.run.bad = self.run.bad or f"call {site.where} not run on kept channels"
         return func(*args, **kwargs)
+
+    def _scope(self, frame: Any) -> str:
+        """The path of the innermost layer of the reference whose forward is running."""
+        paths = self.run.paths
+        while frame is not None:
+            if "self" in frame.f_code.co_varnames:
+                path = paths.get(id(frame.f_locals.get("self")))
+                if path is not None:
+                    return path
+            frame = frame.f_back
+        return ""
 

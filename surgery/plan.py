@@ -96,9 +96,11 @@ class Plan:
             return not any(path == r or path.startswith(r + ".") for r in gone)
 
         sites = self.kept_sites
-        if sites is not None:  # a bypassed line makes fewer calls: call sites are lost
-            sites = None if any(site.where[0] == "call" for site in sites) else \
-                tuple(site for site in sites if running(site.where[1]))
+        if sites is not None:  # the ops of bypassed layers no longer run
+            sites = tuple(site for site in sites if running(site.scope))
+            blocks = {b.block for b in outer}  # whose own forward is regenerated: its lines
+            if any(site.where[0] == "call" and site.scope in blocks for site in sites):
+                sites = None  # are no longer the user's, so its calls cannot be found
         return dataclasses.replace(
             self, layers={k: v for k, v in self.layers.items() if running(k)},
             attributes={k: v for k, v in self.attributes.items() if running(k)}, bypasses=outer,

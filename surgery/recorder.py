@@ -140,6 +140,7 @@ class Recorder:
         loc = self._where()
         if loc is not None:
             node.meta["surgery_loc"] = loc
+        node.meta["surgery_scope"] = self.stack[-1] if self.stack else ""
         self.meta[node] = self.skeleton(value)
         return node
 

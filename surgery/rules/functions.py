@@ -248,11 +248,11 @@ def _sdpa(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
             not _coupled_along(ctx, q.atoms, q.tdims.index(q.ndim - 1)):
         # 1/sqrt(width) follows a narrower head: not exact; where the width is one line shared
         # by every head, the reference runs attention on the kept positions alone (``on_kept``)
-        pos = q.tdims.index(q.ndim - 1)
-        moved = np.moveaxis(q.atoms, pos, -1)
-        shared = all(_coupled_along(ctx, moved, j) for j in range(moved.ndim - 1))
-        ctx.record_cross_channel(moved.reshape(-1, moved.shape[-1])[0] if shared else q.atoms,
-                                 q.ndim - 1 if shared else None)
+        line = shared_line(ctx, q, q.ndim - 1)
+        if line is None:
+            ctx.record_cross_channel(q.atoms)
+        else:
+            ctx.record_cross_channel(line, q.ndim - 1)
     kt = permute(k, list(range(k.ndim - 2)) + [k.ndim - 1, k.ndim - 2],
                  TVal(k.shape[:-2] + (k.shape[-1], k.shape[-2])))
     scores = contract(ctx, q, kt, TVal(q.shape[:-1] + (k.shape[-2],)))
@@ -713,6 +713,17 @@ def _line(atoms: np.ndarray, axis: int) -> np.ndarray:
     return atoms[tuple(slice(None) if j == axis else 0 for j in range(atoms.ndim))]
 
 
+def shared_line(ctx: RuleContext, x: TVal, dim: int) -> np.ndarray | None:
+    """The atoms along channel dim ``dim`` of ``x`` where its other channel dims hold the same
+    units at every position (a width shared by every head): one set of positions to keep
+    along ``dim``, as a kept-channel site needs (:meth:`RuleContext.record_cross_channel`)."""
+    pos = x.tdims.index(dim)
+    moved = np.moveaxis(x.atoms, pos, -1)
+    if any(not _coupled_along(ctx, moved, j) for j in range(moved.ndim - 1)):
+        return None
+    return moved.reshape(-1, moved.shape[-1])[0]
+
+
 def _coupled_along(ctx: RuleContext, atoms: np.ndarray, axis: int) -> bool:
     """Whether the positions along ``axis`` are already removed together (its size stays)."""
     roots = np.vectorize(ctx.uf.find, otypes=[np.int64])(atoms)
@@ -1013,7 +1024,11 @@ def _normalize(ctx: RuleContext, args: tuple[Any, ...], kwargs: dict[str, Any], 
     b = bind_args(args, kwargs, ("input", "p", "dim"), {"p": 2.0, "dim": 1})
     x = b["input"]
     if isinstance(x, TVal) and x.tracked and b["dim"] % x.ndim in x.tdims:
-        ctx.record_cross_channel(x.atoms, b["dim"] % x.ndim if len(x.tdims) == 1 else None)
+        line = shared_line(ctx, x, b["dim"] % x.ndim)
+        if line is None:
+            ctx.record_cross_channel(x.atoms)
+        else:
+            ctx.record_cross_channel(line, b["dim"] % x.ndim)
     return passthrough(ctx, x, out)
 
 
