@@ -2,9 +2,10 @@
 (or the ``--models`` given; ``tv:NAME`` for a torchvision one), pruned at ratio 0.5 and
 verified, each in its own process (a crash or a hang costs one row).
 
-Outcomes: ``exact`` / ``shapes`` (verified: values, or only shapes where a cross-channel op on a
-pruned axis cannot run on the kept channels alone in the reference; ``kept_sites`` counts the ops
-that did, ``plan_exact`` says whether the zeroed original alone was the reference), ``refused`` (a :class:`surgery.SurgeryError` that should name the layer and
+Outcomes: ``exact`` / ``shapes`` (verified: values, or only shapes where a cross-channel op on
+a pruned axis cannot run on the kept channels alone in the reference; ``kept_sites`` counts the
+ops that did, ``plan_exact`` says whether the zeroed original alone was the reference),
+``refused`` (a :class:`surgery.SurgeryError` that should name the layer and
 line: its first line is kept), ``crash`` (any other exception: a bug), ``modified`` (the
 original's class, state or outputs changed: a bug), ``timeout``. Per module the model picked is
 the one with the fewest parameters among the dozen whose names say they are small.
