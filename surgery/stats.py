@@ -81,9 +81,28 @@ def _sdpa_on_cpu(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _recurrent(input_shape: Any, hx: Any, params: Any, has_biases: bool, *args: Any,
+               out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of a whole recurrent layer (``aten.gru`` and the like: torch counts none): per
+    step, layer and direction, the gate rows of ``weight_ih`` and ``weight_hh`` times their
+    widths."""
+    steps = input_shape[0] * input_shape[1]  # sequence length x batch, in either order
+    per = 4 if has_biases else 2  # weight_ih, weight_hh (, bias_ih, bias_hh) per layer
+    return 2 * steps * sum(w[0] * w[1] for i, w in enumerate(params) if i % per < 2)
+
+
+def _rnn_layer(input_shape: Any, w_ih: Any, w_hh: Any, *args: Any, out_shape: Any = None,
+               **kwargs: Any) -> int:
+    """FLOPs of one LSTM layer and direction as oneDNN runs it on the CPU."""
+    return 2 * input_shape[0] * input_shape[1] * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+
+
 #: kernels torch's flop counter does not count (PyTorch 2.14): scaled_dot_product_attention on
-#: the CPU runs this one, so a ViT's attention products counted 0
-_UNCOUNTED = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_on_cpu}
+#: the CPU runs this one, so a ViT's attention products counted 0; recurrent layers
+_UNCOUNTED = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_on_cpu,
+              torch.ops.aten.lstm.input: _recurrent, torch.ops.aten.gru.input: _recurrent,
+              torch.ops.aten.rnn_tanh.input: _recurrent, torch.ops.aten.rnn_relu.input: _recurrent,
+              torch.ops.aten.mkldnn_rnn_layer: _rnn_layer}
 
 
 def count_macs(model: nn.Module, example_inputs: Inputs) -> int:

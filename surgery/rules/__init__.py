@@ -285,4 +285,4 @@ def passthrough(ctx: RuleContext, x: Any, out: Any) -> Any:
     return ctx.opaque([x], out, "changes the channel dims")
 
 
-from . import attention, conv, functions, linear, norm, param_ops, pointwise  # noqa: E402,F401,I001
+from . import attention, conv, functions, linear, norm, param_ops, pointwise, recurrent  # noqa: E402,F401,I001,E501
