@@ -772,6 +772,8 @@ class _Context:
         result = rule.propagate(self, args, kwargs, out) if rule is not None else NotImplemented
         # a rule may decline: treated as an op without one (no rule gives NotImplemented)
         if rule is not None and result is not NotImplemented:
+            if type(result) is int and not any(True for _ in _walk([args, kwargs])):
+                return _sized(node, args, kwargs, out)  # a size computed (``c * h``): from what
             if rule.name in _POSITIONWISE:
                 result = _param_lineage(rule.name, args, kwargs, result)
             return result

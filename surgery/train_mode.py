@@ -191,7 +191,7 @@ def _class_code(cls: type) -> tuple[ast.ClassDef, dict[str, Any]] | None:
     module = sys.modules.get(cls.__module__)
     try:
         filename = inspect.getsourcefile(cls)
-    except TypeError:  # a builtin class
+    except (TypeError, OSError):  # a builtin class, or one made where no source is kept
         return None
     if module is None or filename is None:
         return None

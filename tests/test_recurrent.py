@@ -77,3 +77,29 @@ def test_recurrent_macs_are_counted(cls, gates) -> None:
     steps = 3 * 5
     per_direction = gates * 6 * (10 + 6) + gates * 6 * (12 + 6)
     assert surgery.count_macs(rnn, x) == steps * 2 * per_direction
+
+
+class _Flattened(nn.Module):
+    """A CRNN's ``view(b, w, c * h)``: a size computed from the channel count and the height."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.rnn = nn.GRU(16 * 4, 8, batch_first=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x)
+        b, c, h, w = f.shape
+        y, _ = self.rnn(f.permute(0, 3, 1, 2).reshape(b, w, c * h))
+        return self.fc(y)
+
+
+def test_a_size_computed_from_the_channel_count_follows_it() -> None:
+    torch.manual_seed(0)
+    model = _Flattened().eval()
+    x = torch.randn(2, 1, 4, 12)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    assert surgery.verify(model, small, plan, x).exact_checked
+    assert small.conv.out_channels == 8 and small.rnn.input_size == 8 * 4

@@ -234,3 +234,25 @@ def test_same_in_train_mode_is_never_wrong_on_the_zoo(name: str) -> None:
     if not same_in_train_mode(model.train(), eval_graph, graph_module._CALLS[eval_graph], tracer):
         return  # undecided or different: the whole model is traced again anyway
     assert signature(graph_module.fx_trace(model.train(), (), 1)) == signature(eval_graph)
+
+
+def test_a_class_without_source_is_traced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model class typed into a REPL (``__main__`` without a file) has no source: which of
+    its code reads ``self.training`` is unknown, so both modes are traced."""
+    import sys
+    import types
+
+    generated = types.ModuleType("__main__")  # a REPL's: no file
+    monkeypatch.setitem(sys.modules, "__main__", generated)
+    scope = vars(generated)
+    scope.update(nn=nn, torch=torch)
+    exec(compile("class Net(nn.Module):\n"
+                 "    def __init__(self):\n"
+                 "        super().__init__()\n"
+                 "        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)\n"
+                 "    def forward(self, x):\n"
+                 "        return self.b(torch.relu(self.a(x)))\n", "<generated>", "exec"), scope)
+    model = scope["Net"]().eval()
+    x = torch.randn(1, 3, 4, 4)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert surgery.verify(model, surgery.apply(model, plan), plan, x).exact_checked
