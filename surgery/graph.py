@@ -603,11 +603,12 @@ class _Context:
 
     def record_cross_channel(self, atoms: np.ndarray, dim: int | None = None) -> np.ndarray:
         self.cross.append(atoms)
+        if dim is not None and self.runs > 1:
+            return atoms  # a train-only op does not run in the reference; the others did
         where = self._site() if dim is not None and atoms.ndim == 1 else None
         if where is None or dim is None:
-            if dim is None or self.runs <= 1:  # a train-only op does not run in the reference
-                self.hard.append((atoms, f"{self._op()} mixes channels {self.where()}"))
-        elif self.runs <= 1:
+            self.hard.append((atoms, f"{self._op()} mixes channels {self.where()}"))
+        else:
             self.sites.append((where[:-1], dim, atoms, where[-1]))
         return atoms
 
@@ -648,8 +649,8 @@ class _Context:
         return self._lines[node]
 
     def record_contracted(self, atoms: np.ndarray, dim: int | None = None) -> None:
-        where = self._site() if dim is not None and atoms.ndim == 1 else None
-        if where is not None and dim is not None and self.runs <= 1:
+        where = self._site() if dim is not None and atoms.ndim == 1 and self.runs <= 1 else None
+        if where is not None and dim is not None:
             self.sites.append((where[:-1], dim, atoms, where[-1]))
         soft = dim is not None and (where is not None or self.runs > 1)
         self.contracted.append((atoms, f"{self._op()} sums over channels {self.where()}", soft))
