@@ -94,8 +94,12 @@ class KeptRun:
         def hook(m: nn.Module, args: tuple, out: Any) -> Any:
             keep = self._met(site, args[0] if args else None)
             rule = leaf_rule(m)
-            y = rule.on_kept(m, args[0], site.dim, keep) if keep is not None and \
-                rule is not None else None
+            try:
+                y = rule.on_kept(m, args[0], site.dim, keep) if keep is not None and \
+                    rule is not None else None
+            except Exception:  # not a form it knows: shapes only, not a failure
+                self.bad = self.bad or f"layer {site.where[1]} could not run on the kept channels"
+                raise
             if y is None:
                 self.bad = self.bad or f"layer {site.where[1]} cannot run on the kept channels"
                 return None
@@ -150,7 +154,12 @@ class _KeptCalls(TorchFunctionMode):
                     keep = self.run._met(site, x)
                     rule = function_rule(func) or function_rule(name)
                     if keep is not None and rule is not None and rule.on_kept is not None:
-                        return rule.on_kept(func, args, kwargs, site.dim, keep)
+                        try:
+                            return rule.on_kept(func, args, kwargs, site.dim, keep)
+                        except Exception:  # not a form it knows: shapes only, not a failure
+                            self.run.bad = self.run.bad or f"{name} at {key[0]}:{key[1]} " \
+                                "could not run on the kept channels"
+                            raise
                     self.run.bad = self.run.bad or f"call {site.where} not run on kept channels"
         return func(*args, **kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -86,15 +87,14 @@ def _recurrent(input_shape: Any, hx: Any, params: Any, has_biases: bool, *args: 
     """FLOPs of a whole recurrent layer (``aten.gru`` and the like: torch counts none): per
     step, layer and direction, the gate rows of ``weight_ih`` and ``weight_hh`` times their
     widths."""
-    steps = input_shape[0] * input_shape[1]  # sequence length x batch, in either order
-    per = 4 if has_biases else 2  # weight_ih, weight_hh (, bias_ih, bias_hh) per layer
-    return 2 * steps * sum(w[0] * w[1] for i, w in enumerate(params) if i % per < 2)
+    steps = math.prod(input_shape[:-1])  # sequence length (x batch, in either order)
+    return 2 * steps * sum(w[0] * w[1] for w in params if len(w) == 2)  # the 2-d ones: weights
 
 
 def _rnn_layer(input_shape: Any, w_ih: Any, w_hh: Any, *args: Any, out_shape: Any = None,
                **kwargs: Any) -> int:
     """FLOPs of one LSTM layer and direction as oneDNN runs it on the CPU."""
-    return 2 * input_shape[0] * input_shape[1] * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+    return 2 * math.prod(input_shape[:-1]) * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
 
 
 #: kernels torch's flop counter does not count (PyTorch 2.14): scaled_dot_product_attention on

@@ -203,3 +203,52 @@ def test_attention_over_narrower_heads_is_verified_by_value(fused: bool) -> None
         small[1].q.weight[0] += 0.1
     with pytest.raises(surgery.VerificationError, match="differ"):
         surgery.verify(model, small, plan, x)
+
+
+class _Causal(nn.Module):
+    """Attention written with positional options and ``torch.bmm(..., mat2=...)``."""
+
+    def __init__(self, bmm: bool) -> None:
+        super().__init__()
+        self.bmm = bmm
+        self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.bmm:
+            attn = torch.bmm(q, mat2=k.transpose(1, 2)).softmax(-1)
+            return self.out(torch.bmm(attn, v))
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        y = nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], mask)
+        return self.out(y[:, 0])
+
+
+@pytest.mark.parametrize("bmm", [False, True])
+def test_attention_options_given_by_position_reach_the_reference(bmm: bool) -> None:
+    """The reference's attention keeps the mask given by position (else a right prune would
+    fail), and ``mat2=`` is ``bmm``'s second operand."""
+    torch.manual_seed(0)
+    model = _Causal(bmm).eval()
+    x = torch.randn(2, 5, 6)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    small = surgery.apply(model, plan)
+    report = surgery.verify(model, small, plan, x)
+    assert not plan.exact and small.q.out_features == 4
+    assert report.passed and report.exact_checked and report.kept_sites
+
+
+def test_an_op_its_rule_cannot_run_on_kept_channels_falls_back_to_shapes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.rules import function_rule
+
+    def refuse(*args: object) -> None:
+        raise ValueError("not this form")
+
+    monkeypatch.setattr(function_rule("mean"), "on_kept", refuse)
+    model = _convnet()
+    x = torch.randn(1, 3, 8, 8)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    report = surgery.verify(model, surgery.apply(model, plan), plan, x)
+    assert report.passed and not report.exact_checked
+    assert "could not run on the kept channels" in report.checked

@@ -103,3 +103,10 @@ def test_a_size_computed_from_the_channel_count_follows_it() -> None:
     small = surgery.apply(model, plan)
     assert surgery.verify(model, small, plan, x).exact_checked
     assert small.conv.out_channels == 8 and small.rnn.input_size == 8 * 4
+
+
+def test_recurrent_macs_with_a_projection_and_without_a_batch() -> None:
+    lstm = nn.LSTM(10, 6, num_layers=2, proj_size=4)  # layer 2 reads the 4 projected features
+    x = torch.randn(5, 10)  # unbatched: 5 steps
+    per_step = 4 * 6 * (10 + 4) + 6 * 4 + 4 * 6 * (4 + 4) + 6 * 4
+    assert surgery.count_macs(lstm, x) == 5 * per_step

@@ -225,7 +225,7 @@ def _matmul_on_kept(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dim:
                     keep: torch.Tensor) -> Any:
     """``a @ b`` summed over the kept positions of a's last dim (and b's next to last) only."""
     b = bind_args(args, kwargs, ("input", "other"), {})
-    x, y = b.pop("input"), b.pop("other")
+    x, y = b.pop("input"), b.pop("other") if "other" in b else b.pop("mat2")  # torch.bmm's
     return fn(x.index_select(dim, keep), y.index_select(max(y.ndim - 2, 0), keep), **b)
 
 
@@ -270,9 +270,13 @@ def _sdpa_on_kept(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dim: i
                   keep: torch.Tensor) -> Any:
     """Attention with the kept positions of the query and key width only (its default scale
     follows that width, as the pruned model's does)."""
-    b = bind_args(args, kwargs, ("query", "key", "value"), {})
-    q, k, v = b.pop("query"), b.pop("key"), b.pop("value")
+    b = bind_args(args, kwargs, _SDPA_ARGS, {})  # every one by name: a mask given by position
+    q, k, v = b.pop("query"), b.pop("key"), b.pop("value")  # stays a mask
     return fn(q.index_select(dim, keep), k.index_select(k.ndim - 1, keep), v, **b)
+
+
+#: ``F.scaled_dot_product_attention``'s parameters, in order
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 register_function_rule([F.scaled_dot_product_attention], _sdpa, name="sdpa",

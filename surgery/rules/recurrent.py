@@ -94,9 +94,9 @@ class RecurrentRule(ModuleRule[nn.RNNBase]):
 
     def weight_rows(self, m: nn.RNNBase, axis: str, weight: torch.Tensor | None = None
                     ) -> torch.Tensor:
-        if axis == "in":
-            w: torch.Tensor = m._parameters["weight_ih_l0"]  # type: ignore[assignment]
-            return w.detach().t()
+        if axis == "in":  # what every direction of the first layer reads from each feature
+            return torch.cat([getattr(m, f"weight_ih_l0{sfx}").detach().t()
+                              for sfx in _suffixes(m)], 1)
         h, g = m.hidden_size, _gates(m)
         parts = [getattr(m, f"weight_{kind}_l{layer}{sfx}").detach().reshape(g, h, -1)
                  .transpose(0, 1).reshape(h, -1)
