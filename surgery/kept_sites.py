@@ -76,7 +76,11 @@ class KeptRun:
         submodule = Submodules(ref)
         for site in sites:
             if site.where[0] == "module":
-                m = submodule(site.where[1])
+                try:
+                    m = submodule(site.where[1])
+                except (KeyError, AttributeError):  # a plan edited by hand: not this model's
+                    self.bad = self.bad or f"no layer {site.where[1]!r} in the model"
+                    continue
                 self.hooks.append(m.register_forward_hook(self._module_hook(site)))
         self.calls = {s.where[1:]: s for s in sites if s.where[0] == "call"}
         self.paths = {id(m): path for path, m in ref.named_modules()} if self.calls else {}

@@ -252,3 +252,16 @@ def test_an_op_its_rule_cannot_run_on_kept_channels_falls_back_to_shapes(
     report = surgery.verify(model, surgery.apply(model, plan), plan, x)
     assert report.passed and not report.exact_checked
     assert "could not run on the kept channels" in report.checked
+
+
+def test_a_site_the_model_does_not_have_falls_back_to_shapes() -> None:
+    """A plan edited by hand names a layer this model lacks: shapes only, said, no crash."""
+    model = _vit()
+    x = torch.randn(2, 5, 6)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    d = plan.to_dict()
+    site = next(s for s in d["kept_sites"] if s["where"][0] == "module")
+    site["where"][1] = "no.such.layer"
+    edited = Plan.from_dict(d)
+    report = surgery.verify(model, surgery.apply(model, edited), edited, x)
+    assert report.passed and not report.exact_checked and "no.such.layer" in report.checked
