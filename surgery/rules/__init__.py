@@ -32,6 +32,7 @@ __all__ = [
     "leaf_rule",
     "module_rule",
     "module_rules",
+    "on_kept_affine",
     "register_function_rule",
     "register_module_rule",
     "scattered",
@@ -272,6 +273,16 @@ def scattered(x: torch.Tensor, dim: int, keep: torch.Tensor, y: torch.Tensor) ->
     tensor shaped like ``x``, zeros elsewhere (an ``on_kept`` result at full width)."""
     out = y.new_zeros(x.shape)
     return out.index_copy(dim, keep, y)
+
+
+def on_kept_affine(fn: Callable[..., Any], x: torch.Tensor, dim: int, keep: torch.Tensor,
+                   **args: Any) -> torch.Tensor:
+    """``fn(x, **args)`` (a norm with a per-channel ``weight``/``bias``) on the channels ``keep``
+    of ``x`` alone, with those entries of the weight and bias, scattered back to full width."""
+    for name in ("weight", "bias"):
+        if isinstance(args.get(name), torch.Tensor):
+            args[name] = args[name].index_select(0, keep)
+    return scattered(x, dim, keep, fn(x.index_select(dim, keep), **args))
 
 
 def passthrough(ctx: RuleContext, x: Any, out: Any) -> Any:

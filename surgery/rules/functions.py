@@ -18,7 +18,7 @@ import torchvision
 
 from ..groups import TVal
 from ..sizes import AttrInt, Dyn
-from . import OnKept, passthrough, register_function_rule, scattered
+from . import OnKept, on_kept_affine, passthrough, register_function_rule, scattered
 from .context import RuleContext
 
 
@@ -195,19 +195,18 @@ def contract(ctx: RuleContext, a: Any, b: Any, out: Any) -> Any:
     if k in p.tdims:
         pos = p.tdims.index(k)
         others = [j for j in range(len(p.tdims)) if j != pos]
-        moved = np.moveaxis(p.atoms, pos, -1)
-        if not others or all(_coupled_along(ctx, moved, j) for j in range(len(others))):
+        line = shared_line(ctx, p, k)
+        if line is not None:
             # only the contracted channels, or a width shared by every head (the heads stay):
             # the output carries none, so removing them changes it unless a weight read them;
             # the positions summed over are one line, the same in every head: the sum over the
             # kept ones is what the pruned model computes (``on_kept`` of matmul, attention)
-            line = moved.reshape(-1, moved.shape[-1])[0]
             ctx.record_contracted(line, a.ndim - 1)
             if a.tracked and b.tracked:
                 ctx.record_cross_channel(line, a.ndim - 1)
             return out
         ctx.record_contracted(p.atoms)
-        _couple_along(ctx, moved, len(others))
+        _couple_along(ctx, np.moveaxis(p.atoms, pos, -1), len(others))
         atoms = np.take(p.atoms, 0, axis=pos)
         return TVal(out.shape, tuple(t - (t > k) for t in p.tdims if t != k), atoms)
     return TVal(out.shape, tuple(t - (t > k) for t in p.tdims), p.atoms)
@@ -1006,12 +1005,8 @@ def _norm_on_kept(names: tuple[str, ...]) -> OnKept:
     def on_kept(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], dim: int,
                 keep: torch.Tensor) -> Any:
         b = bind_args(args, kwargs, ("input", "normalized_shape", *names), {})
-        x = b.pop("input")
         b["normalized_shape"] = (len(keep),)
-        for n in ("weight", "bias"):
-            if isinstance(b.get(n), torch.Tensor):
-                b[n] = b[n].index_select(0, keep)
-        return scattered(x, dim, keep, fn(x.index_select(dim, keep), **b))
+        return on_kept_affine(fn, b.pop("input"), dim, keep, **b)
 
     return on_kept
 

@@ -23,7 +23,14 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import PlanError
 from ..groups import TVal
-from . import ModuleRule, clone_module, passthrough, register_module_rule, scattered, set_tensor
+from . import (
+    ModuleRule,
+    clone_module,
+    on_kept_affine,
+    passthrough,
+    register_module_rule,
+    set_tensor,
+)
 from .context import RuleContext
 from .cost import NormCost
 
@@ -101,8 +108,8 @@ class GroupNormRule(_FeatureRule[nn.GroupNorm]):
                 ) -> torch.Tensor | None:
         if m.num_groups != 1 or dim != 1:
             return None
-        w, b = (None if t is None else t.index_select(0, keep) for t in (m.weight, m.bias))
-        return scattered(x, dim, keep, F.group_norm(x.index_select(dim, keep), 1, w, b, m.eps))
+        return on_kept_affine(F.group_norm, x, dim, keep, num_groups=1, weight=m.weight,
+                              bias=m.bias, eps=m.eps)
 
     def shrink(self, m: nn.GroupNorm, keep: dict[str, torch.Tensor]) -> nn.GroupNorm:
         k = keep["features"]
@@ -141,14 +148,12 @@ class LayerNormRule(_FeatureRule[nn.LayerNorm]):
                 ) -> torch.Tensor | None:
         if dim != x.ndim - 1 or len(m.normalized_shape) != 1:
             return None
-        w = None if m.weight is None else m.weight.index_select(0, keep)
         shape = (len(keep),)
         if isinstance(m, nn.RMSNorm):
-            y = F.rms_norm(x.index_select(dim, keep), shape, w, m.eps)
-        else:
-            b = None if m.bias is None else m.bias.index_select(0, keep)
-            y = F.layer_norm(x.index_select(dim, keep), shape, w, b, m.eps)
-        return scattered(x, dim, keep, y)
+            return on_kept_affine(F.rms_norm, x, dim, keep, normalized_shape=shape,
+                                  weight=m.weight, eps=m.eps)
+        return on_kept_affine(F.layer_norm, x, dim, keep, normalized_shape=shape,
+                              weight=m.weight, bias=m.bias, eps=m.eps)
 
     def shrink(self, m: nn.LayerNorm, keep: dict[str, torch.Tensor]) -> nn.LayerNorm:
         k = keep["features"]

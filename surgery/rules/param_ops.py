@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import TVal
-from . import ModuleRule, passthrough, register_function_rule, scattered
+from . import ModuleRule, on_kept_affine, passthrough, register_function_rule
 from .context import RuleContext
 from .conv import ConvRule, ConvTransposeRule
 from .cost import weight_macs
@@ -298,13 +298,9 @@ def _group_norm_on_kept(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: d
                        dim: int, keep: torch.Tensor) -> Any:
     """``F.group_norm`` with one group over the kept channels alone."""
     b = bind_args(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), {})
-    x = b.pop("input")
     if b.get("num_groups") != 1 or dim != 1:
         raise ValueError("only a group_norm over one group runs on the kept channels")
-    for n in ("weight", "bias"):
-        if isinstance(b.get(n), torch.Tensor):
-            b[n] = b[n].index_select(0, keep)
-    return scattered(x, dim, keep, fn(x.index_select(dim, keep), **b))
+    return on_kept_affine(fn, b.pop("input"), dim, keep, **b)
 
 
 register_function_rule([F.group_norm], _group_norm, name="group_norm",
