@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .collector import pauses_collector
 from .config import LatencyTarget, MacBudget, PruneConfig, RuntimeAware, Uniform
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, trace
@@ -206,6 +207,7 @@ def _final_counts(original: nn.Module, current: nn.Module, example_inputs: Input
 LANDING = 0.05
 
 
+@pauses_collector
 def plan_for_macs(model: nn.Module, example_inputs: Inputs, config: MacBudget | None = None, *,
                   target_macs: float | None = None, criterion: str = "l2", round_to: int = 8,
                   ignore: Sequence[str] = (), seed: int = 0, tolerance: float = 0.01,

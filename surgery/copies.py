@@ -95,31 +95,33 @@ def deep_copy(model: M, memo: dict[int, Any] | None = None) -> M:
     """``copy.deepcopy(model, memo)``: the same new tree, tensors, ties and attributes. Plain
     modules are copied attribute by attribute (atomic values and empty tables directly, the rest
     by ``copy.deepcopy`` with the shared memo); any other module by ``copy.deepcopy`` itself."""
-    memo = {} if memo is None else memo
+    # a module-level walk, not a recursive closure: a closure that calls itself is a reference
+    # cycle holding the memo, so the copied tree (and, once dropped, the model) would wait for
+    # the cyclic collector instead of being freed by reference counting
+    return _deep_copy(model, {} if memo is None else memo)  # type: ignore[return-value]
 
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]
-        cls = type(m)
-        # ignore: mypy does not see a class as Hashable (python/mypy#20409)
-        if not _plain(cls):  # type: ignore[arg-type]
-            return copy.deepcopy(m, memo)
-        new = cls.__new__(cls)
-        memo[id(m)] = new
-        state = m.__getstate__()
-        for key, value in state.items():
-            kind = type(value)
-            if kind in _ATOMIC:
-                continue
-            if kind in _TABLES and not value:
-                state[key] = kind()
-            elif key == "_modules" and kind in (dict, collections.OrderedDict):
-                state[key] = kind((name, None if child is None else visit(child))
-                                  for name, child in value.items())
-            else:
-                state[key] = copy.deepcopy(value, memo)
-        new.__setstate__(state)
-        copy._keep_alive(m, memo)  # type: ignore[attr-defined]  # as deepcopy does
-        return new
 
-    return visit(model)  # type: ignore[return-value]
+def _deep_copy(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    if id(m) in memo:
+        return memo[id(m)]
+    cls = type(m)
+    # ignore: mypy does not see a class as Hashable (python/mypy#20409)
+    if not _plain(cls):  # type: ignore[arg-type]
+        return copy.deepcopy(m, memo)
+    new = cls.__new__(cls)
+    memo[id(m)] = new
+    state = m.__getstate__()
+    for key, value in state.items():
+        kind = type(value)
+        if kind in _ATOMIC:
+            continue
+        if kind in _TABLES and not value:
+            state[key] = kind()
+        elif key == "_modules" and kind in (dict, collections.OrderedDict):
+            state[key] = kind((name, None if child is None else _deep_copy(child, memo))
+                              for name, child in value.items())
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    copy._keep_alive(m, memo)  # type: ignore[attr-defined]  # as deepcopy does
+    return new

@@ -31,6 +31,7 @@ import torch.fx
 from torch import nn
 from torch.fx import traceback as fx_traceback
 
+from .collector import pauses_collector
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
 from .groups import Group, Slot, TVal, UnionFind, build_groups
 from .modes import attributes_kept, buffers_kept, switched_mode
@@ -1019,6 +1020,7 @@ def _recorded(model: nn.Module, graph: torch.fx.Graph, inputs: tuple, cheap: boo
     return rec
 
 
+@pauses_collector
 def trace(model: nn.Module, example_inputs: Inputs, *, ignore: Sequence[str] = (),
           tracer: str = "auto") -> ChannelGraph:
     """Trace ``model`` into its coupled channel groups.

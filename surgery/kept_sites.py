@@ -85,6 +85,7 @@ class KeptRun:
         self.calls = {s.where[1:]: s for s in sites if s.where[0] == "call"}
         self.paths = {id(m): path for path, m in ref.named_modules()} if self.calls else {}
         self.mode = _KeptCalls(self) if self.calls else None
+        self.counts: dict[tuple[str, int, str, str], int] = {}  # calls per line, after the run
 
     def _met(self, site: KeptSite, x: Any) -> torch.Tensor | None:
         self.met[site.where] = self.met.get(site.where, 0) + 1
@@ -118,6 +119,9 @@ class KeptRun:
     def __exit__(self, *exc: Any) -> None:
         if self.mode is not None:
             self.mode.__exit__(*exc)
+            # the mode refers back to this run: dropped, the pair is freed without the cyclic
+            # collector
+            self.counts, self.mode = self.mode.counts, None
         for h in self.hooks:
             h.remove()
 
@@ -127,8 +131,7 @@ class KeptRun:
         if self.bad or any(self.met.get(s.where) != (s.calls if s.where[0] == "module" else 1)
                            for s in self.sites):
             return False
-        counts = self.mode.counts if self.mode is not None else {}
-        return all(counts.get(key[:4]) == site.calls for key, site in self.calls.items())
+        return all(self.counts.get(key[:4]) == site.calls for key, site in self.calls.items())
 
 
 class _KeptCalls(TorchFunctionMode):

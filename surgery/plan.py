@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .atomic import write_text
+from .collector import pauses_collector
 from .config import Uniform, override_for
 from .criteria import get_criterion
 from .depth import Bypass, outermost
@@ -237,6 +238,7 @@ def keep_count(n_free: int, n_fixed: int, per_unit: int, ratio: float, round_to:
     return max(n_keep, 1 if n_fixed == 0 else 0)
 
 
+@pauses_collector
 def make_plan(model: nn.Module, example_inputs: Inputs, config: Uniform | None = None, *,
               ratio: float | None = None, criterion: str = "l2", round_to: int = 8,
               ignore: Sequence[str] = (), seed: int = 0, graph: ChannelGraph | None = None,

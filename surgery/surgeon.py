@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from .collector import pauses_collector
 from .copies import deep_copy
 from .depth import bypass_in_place, bypassed_modules
 from .errors import PlanError, SurgeryError
@@ -138,6 +139,7 @@ def _set_attributes(model: nn.Module, plan: Plan) -> None:
                 setattr(module, attr, type(getattr(module, attr))(entries))
 
 
+@pauses_collector
 def apply(model: nn.Module, plan: Plan, example_inputs: Inputs | None = None) -> nn.Module:
     """A new, physically smaller model; ``model`` itself is left bit-for-bit unchanged.
 
@@ -179,6 +181,7 @@ def _swap_bypassed(model: nn.Module, bypassed: dict[str, nn.Module]) -> None:
         model.get_submodule(parent).register_module(name, new)
 
 
+@pauses_collector
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """In place: swap the smaller layers into ``model`` itself (atomic: all built first)."""
     submodule = Submodules(model)

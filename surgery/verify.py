@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .collector import pauses_collector
 from .copies import SharedModule, own_tables
 from .depth import bypass_in_place
 from .errors import ExampleInputError, VerificationError
@@ -213,42 +214,51 @@ def _light_copy(model: nn.Module, plan: Plan, zeroed: list[str], submodule: Subm
             t = getattr(submodule(owner), name)
             if isinstance(t, torch.Tensor):
                 touched.add(id(t))
-    copies: dict[int, nn.Module] = {}
-    clones: dict[int, torch.Tensor] = {}
-
-    def clone(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in clones:
-            c = t.detach().clone()
-            clones[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
-        return clones[id(t)]
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) in copies:
-            return copies[id(m)]
-        new = own_tables(m)
-        copies[id(m)] = new
-        for key, child in m._modules.items():
-            if child is not None:
-                new._modules[key] = visit(child)
-        for table in _tables(new):  # a touched layer's tensors, or a raw tensor of the plan
-            for key, t in table.items():
-                if t is not None and (id(m) in touched or id(t) in touched):
-                    table[key] = clone(t)
-        for key, v in vars(m).items():
-            if isinstance(v, torch.Tensor) and id(v) in touched:
-                new.__dict__[key] = clone(v)
-        return new
-
+    tree = _Tree(touched)
     try:
-        ref = visit(model)
+        ref = tree.copy(model)
     except SharedModule:
         return None
-    for new in copies.values():  # a tensor tied into a layer the plan does not touch
+    for new in tree.copies.values():  # a tensor tied into a layer the plan does not touch
         for table in _tables(new):
             for key, t in table.items():
-                if t is not None and id(t) in clones:
-                    table[key] = clones[id(t)]
+                if t is not None and id(t) in tree.clones:
+                    table[key] = tree.clones[id(t)]
     return ref
+
+
+class _Tree:
+    """:func:`_light_copy`'s walk (an object, not a recursive closure: a closure that calls
+    itself is a reference cycle, and the copied tree would wait for the cyclic collector)."""
+
+    def __init__(self, touched: set[int]) -> None:
+        self.touched = touched  # ids of layers whose tensors are cloned, and of raw tensors
+        self.copies: dict[int, nn.Module] = {}
+        self.clones: dict[int, torch.Tensor] = {}
+
+    def clone(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.clones:
+            c = t.detach().clone()
+            self.clones[id(t)] = nn.Parameter(c, t.requires_grad) \
+                if isinstance(t, nn.Parameter) else c
+        return self.clones[id(t)]
+
+    def copy(self, m: nn.Module) -> nn.Module:
+        if id(m) in self.copies:
+            return self.copies[id(m)]
+        new = own_tables(m)
+        self.copies[id(m)] = new
+        for key, child in m._modules.items():
+            if child is not None:
+                new._modules[key] = self.copy(child)
+        for table in _tables(new):  # a touched layer's tensors, or a raw tensor of the plan
+            for key, t in table.items():
+                if t is not None and (id(m) in self.touched or id(t) in self.touched):
+                    table[key] = self.clone(t)
+        for key, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and id(v) in self.touched:
+                new.__dict__[key] = self.clone(v)
+        return new
 
 
 def _zero_read_entries(submodule: Submodules, path: str, lp: LayerPlan) -> None:
@@ -414,6 +424,7 @@ def locate_failure(model: nn.Module, inputs: tuple) -> str:
     return ""
 
 
+@pauses_collector
 def verify(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: Inputs, *,
            rtol: float | None = None, raise_on_failure: bool = True) -> VerifyReport:
     """Check ``pruned`` against ``original`` with the removed inputs zeroed; neither is modified.
