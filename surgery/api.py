@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .collector import pauses_collector
+from .collector import collector_paused, pauses_collector
 from .config import LatencyTarget, MacBudget, PruneConfig, RuntimeAware, Uniform
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, trace
@@ -143,10 +144,15 @@ def prune(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None =
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
         ...                       surgery.Uniform(0.5))
     """
-    p = plan(model, example_inputs, config, on_round=on_round, **settings)
-    small = apply(model, p)
-    if verify:
-        check(model, small, p, example_inputs)
+    cfg = as_config(config, **settings)
+    # one pause for the three phases (see surgery.collector); not around a latency search,
+    # which exports and times a model per round
+    timed = isinstance(cfg, LatencyTarget | RuntimeAware)
+    with contextlib.nullcontext() if timed else collector_paused():
+        p = plan(model, example_inputs, cfg, on_round=on_round)
+        small = apply(model, p)
+        if verify:
+            check(model, small, p, example_inputs)
     return small
 
 

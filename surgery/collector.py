@@ -4,8 +4,8 @@ A trace builds torch.fx graphs, whose nodes refer to one another: each trace lea
 objects that only the cyclic collector frees. Left running during a prune, the collector moves
 them (still in use) into its oldest generation, and every few prunes it then walks the whole
 heap of a process that imports torch: 0.1-0.2 s on a 2-core VM, more than a small net's whole
-prune. Paused, it collects nothing during the call, and its first young collection afterwards
-frees the graphs. Surgery's own structures are freed by reference counting (no reference
+prune. Paused, it collects nothing during the call; a young collection at the end frees the
+graphs. Surgery's own structures are freed by reference counting (no reference
 cycles), so a pause does not hold on to tensors.
 """
 
@@ -24,7 +24,8 @@ R = TypeVar("R")
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """Run the block with the cyclic collector disabled, then enable it again (even on an
-    error). Nested blocks, or a collector the caller disabled, are left as they are."""
+    error) and collect the young generation. Nested blocks, or a collector the caller
+    disabled, are left as they are."""
     if not gc.isenabled():
         yield
         return
@@ -33,6 +34,9 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+        # the young generation now holds everything the block made: collect it alone (the
+        # collector's own next pass could be a full one, triggered by our garbage)
+        gc.collect(0)
 
 
 def pauses_collector(fn: Callable[P, R]) -> Callable[P, R]:
