@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .collector import collector_paused, pauses_collector
+from .collector import collector_paused
 from .config import LatencyTarget, MacBudget, PruneConfig, RuntimeAware, Uniform
 from .errors import ConfigError
 from .graph import ChannelGraph, Inputs, trace
@@ -144,12 +144,12 @@ def prune(model: nn.Module, example_inputs: Inputs, config: PruneConfig | None =
         >>> small = surgery.prune(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224),
         ...                       surgery.Uniform(0.5))
     """
+    graph = settings.pop("graph", None)
     cfg = as_config(config, **settings)
-    # one pause for the three phases (see surgery.collector); not around a latency search,
-    # which exports and times a model per round
-    timed = isinstance(cfg, LatencyTarget | RuntimeAware)
-    with contextlib.nullcontext() if timed else collector_paused():
-        p = plan(model, example_inputs, cfg, on_round=on_round)
+    # one pause for the three phases of a uniform prune (see surgery.collector); a search
+    # (MAC budget, latency) builds or exports a model per round, and pauses phase by phase
+    with collector_paused() if isinstance(cfg, Uniform) else contextlib.nullcontext():
+        p = plan(model, example_inputs, cfg, graph=graph, on_round=on_round)
         small = apply(model, p)
         if verify:
             check(model, small, p, example_inputs)
@@ -213,7 +213,6 @@ def _final_counts(original: nn.Module, current: nn.Module, example_inputs: Input
 LANDING = 0.05
 
 
-@pauses_collector
 def plan_for_macs(model: nn.Module, example_inputs: Inputs, config: MacBudget | None = None, *,
                   target_macs: float | None = None, criterion: str = "l2", round_to: int = 8,
                   ignore: Sequence[str] = (), seed: int = 0, tolerance: float = 0.01,

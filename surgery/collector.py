@@ -5,8 +5,10 @@ objects that only the cyclic collector frees. Left running during a prune, the c
 them (still in use) into its oldest generation, and every few prunes it then walks the whole
 heap of a process that imports torch: 0.1-0.2 s on a 2-core VM, more than a small net's whole
 prune. Paused, it collects nothing during the call; a young collection at the end frees the
-graphs. Surgery's own structures are freed by reference counting (no reference
-cycles), so a pause does not hold on to tensors.
+graphs. Surgery's own copies of a model are freed by reference counting (no reference cycles),
+except the graph modules that stand in for bypassed blocks (depth plans), which wait for that
+collection. Searches that build a model per round (a MAC budget, a latency target) pause phase
+by phase, so their rounds' garbage does not pile up.
 """
 
 from __future__ import annotations

@@ -34,9 +34,10 @@ def collecting() -> Iterator[None]:
     """The collector enabled (as in a user's process) and as it was afterwards."""
     was = gc.isenabled()
     gc.enable()
-    yield
-    if not was:
-        gc.disable()
+    try:
+        yield
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 _PACKAGE = os.path.dirname(surgery.__file__)
@@ -95,6 +96,13 @@ def test_enabled_again_after_a_failure_and_left_off_if_the_caller_turned_it_off(
     assert not gc.isenabled()
 
 
+def test_prune_reuses_a_traced_graph(collecting: None) -> None:
+    model, x = _model(), torch.randn(1, 5, 6)
+    graph = surgery.trace(model, x)
+    small = surgery.prune(model, x, ratio=0.5, graph=graph)
+    assert small[0].out_features == 16
+
+
 def _cyclic_garbage() -> list[object]:
     """The objects only the cyclic collector would free (found, then freed here)."""
     gc.set_debug(gc.DEBUG_SAVEALL)
@@ -118,5 +126,6 @@ def test_models_and_tensors_are_freed_without_the_cyclic_collector(collecting: N
     gone = weakref.ref(small)
     del small
     assert gone() is None  # the pruned model is freed as soon as it is dropped
-    left = [o for o in _cyclic_garbage() if isinstance(o, nn.Module | torch.Tensor)]
-    assert not left, f"modules or tensors in reference cycles: {left[:3]}"
+    left = [o for o in _cyclic_garbage() if isinstance(o, nn.Module | torch.Tensor)
+            or type(o).__module__.startswith("surgery.")]
+    assert not left, f"modules, tensors or surgery's objects in reference cycles: {left[:3]}"
