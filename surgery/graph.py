@@ -94,6 +94,28 @@ def user_frame(frame: Any) -> tuple[str, int] | None:
     return frame.f_code.co_filename, frame.f_lineno
 
 
+def portable_source(filename: str) -> str:
+    """``filename`` relative to the ``sys.path`` entry it lies under (the longest:
+    ``timm/models/vision_transformer.py``), as it is where none: the same source file on another
+    machine or in another environment gets the same name, so a saved plan's call sites are
+    found again there."""
+    return _relative_to(filename, _import_roots(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _import_roots(entries: tuple[str, ...]) -> tuple[str, ...]:
+    roots = {os.path.abspath(e or os.curdir) for e in entries if isinstance(e, str)}
+    return tuple(sorted(roots, key=len, reverse=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _relative_to(filename: str, roots: tuple[str, ...]) -> str:
+    for root in roots:
+        if filename.startswith(root.rstrip(os.sep) + os.sep):
+            return filename[len(root.rstrip(os.sep)) + 1:].replace(os.sep, "/")
+    return filename
+
+
 def source_line(node: torch.fx.Node) -> str:
     """``file:line: code`` of the user's source that made ``node``."""
     loc = node.meta.get("surgery_loc")
@@ -630,8 +652,8 @@ class _Context:
         loc = node.meta.get("surgery_loc")
         if fn is None or fn.on_kept is None or loc is None:
             return None
-        return ("call", loc[0], loc[1], _call_name(node), node.meta.get("surgery_scope", ""),
-                *self._calls(node))
+        return ("call", portable_source(loc[0]), loc[1], _call_name(node),
+                node.meta.get("surgery_scope", ""), *self._calls(node))
 
     def _calls(self, node: torch.fx.Node) -> tuple[int, int]:
         """A call's index among the calls of the same function from its source line in the

@@ -8,9 +8,11 @@ of a function from a source line) and the plan keeps, per site, which channels s
 verification reference then runs those ops through their rule's ``on_kept``.
 
 A call site is found again in the reference's forward by its source line and how many calls of
-the same function that line made before it. The run is trusted only if every site was met with
-the traced width and each line made as many such calls as the trace saw; otherwise verification
-falls back to comparing shapes, as for an op that cannot run on the kept channels.
+the same function that line made before it; the file is named relative to the ``sys.path``
+entry it lies under, so a plan saved in one environment is found again in another that has the
+same source (another machine, virtualenv or container). The run is trusted only if every site
+was met with the traced width and each line made as many such calls as the trace saw; otherwise
+verification falls back to comparing shapes, as for an op that cannot run on the kept channels.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .graph import user_frame
+from .graph import portable_source, user_frame
 from .paths import Submodules
 from .rules import function_rule, leaf_rule
 
 #: ``("module", path)`` or ``("call", file, line, function name, scope, n)``: the n-th call of
-#: that function from that line in the forward of layer ``scope``
+#: that function from that line in the forward of layer ``scope`` (the file as
+#: :func:`surgery.graph.portable_source` names it)
 Where = tuple[Any, ...]
 
 
@@ -82,7 +85,10 @@ class KeptRun:
                     self.bad = self.bad or f"no layer {site.where[1]!r} in the model"
                     continue
                 self.hooks.append(m.register_forward_hook(self._module_hook(site)))
-        self.calls = {s.where[1:]: s for s in sites if s.where[0] == "call"}
+        # a call site's file by its portable name (a plan saved before names were portable
+        # holds absolute paths: the same file here is found by either)
+        self.calls = {(portable_source(s.where[1]), *s.where[2:]): s
+                      for s in sites if s.where[0] == "call"}
         self.paths = {id(m): path for path, m in ref.named_modules()} if self.calls else {}
         self.mode = _KeptCalls(self) if self.calls else None
         self.counts: dict[tuple[str, int, str, str], int] = {}  # calls per line, after the run
@@ -152,7 +158,7 @@ class _KeptCalls(TorchFunctionMode):
             frame = sys._getframe(1)
             loc = user_frame(frame)
             if loc is not None:
-                key = (loc[0], loc[1], name, self._scope(frame))
+                key = (portable_source(loc[0]), loc[1], name, self._scope(frame))
                 n = self.counts.get(key, 0)
                 self.counts[key] = n + 1
                 site = self.run.calls.get((*key, n))

@@ -3,6 +3,9 @@ verification still compares values (and catches a wrong prune) where it used to 
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 from conftest import assert_unchanged, randomize_norms, snapshot
@@ -117,7 +120,7 @@ def test_the_sites_of_a_plan_name_where_each_op_runs() -> None:
     for site in plan.kept_sites:
         assert 0 < len(site.keep) < site.size
         if site.where[0] == "call":
-            assert site.where[1].endswith("test_kept_sites.py") and site.calls >= 1
+            assert site.where[1] == "test_kept_sites.py" and site.calls >= 1  # portable
 
 
 @pytest.mark.parametrize("make, x", [(_vit, torch.randn(2, 5, 6)),
@@ -265,3 +268,55 @@ def test_a_site_the_model_does_not_have_falls_back_to_shapes() -> None:
     edited = Plan.from_dict(d)
     report = surgery.verify(model, surgery.apply(model, edited), edited, x)
     assert report.passed and not report.exact_checked and "no.such.layer" in report.checked
+
+
+_MOVED = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Channel statistics in the forward: call sites, found again by file and line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        h = (h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-5)
+        return self.fc2(h)
+'''
+
+
+def _installed(where, monkeypatch: pytest.MonkeyPatch) -> type[nn.Module]:
+    """``Net`` imported from its own copy of the source under ``where``, as a library installed
+    there (another machine, virtualenv or container)."""
+    where.mkdir()
+    (where / "moved_net.py").write_text(_MOVED)
+    monkeypatch.delitem(sys.modules, "moved_net", raising=False)
+    monkeypatch.syspath_prepend(str(where))
+    return importlib.import_module("moved_net").Net
+
+
+def test_a_plan_saved_elsewhere_is_verified_by_value(tmp_path, monkeypatch) -> None:
+    """Call sites name their file relative to its sys.path entry: a plan saved where the model's
+    library lay in one place verifies by value where the same source lies in another."""
+    x = torch.randn(2, 5, 6)
+    torch.manual_seed(0)
+    here = _installed(tmp_path / "here", monkeypatch)().eval()
+    plan = surgery.plan(here, x, ratio=0.5, round_to=1)
+    assert plan.kept_sites and all(s.where[1] == "moved_net.py" for s in plan.kept_sites)
+    saved = Plan.from_json(plan.to_json())
+    monkeypatch.syspath_prepend(str(tmp_path))  # a shorter root must not win over the longer
+    torch.manual_seed(0)
+    there = _installed(tmp_path / "there", monkeypatch)().eval()
+    assert str(tmp_path / "there") in sys.modules["moved_net"].__file__
+    report = surgery.verify(there, surgery.apply(there, saved), saved, x)
+    assert report.passed and report.exact_checked and report.kept_sites == len(saved.kept_sites)
+    # a plan from before (absolute paths) is still found in the environment that made it
+    old = plan.to_dict()
+    for s in old["kept_sites"]:
+        s["where"][1] = str(tmp_path / "there" / "moved_net.py")
+    old_plan = Plan.from_dict(old)
+    assert surgery.verify(there, surgery.apply(there, old_plan), old_plan, x).exact_checked
