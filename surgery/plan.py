@@ -207,9 +207,12 @@ class Plan:
                 mine = attributes.setdefault(path, {})
                 first = mine.get(name, AxisPlan(ap.size, tuple(range(ap.size))))
                 mine[name] = AxisPlan(first.size, tuple(first.keep[i] for i in ap.keep))
+        settings = {**self.settings, "then": later.settings}
+        sites = _chained_sites(self, later)
+        if sites is None and "shapes_only" in later.settings:  # why, where the total says it
+            settings.setdefault("shapes_only", later.settings["shapes_only"])
         return Plan(self.model_class, self.fingerprint, layers, self.exact and later.exact,
-                    {**self.settings, "then": later.settings}, attributes,
-                    self.bypasses + later.bypasses)
+                    settings, attributes, self.bypasses + later.bypasses, sites)
 
     def removed(self) -> int:
         """Number of channel positions removed over every layer and axis."""
@@ -219,6 +222,28 @@ class Plan:
         depth = f", {len(self.bypasses)} blocks bypassed" if self.bypasses else ""
         return (f"Plan({self.model_class}, {len(self.layers)} layers shrunk, "
                 f"{self.removed()} positions removed{depth}, exact={self.exact})")
+
+
+def _chained_sites(first: Plan, later: Plan) -> tuple[KeptSite, ...] | None:
+    """The kept-channel sites of ``first`` followed by ``later``: at an op both narrow, the
+    positions of the original that both keep; at an op one narrows, that one's (the other kept
+    all it saw there). None (shapes only) where either plan is checked by shapes only, or a
+    site of ``later`` does not fit what ``first`` left."""
+    if not (first.checks_values and later.checks_values):
+        return None
+    if first.kept_sites is None and later.kept_sites is None:
+        return None  # both exact: so is the total, which needs no sites
+    out = {site.where: site for site in first.kept_sites or ()}
+    for site in later.kept_sites or ():
+        before = out.get(site.where)
+        if before is None:
+            out[site.where] = site
+            continue
+        if (before.dim, before.calls, len(before.keep)) != (site.dim, site.calls, site.size):
+            return None
+        out[site.where] = dataclasses.replace(
+            before, keep=tuple(before.keep[i] for i in site.keep))
+    return tuple(out.values())
 
 
 def per_unit(graph: ChannelGraph, g: Group) -> int:

@@ -12,6 +12,7 @@ from conftest import assert_unchanged, randomize_norms, snapshot
 from torch import nn
 
 import surgery
+from surgery.api import prune_in_steps
 from surgery.plan import Plan
 
 
@@ -320,3 +321,21 @@ def test_a_plan_saved_elsewhere_is_verified_by_value(tmp_path, monkeypatch) -> N
         s["where"][1] = str(tmp_path / "there" / "moved_net.py")
     old_plan = Plan.from_dict(old)
     assert surgery.verify(there, surgery.apply(there, old_plan), old_plan, x).exact_checked
+
+
+@pytest.mark.parametrize("make, x", [(_vit, torch.randn(2, 5, 6)),
+                                     (_convnet, torch.randn(1, 3, 8, 8))])
+def test_a_plan_made_in_steps_is_verified_by_value_as_a_whole(make, x) -> None:
+    """The plan of several prunes, chained (``Plan.then``), keeps their kept-channel sites: the
+    whole, re-applied to the original, is compared by value, and a wrong prune is caught."""
+    model = make()
+    total, small, last = prune_in_steps(model, x, surgery.Uniform(0.5, round_to=1), 2)
+    assert last.exact_checked and total.kept_sites
+    again = Plan.from_json(total.to_json())
+    rebuilt = surgery.apply(make(), again)
+    report = surgery.verify(model, rebuilt, again, x)
+    assert report.passed and report.exact_checked and report.kept_sites == len(total.kept_sites)
+    torch.testing.assert_close(rebuilt(x), small(x))
+    with torch.no_grad():  # a kept channel's weight changed: a wrong prune
+        next(p for p in rebuilt.parameters() if p.dim() >= 2)[0].add_(0.5)
+    assert not surgery.verify(model, rebuilt, again, x, raise_on_failure=False).passed
