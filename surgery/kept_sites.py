@@ -177,13 +177,20 @@ class _KeptCalls(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _scope(self, frame: Any) -> str:
-        """The path of the innermost layer of the reference whose forward is running."""
+        """The path of the innermost layer of the reference whose forward is running as a layer
+        call (from nn.Module's ``__call__``), as the trace's scope is: a child's other method
+        (``self.child.helper(x)``) runs in its caller's scope."""
         paths = self.run.paths
         while frame is not None:
-            if "self" in frame.f_code.co_varnames:
+            if "self" in frame.f_code.co_varnames and frame.f_back is not None and \
+                    frame.f_back.f_code.co_filename == _MODULE_CALL:
                 path = paths.get(id(frame.f_locals.get("self")))
                 if path is not None:
                     return path
             frame = frame.f_back
         return ""
+
+
+#: the file of nn.Module's call machinery (``_call_impl``), which runs a layer's forward
+_MODULE_CALL = nn.Module._call_impl.__code__.co_filename
 

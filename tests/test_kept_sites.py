@@ -339,3 +339,37 @@ def test_a_plan_made_in_steps_is_verified_by_value_as_a_whole(make, x) -> None:
     with torch.no_grad():  # a kept channel's weight changed: a wrong prune
         next(p for p in rebuilt.parameters() if p.dim() >= 2)[0].add_(0.5)
     assert not surgery.verify(model, rebuilt, again, x, raise_on_failure=False).passed
+
+
+class _Centring(nn.Module):
+    """A layer whose helper method its parent calls directly (not as a layer call)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(-1, keepdim=True)) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.centred(x)
+
+
+class _CallsAHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 16), _Centring(16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm.centred(torch.relu(self.fc1(x)))  # runs in this layer's scope
+        return self.fc2(self.norm(h))  # a layer call: in the child's scope
+
+
+def test_a_childs_method_called_directly_runs_in_its_callers_scope() -> None:
+    torch.manual_seed(0)
+    model, x = _CallsAHelper().eval(), torch.randn(2, 5, 6)
+    plan = surgery.plan(model, x, ratio=0.5, round_to=1)
+    assert plan.kept_sites is not None
+    assert sorted(s.scope for s in plan.kept_sites) == ["", "norm"]
+    report = surgery.verify(model, surgery.apply(model, plan), plan, x)
+    assert report.passed and report.exact_checked and report.kept_sites == 2
