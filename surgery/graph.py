@@ -104,16 +104,16 @@ def portable_source(filename: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _import_roots(entries: tuple[str, ...]) -> tuple[str, ...]:
-    roots = {os.path.abspath(e or os.curdir) for e in entries if isinstance(e, str)}
+    """The ``sys.path`` entries as absolute directories ending in a separator, longest first."""
+    roots = {os.path.join(os.path.abspath(e or os.curdir), "") for e in entries
+             if isinstance(e, str)}
     return tuple(sorted(roots, key=len, reverse=True))
 
 
 @functools.lru_cache(maxsize=4096)
 def _relative_to(filename: str, roots: tuple[str, ...]) -> str:
-    for root in roots:
-        if filename.startswith(root.rstrip(os.sep) + os.sep):
-            return filename[len(root.rstrip(os.sep)) + 1:].replace(os.sep, "/")
-    return filename
+    root = next((r for r in roots if filename.startswith(r)), "")
+    return filename[len(root):].replace(os.sep, "/") if root else filename
 
 
 def source_line(node: torch.fx.Node) -> str:
