@@ -33,7 +33,7 @@ from torch.fx import traceback as fx_traceback
 
 from .collector import pauses_collector
 from .errors import ExampleInputError, TraceError, UnsupportedLayerError
-from .groups import Group, Slot, TVal, UnionFind, build_groups
+from .groups import Group, Slot, TVal, UnionFind, build_groups, unique_ints
 from .modes import attributes_kept, buffers_kept, switched_mode
 from .paths import Submodules
 from .rules import ModuleRule, function_rule, leaf_rule, module_rule
@@ -402,7 +402,7 @@ class ChannelGraph:
                            f"{', '.join(known[:12])}{' …' if len(known) > 12 else ''}")
         lines = []
         for key in keys:
-            roots = np.unique(self.slot_roots(key))
+            roots = unique_ints(self.slot_roots(key))
             fixed = [r for r in roots.tolist() if r in self.pinned]
             lines.append(f"{key}: {self.slots[key].size} channels in {len(roots)} units, "
                          f"{len(fixed)} pinned")
@@ -564,7 +564,7 @@ class _Context:
                 continue
             for atoms in (a_in, a_out):
                 roots = np.array([self.uf.find(a) for a in atoms.tolist()]).reshape(groups, -1)
-                if len(np.unique(roots[:, 0])) < groups:
+                if len(unique_ints(roots[:, 0])) < groups:
                     out.add(path)
         return frozenset(out)
 
@@ -1091,12 +1091,12 @@ def _free_units(ctx: _Context) -> int:
     """Layer positions that a plan could remove (in units of which a group has more than one),
     for comparing two analyses of one model."""
     roots = ctx.uf.roots()
-    pinned = np.unique(np.concatenate([roots[a].ravel() for a, _ in ctx.pins])) \
+    pinned = unique_ints(np.concatenate([roots[a].ravel() for a, _ in ctx.pins])) \
         if ctx.pins else np.zeros(0, np.int64)
     total = 0
     for s in ctx.slots.values():
         free = roots[s.atoms][~np.isin(roots[s.atoms], pinned)]
-        if len(np.unique(free)) > 1:
+        if len(unique_ints(free)) > 1:
             total += len(free)
     return total
 
@@ -1184,7 +1184,7 @@ def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray
     contracted: set[int] = set()
     hard: dict[int, str] = {}  # and why, where the reference cannot sum over the kept alone
     for atoms, why, soft in ctx.contracted:
-        for r in np.unique(roots[atoms]).tolist():
+        for r in unique_ints(roots[atoms]).tolist():
             contracted.add(r)
             if not soft:
                 hard.setdefault(r, why)
@@ -1195,8 +1195,8 @@ def _contracted_inexact(ctx: _Context, slots: list[Slot], roots: np.ndarray
         if s.kind != "module" or s.axis != "in":
             continue
         out = ctx.slots.get(f"{s.path}:out")
-        produced = set(np.unique(roots[out.atoms]).tolist()) if out is not None else set()
-        mixed |= set(np.unique(roots[s.atoms]).tolist()) - produced
+        produced = set(unique_ints(roots[out.atoms]).tolist()) if out is not None else set()
+        mixed |= set(unique_ints(roots[s.atoms]).tolist()) - produced
     return contracted - mixed, {r: why for r, why in hard.items() if r not in mixed}
 
 
@@ -1211,16 +1211,16 @@ def _finish(ctx: _Context, model: nn.Module, ignore: tuple, train_graph: bool, t
     roots = ctx.uf.roots()
     pinned: dict[int, list[str]] = {}
     for atoms, reason in ctx.pins:
-        for r in np.unique(roots[atoms]).tolist():
+        for r in unique_ints(roots[atoms]).tolist():
             reasons = pinned.setdefault(r, [])
             if len(reasons) < 4 and reason not in reasons:
                 reasons.append(reason)
-    cross = {r for atoms in ctx.cross for r in np.unique(roots[atoms]).tolist()}
+    cross = {r for atoms in ctx.cross for r in unique_ints(roots[atoms]).tolist()}
     slots = list(ctx.slots.values())
     inexact, hard = _contracted_inexact(ctx, slots, roots)
     cross |= inexact
     for atoms, why in ctx.hard:
-        for r in np.unique(roots[atoms]).tolist():
+        for r in unique_ints(roots[atoms]).tolist():
             hard.setdefault(r, why)
     sites = list({where: TracedSite(where, dim, roots[atoms], calls)  # a layer called twice:
                   for where, dim, atoms, calls in reversed(ctx.sites)}.values())  # one site

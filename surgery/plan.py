@@ -28,7 +28,7 @@ from .criteria import get_criterion
 from .depth import Bypass, outermost
 from .errors import ConfigError, NothingToPruneError, PlanError
 from .graph import ChannelGraph, Inputs, trace
-from .groups import Group
+from .groups import Group, unique_ints
 from .kept_sites import KeptSite
 from .paths import Submodules
 
@@ -334,7 +334,7 @@ def make_plan(model: nn.Module, example_inputs: Inputs, config: Uniform | None =
             notes.append(_kept_one(graph, g, float(r)))
         order = np.argsort(score(g), kind="stable")
         removed.append(g.units[order[:len(g.units) - n_keep]])
-    gone = np.unique(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
+    gone = unique_ints(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
     settings: dict[str, Any] = {"ratio": ratio, "criterion": criterion, "round_to": round_to,
                                 "ignore": list(ignore), "seed": seed, "config": config.to_dict()}
     if exact:
@@ -427,7 +427,7 @@ def check_coupling(plan: Plan, graph: ChannelGraph) -> None:
             mask = np.ones(slot.size, bool)
             mask[list(ap.keep)] = False
             parts.append(graph.roots[slot.atoms][mask])
-    gone = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    gone = unique_ints(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     fixed = [r for r in gone.tolist()
              if not all("in ignore=" in why for why in graph.pinned.get(r, ["in ignore="]))]
     if fixed:

@@ -33,17 +33,32 @@ from .shape_run import torch_functions
 _PLAIN = (int, float, bool, str, type(None))
 
 
-def signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
-    """The ops that compute the outputs, and the outputs' structure. Side effects that feed
-    nothing (a BatchNorm subclass's train-mode ``num_batches_tracked.add_(1)``) do not make a
-    train graph worth analysing."""
-    needed: set[torch.fx.Node] = set()
-    for n in reversed(graph.nodes):
-        if n.op == "output" or any(u in needed for u in n.users):
-            needed.add(n)
+def signature(graph: torch.fx.Graph, outputs: Any = None) -> list[tuple[str, str]]:
+    """The ops that compute the outputs (or ``outputs``: some of the output node's values),
+    and the outputs' structure. Side effects that feed nothing (a BatchNorm subclass's
+    train-mode ``num_batches_tracked.add_(1)``) do not make a train graph worth analysing."""
     out = next((n for n in graph.nodes if n.op == "output"), None)
-    shape = torch.fx.node.map_arg(out.args, lambda n: (n.op, _target(n))) if out else ()
-    return [*((n.op, _target(n)) for n in graph.nodes if n in needed), ("out", repr(shape))]
+    if outputs is None:
+        outputs = out.args if out is not None else ()
+    needed: set[torch.fx.Node] = set()
+    torch.fx.node.map_arg(outputs, needed.add)
+    for n in reversed(graph.nodes):
+        if n not in needed and any(u in needed for u in n.users):
+            needed.add(n)
+    # a parameter read once per trace is one node, wherever the trace first read it: listed
+    # where first used, so two calls of a layer in one trace (eval and train) list alike
+    ops: list[tuple[str, str]] = []
+    listed: set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n not in needed or n.op == "get_attr":
+            continue
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a not in listed:
+                listed.add(a)
+                ops.append((a.op, _target(a)))
+        ops.append((n.op, _target(n)))
+    shape = torch.fx.node.map_arg(outputs, lambda n: (n.op, _target(n)))
+    return [*ops, ("out", repr(shape))]
 
 
 def _target(n: torch.fx.Node) -> str:
@@ -118,11 +133,15 @@ def same_in_train_mode(model: nn.Module, graph: torch.fx.Graph, calls: dict[int,
             kinds.setdefault((_kind(m), call), (m, call))
     wrapper = _EachOnce(list(kinds.values()))
     layer_names = {id(m): name for name, m in model.named_modules()}
-    try:
-        graphs = [tracer(layer_names).trace(wrapper.train(mode)) for mode in (False, True)]
+    try:  # one trace, each layer called in eval mode, then in train mode
+        graph = tracer(layer_names).trace(wrapper)
     except Exception:  # a layer that does not trace alone: undecided
         return False
-    return signature(graphs[0]) == signature(graphs[1])
+    finally:
+        wrapper.train(True)
+    out = next(n for n in graph.nodes if n.op == "output")
+    eval_half, train_half = out.args[0]
+    return signature(graph, eval_half) == signature(graph, train_half)
 
 
 def _ancestors(name: str) -> Iterator[str]:
@@ -132,22 +151,27 @@ def _ancestors(name: str) -> Iterator[str]:
 
 
 class _EachOnce(nn.Module):
-    """Calls each of its layers once, as recorded, on its one input wherever that layer was
-    given a traced value (a symbolic trace needs no real shapes)."""
+    """Calls each of its layers as recorded, on its one input wherever that layer was given a
+    traced value (a symbolic trace needs no real shapes): all in eval mode, then all in train
+    mode; returns (eval outputs, train outputs)."""
 
     def __init__(self, calls: list[tuple[nn.Module, Call]]) -> None:
         super().__init__()
         self.each = nn.ModuleList([m for m, _ in calls])
         self.calls = [c for _, c in calls]
 
-    def forward(self, x: Any) -> tuple[Any, ...]:
-        out = []
-        for layer, call in zip(self.each, self.calls, strict=True):
-            assert call is not None  # undecided calls are not traced
-            args, kwargs = call
-            out.append(layer(*[x if v is PROXY else v for v in args],
-                             **{k: x if v is PROXY else v for k, v in kwargs}))
-        return tuple(out)
+    def forward(self, x: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        halves = []
+        for mode in (False, True):
+            self.each.train(mode)
+            out = []
+            for layer, call in zip(self.each, self.calls, strict=True):
+                assert call is not None  # undecided calls are not traced
+                args, kwargs = call
+                out.append(layer(*[x if v is PROXY else v for v in args],
+                                 **{k: x if v is PROXY else v for k, v in kwargs}))
+            halves.append(tuple(out))
+        return halves[0], halves[1]
 
 
 def _kind(m: nn.Module, whole: bool = False) -> tuple[Any, ...]:
