@@ -354,39 +354,40 @@ def _run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None,
         assert not in_place, "casting would modify the caller's model"
         model = model.to(dtype)
         inputs = _cast(inputs, dtype)
-    hooks = []
     versions: list[tuple[list[torch.Tensor | None], int, torch.Tensor, int]] = []
+    # one hook for every layer call in the process, for this model's layers (one registration,
+    # not one per layer), by the name named_modules() gives each
+    paths = {id(m): path for path, m in model.named_modules()} \
+        if inner is not None or forced is not None else {}
+    counts: dict[str, int] = {}
 
-    def hook(path: str) -> Any:
-        calls = inner.setdefault(path, []) if inner is not None else []
-        count = [0]
+    def record(m: nn.Module, _a: Any, out: Any) -> Any:
+        path = paths.get(id(m))
+        if path is None:  # another model's layer (another thread), or one added by the forward
+            return None
+        if inner is not None:
+            got: list[torch.Tensor | None] = list(output_tensors(out))
+            if kept:
+                versions.extend((got, i, t, t._version) for i, t in enumerate(got)
+                                if t is not None)
+            inner.setdefault(path, []).append(got)
+        call = counts.get(path, 0)
+        counts[path] = call + 1
+        return forced(path, call, out) if forced is not None else None
 
-        def record(_m: nn.Module, _a: Any, out: Any) -> Any:
-            if inner is not None:
-                got: list[torch.Tensor | None] = list(output_tensors(out))
-                if kept:
-                    versions.extend((got, i, t, t._version) for i, t in enumerate(got)
-                                    if t is not None)
-                calls.append(got)
-            count[0] += 1
-            return forced(path, count[0] - 1, out) if forced is not None else None
-
-        return record
-
-    if inner is not None or forced is not None:
-        for path, m in model.named_modules():
-            hooks.append(m.register_forward_hook(hook(path)))
+    hook = nn.modules.module.register_module_forward_hook(record) if paths else None
     try:
         own = model if in_place else None
         with torch.no_grad(), switched_mode(own), buffers_kept(own), attributes_kept(own):
-            out = output_tensors(model.eval()(*inputs))
+            # in place, switched_mode has set eval mode (and puts the flags back)
+            out = output_tensors((model if in_place else model.eval())(*inputs))
         for got, i, t, version in versions:
             if t._version != version:  # rewritten in place after the layer returned it
                 got[i] = None
         return out
     finally:
-        for h in hooks:
-            h.remove()
+        if hook is not None:
+            hook.remove()
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
