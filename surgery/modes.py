@@ -67,10 +67,10 @@ def attributes_kept(model: nn.Module | None) -> Iterator[None]:
     new object, in the user's model; the values inside tensors are :func:`buffers_kept`'s."""
     saved: list[tuple[Any, Any]] = []
     for m in model.modules() if model is not None else ():
-        for table in (m.__dict__, m._parameters, m._buffers, m._modules):
-            saved.append((table, dict(table)))
-        saved.extend((v, v.copy()) for key, v in m.__dict__.items()
-                     if isinstance(v, list | dict | set) and not key.startswith("_"))
+        d = m.__dict__
+        saved.append((d, d.copy()))
+        saved.extend((v, v.copy()) for key, v in d.items() if (
+            key[:1] != "_" or key in _TABLES) and isinstance(v, list | dict | set))
     try:
         yield
     finally:
@@ -83,12 +83,17 @@ def attributes_kept(model: nn.Module | None) -> Iterator[None]:
                     table.update(old)
 
 
+#: the tables of a module's parameters, buffers and children
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
 def _changed(now: Any, old: Any) -> bool:
     """Whether a list, dict or set no longer holds the same objects (by identity)."""
     if len(now) != len(old):
         return True
-    if isinstance(now, dict):
-        return now.keys() != old.keys() or not all(map(operator.is_, now.values(), old.values()))
+    if isinstance(now, dict):  # same length: the same keys in the same order, each the same
+        return not (all(map(operator.is_, now, old))
+                    and all(map(operator.is_, now.values(), old.values())))
     if isinstance(now, list):
         return not all(map(operator.is_, now, old))
     return {id(x) for x in now} != {id(x) for x in old}
