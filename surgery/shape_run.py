@@ -7,8 +7,10 @@ rule: convolutions, linear layers) is run on the meta device when the call is co
 zeros of that shape. Ops after it run on those zeros where their output shapes cannot depend on
 values (a torch op with no overload tagged as reading values: ``add``, ``cat``, ``view`` …);
 any other op that reads a zeroed value (``nonzero``, a boolean mask, ``.item()``, a function
-torch does not know) is run on the meta device too, which refuses to read values. Where it
-refuses, or anything fails, :class:`NeedsValues` tells the caller to run the graph for real.
+torch does not know) is run on the meta device too, which refuses to read values. A layer
+whose rule says its output is shaped as its one input (``keeps_shape``: an activation, an eval
+BatchNorm) is not called on zeros: they go on as its output. Where the meta device refuses, or
+anything fails, :class:`NeedsValues` tells the caller to run the graph for real.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ class ShapeRun(torch.fx.Interpreter):
             self._zeros_out = True
             with _state_on_meta(module):
                 return _on_meta(module, args, kwargs)
+        if self._reads_zeros and rule is not None and len(args) == 1 and not kwargs and \
+                isinstance(args[0], torch.Tensor) and rule.keeps_shape(module, args[0]):
+            return args[0]  # zeros in, a stand-in shaped alike out: the zeros themselves
         if self._reads_zeros and rule is None and \
                 not type(module).__module__.startswith("torch.nn"):
             raise NeedsValues(f"opaque module '{target}' reads zeroed values")

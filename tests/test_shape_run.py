@@ -42,6 +42,29 @@ def test_costly_layers_are_not_computed_and_every_shape_is_the_real_ones() -> No
     assert torch.equal(out, model.fc.bias.expand(1, 1000))  # the classifier read zeros
 
 
+def test_layers_that_keep_their_input_shape_are_not_called_on_zeros(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every BatchNorm and ReLU of resnet18 reads zeros (the stem conv is costly): the zeros go
+    on as their outputs, uncalled, and every shape is still the real run's."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    graph = fx_trace(model, (), 1)
+    calls = {"batch_norm": 0, "relu": 0}
+    for name in calls:
+        real = getattr(F, name)
+
+        def counted(*args: object, _name: str = name, _real: object = real, **kw: object) -> object:
+            calls[_name] += 1
+            return _real(*args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(F, name, counted)
+    cheap, _ = _meta(model, x, True, graph)
+    assert calls == {"batch_norm": 0, "relu": 0}
+    assert cheap == _meta(model, x, False, graph)[0]
+    assert calls == {"batch_norm": 20, "relu": 17}
+
+
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_every_pattern_gives_the_real_shapes_or_runs_for_real(
         name: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -123,6 +123,13 @@ class ModuleRule(Generic[M]):
         (:mod:`surgery.shape_run`). None (default): the trace runs the layer."""
         return None
 
+    def keeps_shape(self, module: M, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` alone returns one tensor of ``x``'s shape, dtype, device and
+        layout, whatever the values (and fails on none of them): the trace's shape run hands a
+        stand-in of zeros on without calling the layer (:mod:`surgery.shape_run`). Default
+        False: the trace runs the layer."""
+        return False
+
     def on_kept(self, module: M, x: torch.Tensor, dim: int, keep: torch.Tensor
                 ) -> torch.Tensor | None:
         """The layer run on the channels ``keep`` of its input ``x`` (along ``dim``) alone, as

@@ -78,9 +78,24 @@ class _FeatureRule(ModuleRule[_N]):
         return None if w is None else w.detach().reshape(-1, 1)
 
 
+def _tensors_like(m: nn.Module, x: torch.Tensor) -> bool:
+    """Every tensor of ``m`` has ``x``'s dtype and device (the output is then ``x``'s too)."""
+    return all(t is None or (t.dtype == x.dtype and t.device == x.device)
+               for table in (m._parameters, m._buffers) for t in table.values()
+               if t is None or t.is_floating_point())
+
+
 class BatchNormRule(_FeatureRule[_BatchNorm]):
     types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     cost = NormCost()  # MACs and a one-layer runner (latency-aware allocation)
+
+    def keeps_shape(self, m: _BatchNorm, x: torch.Tensor) -> bool:
+        # eval mode only: in train mode a batch of one value per channel fails; 1d takes
+        # (N, C) and (N, C, L), 2d (N, C, H, W), 3d (N, C, D, H, W)
+        ndims = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+        return not m.training and m.running_mean is not None and m.running_var is not None \
+            and type(m) in ndims and x.ndim in ndims[type(m)] and \
+            x.shape[1] == m.num_features and x.is_floating_point() and _tensors_like(m, x)
 
 
 class InstanceNormRule(_FeatureRule[_InstanceNorm]):

@@ -15,6 +15,14 @@ from . import ModuleRule, clone_module, passthrough, register_module_rule, set_t
 from .context import RuleContext
 from .functions import pixel_shuffled, reshape
 
+#: parameter-free layers whose output is shaped as their input (not pools, pads, resizes)
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+)
+
 
 class PassthroughRule(ModuleRule):
     types = (
@@ -34,6 +42,9 @@ class PassthroughRule(ModuleRule):
     def propagate(self, ctx: RuleContext, path: str, m: nn.Module, inputs: list[Any],
                   out: Any) -> Any:
         return passthrough(ctx, inputs[0], out)
+
+    def keeps_shape(self, m: nn.Module, x: torch.Tensor) -> bool:
+        return isinstance(m, _ELEMENTWISE) and x.is_floating_point()
 
 
 class FlattenRule(ModuleRule):
