@@ -79,7 +79,8 @@ class _FeatureRule(ModuleRule[_N]):
 
 
 def _tensors_like(m: nn.Module, x: torch.Tensor) -> bool:
-    """Every tensor of ``m`` has ``x``'s dtype and device (the output is then ``x``'s too)."""
+    """Every floating tensor of ``m`` has ``x``'s dtype and device (a norm's output then has
+    ``x``'s dtype and device; an integer step counter does not enter it)."""
     return all(t is None or (t.dtype == x.dtype and t.device == x.device)
                for table in (m._parameters, m._buffers) for t in table.values()
                if t is None or t.is_floating_point())
