@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgery.groups import UnionFind
+from surgery.groups import UnionFind, unique_ints
 
 
 def _components(n: int, edges: list[tuple[int, int]]) -> list[int]:
@@ -43,3 +43,14 @@ def test_roots_are_the_least_atom_of_each_class(case: tuple[int, list]) -> None:
     want = _components(n, [(a, b) for a, b, _ in unions])
     assert uf.roots().tolist() == want
     assert [uf.find(a) for a in range(n)] == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=60), st.sampled_from([(-1,), (2, -1)]))
+def test_unique_ints_is_numpys_unique(values: list[int], shape: tuple[int, ...]) -> None:
+    """The sort-based dedup the trace uses gives np.unique's answer on any int array (empty,
+    one value, repeats, two dims), dtype included."""
+    a = np.array(values[:len(values) // 2 * 2] if len(shape) == 2 else values, np.int64)
+    a = a.reshape(shape) if a.size or len(shape) == 1 else a.reshape(2, 0)
+    got, want = unique_ints(a), np.unique(a)
+    assert got.dtype == want.dtype and got.tolist() == want.tolist()
