@@ -86,16 +86,19 @@ def _tensors_like(m: nn.Module, x: torch.Tensor) -> bool:
                if t is None or t.is_floating_point())
 
 
+#: the input ranks each BatchNorm takes: (N, C) or (N, C, L); (N, C, H, W); (N, C, D, H, W)
+_BN_NDIMS: dict[type, tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
 class BatchNormRule(_FeatureRule[_BatchNorm]):
     types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     cost = NormCost()  # MACs and a one-layer runner (latency-aware allocation)
 
     def keeps_shape(self, m: _BatchNorm, x: torch.Tensor) -> bool:
-        # eval mode only: in train mode a batch of one value per channel fails; 1d takes
-        # (N, C) and (N, C, L), 2d (N, C, H, W), 3d (N, C, D, H, W)
-        ndims = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+        # eval mode only: in train mode a batch of one value per channel fails
         return not m.training and m.running_mean is not None and m.running_var is not None \
-            and type(m) in ndims and x.ndim in ndims[type(m)] and \
+            and x.ndim in _BN_NDIMS.get(type(m), ()) and \
             x.shape[1] == m.num_features and x.is_floating_point() and _tensors_like(m, x)
 
 
